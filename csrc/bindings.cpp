@@ -1,0 +1,96 @@
+// pybind11 bindings. Arrays cross as NumPy views of CPU tensors (zero copy); dtypes and shapes
+// are validated in Python (decoding/ops/_cpu), so here a mismatch is a programming error.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+using CArray = py::array_t<T, py::array::c_style>;
+
+template <typename T>
+py::array_t<T> to_numpy(std::vector<T>&& v) {
+  auto* heap = new std::vector<T>(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>({static_cast<py::ssize_t>(heap->size())}, {sizeof(T)}, heap->data(), owner);
+}
+
+template <typename T>
+const T* ptr_or_null(const py::object& obj) {
+  if (obj.is_none()) return nullptr;
+  return static_cast<const T*>(obj.cast<CArray<T>>().data());
+}
+
+py::dict build_trie(CArray<int64_t> tokens, CArray<int64_t> offsets, int64_t vocab_size,
+                    bool keep_first_duplicate) {
+  const int64_t n_rows = offsets.size() - 1;
+  decoding::TrieArrays t;
+  {
+    py::gil_scoped_release release;
+    t = decoding::build_trie(tokens.data(), offsets.data(), n_rows, vocab_size, keep_first_duplicate);
+  }
+  py::dict d;
+  d["depth"] = t.depth;
+  d["level_offsets"] = to_numpy(std::move(t.level_offsets));
+  d["indptr"] = to_numpy(std::move(t.indptr));
+  d["node_token"] = to_numpy(std::move(t.node_token));
+  d["item_lo"] = to_numpy(std::move(t.item_lo));
+  d["item_hi"] = to_numpy(std::move(t.item_hi));
+  d["max_branch"] = to_numpy(std::move(t.max_branch));
+  d["sorted_items"] = to_numpy(std::move(t.sorted_items));
+  d["rank_of_item"] = to_numpy(std::move(t.rank_of_item));
+  return d;
+}
+
+void trie_beam_step(CArray<float> logits, int64_t logits_row_stride, CArray<float> beam_scores,
+                    CArray<int64_t> beam_nodes, CArray<int32_t> indptr, CArray<int32_t> node_token,
+                    CArray<int32_t> item_lo, CArray<int32_t> item_hi, py::object excluded,
+                    int64_t num_excluded_cols, py::object child_bias, int64_t bias_cols, int64_t B,
+                    int64_t W, int64_t V, int64_t K, int normalize, int num_threads,
+                    CArray<float> out_scores, CArray<int64_t> out_parent, CArray<int64_t> out_token,
+                    CArray<int64_t> out_node) {
+  decoding::BeamStepArgs a;
+  a.logits = logits.data();
+  a.logits_row_stride = logits_row_stride;
+  a.beam_scores = beam_scores.data();
+  a.beam_nodes = beam_nodes.data();
+  a.indptr = indptr.data();
+  a.node_token = node_token.data();
+  a.item_lo = item_lo.data();
+  a.item_hi = item_hi.data();
+  a.num_nodes = node_token.size();
+  a.excluded = ptr_or_null<int64_t>(excluded);
+  a.num_excluded_cols = num_excluded_cols;
+  a.child_bias = ptr_or_null<float>(child_bias);
+  a.bias_cols = bias_cols;
+  a.B = B;
+  a.W = W;
+  a.V = V;
+  a.K = K;
+  if (normalize < 0 || normalize > 2) throw std::invalid_argument("normalize code out of range");
+  a.normalize = static_cast<decoding::Normalize>(normalize);
+  a.num_threads = num_threads;
+  a.out_scores = out_scores.mutable_data();
+  a.out_parent = out_parent.mutable_data();
+  a.out_token = out_token.mutable_data();
+  a.out_node = out_node.mutable_data();
+  py::gil_scoped_release release;
+  decoding::trie_beam_step_cpu(a);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "decoding: C++ CPU kernels and the ItemTrie builder";
+  m.def("build_trie", &build_trie, py::arg("tokens"), py::arg("offsets"), py::arg("vocab_size"),
+        py::arg("keep_first_duplicate"));
+  m.def("trie_beam_step", &trie_beam_step);
+}

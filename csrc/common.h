@@ -1,0 +1,53 @@
+// Shared declarations for the decoding C++ extension (CPU kernels and the trie builder).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace decoding {
+
+struct TrieArrays {
+  int64_t depth = 0;
+  std::vector<int64_t> level_offsets;  // [depth + 2]: nodes of level d are [lo[d], lo[d+1])
+  std::vector<int32_t> indptr;         // [num_nodes + 1]; edge e leads to node e + 1
+  std::vector<int32_t> node_token;     // [num_nodes]; token on the edge into the node (-1 for root)
+  std::vector<int32_t> item_lo;        // [num_nodes]; sorted-rank range owned by the node
+  std::vector<int32_t> item_hi;        // [num_nodes]
+  std::vector<int32_t> max_branch;     // [depth]; max children of a node at level d
+  std::vector<int64_t> sorted_items;   // [num_unique]; item id (row index) of each sorted rank
+  std::vector<int64_t> rank_of_item;   // [num_rows]; sorted rank of each row (aliases share one)
+};
+
+TrieArrays build_trie(const int64_t* tokens, const int64_t* offsets, int64_t n_rows,
+                      int64_t vocab_size, bool keep_first_duplicate);
+
+enum class Normalize : int { kFull = 0, kValid = 1, kNone = 2 };
+
+struct BeamStepArgs {
+  // inputs
+  const float* logits;        // [B, W, V] with row stride `logits_row_stride` (between beams)
+  int64_t logits_row_stride;
+  const float* beam_scores;   // [B, W]
+  const int64_t* beam_nodes;  // [B, W]; -1 = dead beam
+  const int32_t* indptr;      // [num_nodes + 1]
+  const int32_t* node_token;  // [num_nodes]
+  const int32_t* item_lo;     // [num_nodes]
+  const int32_t* item_hi;     // [num_nodes]
+  int64_t num_nodes;
+  const int64_t* excluded;    // [B, X] sorted ascending ranks, padded with a value >= num_unique; may be null
+  int64_t num_excluded_cols;
+  const float* child_bias;    // [B, W, C] or null
+  int64_t bias_cols;
+  int64_t B, W, V, K;
+  Normalize normalize;
+  int num_threads;
+  // outputs, [B, K] each
+  float* out_scores;
+  int64_t* out_parent;
+  int64_t* out_token;
+  int64_t* out_node;
+};
+
+void trie_beam_step_cpu(const BeamStepArgs& a);
+
+}  // namespace decoding
