@@ -1,0 +1,231 @@
+"""Triton backend of trie_beam_step.
+
+Two launches per step:
+
+1. ``_candidates_kernel`` (one program per beam): the log-sum-exp of the beam's logits row
+   (online, one read of the row), then the beam's valid children read from the CSR, scored and
+   written as packed int64 keys into a ``[B, W * C]`` buffer (0 = no candidate).
+2. ``_select_kernel`` (one program per request): exact top-K of the request's keys by a bitwise
+   radix select (keys are unique because the candidate index is packed into the low bits), a
+   compaction of the K winners, a sort, and the decode into scores / parent / token / node.
+
+Key layout: ``key = order32(score) << 31 | (2^31 - 1 - (w * C + j))``, where ``order32`` maps
+float32 to an order-preserving unsigned 32-bit integer; so larger keys are larger scores and,
+among equal scores, lower (beam, child) indices, the reference's stable order.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from decoding.ops._cpu.trie_beam_step import NORMALIZE_CODES
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _lower_bound(row_ptr, n, target, STEPS: tl.constexpr):
+    """Vectorised lower_bound of ``target`` in the sorted int64 array ``row_ptr[0:n]``."""
+    lo = tl.zeros(target.shape, dtype=tl.int64)
+    hi = tl.zeros(target.shape, dtype=tl.int64) + n
+    for _ in tl.static_range(STEPS):
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(row_ptr + mid, mask=open_, other=0)
+        go_right = open_ & (v < target)
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(open_ & ~go_right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _candidates_kernel(
+    logits_ptr, stride_lb, stride_lw,
+    scores_ptr, nodes_ptr,
+    indptr_ptr, node_token_ptr, item_lo_ptr, item_hi_ptr, num_nodes,
+    excl_ptr, n_excl,
+    bias_ptr, stride_bb, stride_bw,
+    keys_ptr,
+    W, V, C,
+    NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EXCL_STEPS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // W
+    w = pid % W
+    node = tl.load(nodes_ptr + pid)
+    score = tl.load(scores_ptr + pid)
+    alive = (node >= 0) & (node < num_nodes) & (score > float("-inf"))
+    safe = tl.where(alive, node, 0)
+    e0 = tl.load(indptr_ptr + safe).to(tl.int64)
+    n_children = tl.where(alive, tl.load(indptr_ptr + safe + 1).to(tl.int64) - e0, 0)
+    row = logits_ptr + b.to(tl.int64) * stride_lb + w.to(tl.int64) * stride_lw
+    excl_row = excl_ptr + b.to(tl.int64) * n_excl
+
+    norm = 0.0
+    if NORMALIZE == 0:  # full-vocabulary log-sum-exp, online over blocks
+        m = float("-inf")
+        s = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            new_m = tl.maximum(m, tl.max(x, axis=0))
+            shift = tl.where(new_m == float("-inf"), 0.0, new_m)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+            m = new_m
+        norm = m + tl.log(s)
+    if NORMALIZE == 1:  # log-sum-exp over the allowed children only
+        m = float("-inf")
+        s = 0.0
+        for c0 in range(0, C, BLOCK_C):
+            j = c0 + tl.arange(0, BLOCK_C)
+            ok = j < n_children
+            child = e0 + j + 1
+            tok = tl.load(node_token_ptr + child, mask=ok, other=0)
+            if HAS_EXCL:
+                lo = tl.load(item_lo_ptr + child, mask=ok, other=0).to(tl.int64)
+                hi = tl.load(item_hi_ptr + child, mask=ok, other=0).to(tl.int64)
+                n_out = _lower_bound(excl_row, n_excl, hi, EXCL_STEPS) - _lower_bound(excl_row, n_excl, lo, EXCL_STEPS)
+                ok = ok & (n_out < hi - lo)
+            x = tl.load(row + tok, mask=ok, other=float("-inf")).to(tl.float32)
+            new_m = tl.maximum(m, tl.max(x, axis=0))
+            shift = tl.where(new_m == float("-inf"), 0.0, new_m)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+            m = new_m
+        norm = m + tl.log(s)
+
+    base = score - norm
+    key_row = keys_ptr + b.to(tl.int64) * W * C + w.to(tl.int64) * C
+    for c0 in range(0, C, BLOCK_C):
+        j = c0 + tl.arange(0, BLOCK_C)
+        ok = j < n_children
+        child = e0 + j + 1
+        tok = tl.load(node_token_ptr + child, mask=ok, other=0)
+        if HAS_EXCL:
+            lo = tl.load(item_lo_ptr + child, mask=ok, other=0).to(tl.int64)
+            hi = tl.load(item_hi_ptr + child, mask=ok, other=0).to(tl.int64)
+            n_out = _lower_bound(excl_row, n_excl, hi, EXCL_STEPS) - _lower_bound(excl_row, n_excl, lo, EXCL_STEPS)
+            ok = ok & (n_out < hi - lo)
+        x = tl.load(row + tok, mask=ok, other=float("-inf")).to(tl.float32)
+        cand = base + x
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b.to(tl.int64) * stride_bb + w.to(tl.int64) * stride_bw + j, mask=ok, other=0.0)
+            cand = cand + bias.to(tl.float32)
+        ok = ok & (cand > float("-inf"))  # -inf and NaN are never candidates
+        # order-preserving map of float32 bits to [0, 2^32)
+        half = tl.full([], 2147483648, tl.int64)  # 2^31, typed: a bare literal would be uint32
+        bits = cand.to(tl.int32, bitcast=True).to(tl.int64)
+        mag = bits & 0x7FFFFFFF
+        key32 = tl.where(bits >= 0, half + mag, 0x7FFFFFFF - mag)
+        flat = (w * C + j).to(tl.int64)
+        key = (key32 << 31) | (0x7FFFFFFF - flat)
+        tl.store(key_row + j, tl.where(ok, key, 0), mask=j < C)
+
+
+@triton.jit
+def _select_kernel(
+    keys_ptr, n_cand, scratch_ptr,
+    nodes_ptr, indptr_ptr, node_token_ptr,
+    out_scores_ptr, out_parent_ptr, out_token_ptr, out_node_ptr,
+    W, C, K,
+    KP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    key_row = keys_ptr + b.to(tl.int64) * n_cand
+    # radix select: the largest threshold T with count(keys >= T) >= K is the K-th largest key
+    thresh = tl.zeros([], dtype=tl.int64)
+    for i in range(63):
+        trial = thresh | (tl.full([], 1, tl.int64) << (62 - i))
+        count = tl.zeros([], dtype=tl.int32)
+        for c0 in range(0, n_cand, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            k = tl.load(key_row + offs, mask=offs < n_cand, other=0)
+            count += tl.sum((k >= trial).to(tl.int32), axis=0)
+        thresh = tl.where(count >= K, trial, thresh)
+    thresh = tl.maximum(thresh, 1)  # key 0 marks "no candidate"
+    # compact the winners (at most K: keys are unique) into the scratch row
+    scratch_row = scratch_ptr + b.to(tl.int64) * KP
+    n_won = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, n_cand, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        k = tl.load(key_row + offs, mask=offs < n_cand, other=0)
+        won = (k >= thresh).to(tl.int32)
+        slot = n_won + tl.cumsum(won, axis=0) - 1
+        tl.store(scratch_row + slot, k, mask=won > 0)
+        n_won += tl.sum(won, axis=0)
+    slots = tl.arange(0, KP)
+    k = tl.load(scratch_row + slots, mask=slots < n_won, other=0)
+    k = tl.sort(k, descending=True)
+    ok = (slots < n_won) & (k > 0)
+    flat = 0x7FFFFFFF - (k & 0x7FFFFFFF)
+    key32 = k >> 31
+    half = tl.full([], 2147483648, tl.int64)  # 2^31
+    mag = tl.where(key32 >= half, key32 - half, 0x7FFFFFFF - key32)
+    bits = tl.where(key32 >= half, mag, mag - half).to(tl.int32)
+    score = bits.to(tl.float32, bitcast=True)
+    w = flat // C
+    j = flat % C
+    node = tl.load(nodes_ptr + b.to(tl.int64) * W + w, mask=ok, other=0)
+    child = tl.load(indptr_ptr + node, mask=ok, other=0).to(tl.int64) + j + 1
+    token = tl.load(node_token_ptr + child, mask=ok, other=0).to(tl.int64)
+    out = b.to(tl.int64) * K + slots
+    keep = slots < K
+    tl.store(out_scores_ptr + out, tl.where(ok, score, float("-inf")), mask=keep)
+    tl.store(out_parent_ptr + out, tl.where(ok, w, -1), mask=keep)
+    tl.store(out_token_ptr + out, tl.where(ok, token, -1), mask=keep)
+    tl.store(out_node_ptr + out, tl.where(ok, child, -1), mask=keep)
+
+
+def _pow2(n: int, cap: int | None = None) -> int:
+    p = triton.next_power_of_2(max(int(n), 1))
+    return min(p, cap) if cap else p
+
+
+def trie_beam_step_triton(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks, child_bias, max_children):
+    B, W, V = logits.shape
+    device = logits.device
+    C = max(int(max_children), 1)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    scores_in = beam_scores.float().contiguous()
+    nodes_in = beam_nodes.long().contiguous()
+    n_cand = W * C
+    if n_cand >= (1 << 31):
+        raise ValueError(f"logits: {W} beams x {C} children exceed the kernel's 2^31 candidates")
+    keys = torch.empty((B, n_cand), dtype=torch.int64, device=device)
+    has_excl = excluded_ranks is not None
+    excl = excluded_ranks.long().contiguous() if has_excl else keys  # dummy pointer when unused
+    n_excl = excl.shape[1] if has_excl else 0
+    has_bias = child_bias is not None
+    bias = child_bias if has_bias else scores_in
+    block_v = _pow2(V, 256 if INTERPRET else 4096)
+    block_c = _pow2(C, 128 if INTERPRET else 1024)
+    _candidates_kernel[(B * W,)](
+        logits, logits.stride(0), logits.stride(1),
+        scores_in, nodes_in,
+        trie.indptr, trie.node_token, trie.item_lo, trie.item_hi, trie.num_nodes,
+        excl, n_excl,
+        bias, bias.stride(0) if has_bias else 0, bias.stride(1) if has_bias else 0,
+        keys,
+        W, V, C,
+        NORMALIZE=NORMALIZE_CODES[normalize], HAS_EXCL=has_excl, HAS_BIAS=has_bias,
+        EXCL_STEPS=max(1, int(n_excl).bit_length()), BLOCK_V=block_v, BLOCK_C=block_c,
+    )
+    kp = _pow2(num_out)
+    scratch = torch.empty((B, kp), dtype=torch.int64, device=device)
+    out_scores = torch.empty((B, num_out), dtype=torch.float32, device=device)
+    out_parent = torch.empty((B, num_out), dtype=torch.long, device=device)
+    out_token = torch.empty((B, num_out), dtype=torch.long, device=device)
+    out_node = torch.empty((B, num_out), dtype=torch.long, device=device)
+    _select_kernel[(B,)](
+        keys, n_cand, scratch,
+        nodes_in, trie.indptr, trie.node_token,
+        out_scores, out_parent, out_token, out_node,
+        W, C, num_out,
+        KP=kp, BLOCK=_pow2(n_cand, 256 if INTERPRET else 2048),
+    )
+    return out_scores, out_parent, out_token, out_node

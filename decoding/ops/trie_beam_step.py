@@ -1,0 +1,169 @@
+"""trie_beam_step: one fused beam-search step constrained to a catalog trie.
+
+For ``B`` requests x ``W`` beams, each beam at a trie node with a cumulative score, and the
+model's logits for those beams, compute in one pass the step log-probabilities, read only the
+valid children of each node from the CSR, add the beam score (plus an optional per-child bias),
+and select the best ``num_out`` of the ``W x children`` candidates of each request.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import NamedTuple
+
+import torch
+
+from decoding._validate import FLOAT_DTYPES, INT_DTYPES, check_choice, check_positive_int, check_shape, check_tensor
+
+NORMALIZE_MODES = ("full", "valid", "none")
+BACKENDS = ("torch", "cpu", "triton")
+
+
+class BeamStepOutput(NamedTuple):
+    """Per request, the selected candidates in descending score order, each ``[B, num_out]``.
+
+    Slots past the number of valid candidates hold score -inf and parent/token/node -1.
+    """
+
+    scores: torch.Tensor  # float32: beam score + step log-prob (+ bias)
+    parent: torch.Tensor  # int64: index of the beam (0..W-1) the candidate extends
+    token: torch.Tensor  # int64: token appended
+    node: torch.Tensor  # int64: trie node reached
+
+
+def _load(backend: str):
+    module = importlib.import_module(f"decoding.ops._{backend}.trie_beam_step")
+    return getattr(module, f"trie_beam_step_{backend}")
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends(device="cpu") -> list[str]:
+    """Backends that can run on tensors of ``device``."""
+    device = torch.device(device)
+    names = ["torch"]
+    if device.type == "cpu":
+        names.append("cpu")
+    if _triton_usable(device):
+        names.append("triton")
+    return names
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"``: triton for CUDA tensors, cpu for CPU tensors, torch otherwise. An explicit
+    backend that cannot run on ``device`` raises instead of falling back."""
+    check_choice("backend", backend, {"auto", *BACKENDS})
+    if backend == "auto":
+        if device.type == "cuda" and _triton_usable(device):
+            return "triton"
+        return "cpu" if device.type == "cpu" else "torch"
+    if backend not in available_backends(device):
+        why = {
+            "cpu": "the cpu backend runs on CPU tensors only",
+            "triton": "triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU) and the triton package",
+        }[backend]
+        raise ValueError(f"backend: {backend!r} is not available for tensors on {device} ({why})")
+    return backend
+
+
+def max_children_of(trie, beam_nodes: torch.Tensor) -> int:
+    """Most children of any of the given nodes (a device sync; decoders pass the per-level bound)."""
+    node = beam_nodes.clamp(min=0).long()
+    counts = (trie.indptr[node + 1] - trie.indptr[node]) * (beam_nodes >= 0)
+    return int(counts.max()) if counts.numel() else 0
+
+
+def run_trie_beam_step(logits, beam_scores, beam_nodes, trie, num_out, *, normalize, excluded_ranks,
+                       child_bias, max_children, backend) -> BeamStepOutput:
+    """Dispatch without validation: for decoders that validated their inputs once."""
+    B = logits.shape[0]
+    if max_children <= 0 or logits.shape[1] == 0:  # every beam is at a leaf: nothing to extend
+        dev = logits.device
+        return BeamStepOutput(
+            torch.full((B, num_out), float("-inf"), device=dev),
+            *(torch.full((B, num_out), -1, dtype=torch.long, device=dev) for _ in range(3)),
+        )
+    fn = _load(backend)
+    return BeamStepOutput(*fn(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks,
+                              child_bias, max_children))
+
+
+def trie_beam_step(
+    logits: torch.Tensor,
+    beam_scores: torch.Tensor,
+    beam_nodes: torch.Tensor,
+    trie,
+    num_out: int,
+    *,
+    normalize: str = "full",
+    excluded_ranks: torch.Tensor | None = None,
+    child_bias: torch.Tensor | None = None,
+    max_children: int | None = None,
+    backend: str = "auto",
+) -> BeamStepOutput:
+    """One trie-constrained beam step.
+
+    Args:
+        logits: ``[B, W, V]`` float32/float16/bfloat16/float64; ``V == trie.vocab_size``.
+        beam_scores: ``[B, W]`` float32, cumulative scores; -inf marks a dead beam.
+        beam_nodes: ``[B, W]`` int64/int32, trie node of each beam; -1 marks a dead beam.
+        trie: :class:`decoding.ItemTrie` on the same device.
+        num_out: candidates kept per request (``W'``).
+        normalize: ``"full"`` log-softmax over the whole vocabulary (as Hugging Face does
+            before masking), ``"valid"`` over the node's allowed children only, ``"none"``:
+            logits are already log-probabilities.
+        excluded_ranks: ``[B, X]`` int64 sorted item ranks each request must never reach,
+            padded with ``trie.num_items``; build it with ``trie.excluded_ranks(item_ids, B)``.
+            A child is allowed iff its item range holds a rank not excluded.
+        child_bias: ``[B, W, C]`` float32 added to the score of the ``j``-th child of each beam's
+            node (``C`` >= most children of the given nodes), e.g. the D3 assistant term.
+        max_children: optional upper bound on the children of the given nodes (saves a sync).
+        backend: ``"auto"``, ``"torch"`` (reference), ``"cpu"`` (C++), ``"triton"``.
+
+    Returns:
+        :class:`BeamStepOutput` of ``[B, num_out]`` tensors, best first; ties keep the order
+        (beam, child).
+    """
+    check_tensor("logits", logits, ndim=3, dtypes=FLOAT_DTYPES)
+    B, W, V = logits.shape
+    device = logits.device
+    check_tensor("beam_scores", beam_scores, ndim=2, dtypes=(torch.float32,), device=device)
+    check_shape("beam_scores", beam_scores, (B, W))
+    check_tensor("beam_nodes", beam_nodes, ndim=2, dtypes=INT_DTYPES, device=device)
+    check_shape("beam_nodes", beam_nodes, (B, W))
+    if trie.device != device:
+        raise ValueError(f"trie: is on {trie.device} but logits are on {device}; use trie.to(device)")
+    if V != trie.vocab_size:
+        raise ValueError(f"logits: vocabulary size {V} does not match the trie's vocab_size {trie.vocab_size}")
+    check_positive_int("num_out", num_out)
+    check_choice("normalize", normalize, set(NORMALIZE_MODES))
+    if beam_nodes.numel() and bool(((beam_nodes < -1) | (beam_nodes >= trie.num_nodes)).any()):
+        raise ValueError(f"beam_nodes: node ids must be in [-1, {trie.num_nodes})")
+    if excluded_ranks is not None:
+        check_tensor("excluded_ranks", excluded_ranks, ndim=2, dtypes=(torch.int64,), device=device)
+        if excluded_ranks.shape[0] != B:
+            raise ValueError(f"excluded_ranks: expected {B} rows, got {excluded_ranks.shape[0]}")
+        if excluded_ranks.shape[1] and bool((excluded_ranks.diff(dim=1) < 0).any()):
+            raise ValueError("excluded_ranks: each row must be sorted ascending (use trie.excluded_ranks)")
+        if excluded_ranks.shape[1] == 0:
+            excluded_ranks = None
+    needed = max_children_of(trie, beam_nodes)
+    if max_children is None:
+        max_children = needed
+    elif max_children < needed:
+        raise ValueError(f"max_children: {max_children} is below the {needed} children of a given node")
+    if child_bias is not None:
+        check_tensor("child_bias", child_bias, ndim=3, dtypes=(torch.float32,), device=device)
+        if tuple(child_bias.shape[:2]) != (B, W) or child_bias.shape[2] < max_children:
+            raise ValueError(
+                f"child_bias: expected shape [{B}, {W}, C] with C >= {max_children}, got {tuple(child_bias.shape)}"
+            )
+    name = resolve_backend(backend, device)
+    return run_trie_beam_step(logits, beam_scores, beam_nodes, trie, num_out, normalize=normalize,
+                              excluded_ranks=excluded_ranks, child_bias=child_bias,
+                              max_children=max_children, backend=name)
