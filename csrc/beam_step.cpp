@@ -116,12 +116,13 @@ void trie_beam_step_cpu(const BeamStepArgs& a) {
         norm = valid_logits.empty() ? 0.0f
                                     : log_sum_exp(valid_logits.data(), valid_logits.size());
       }
-      const float base = a.beam_scores[r] - norm;
+      const float wt = a.logprob_weight;
+      const float base = a.beam_scores[r] - wt * norm;
       const float* bias = a.child_bias ? a.child_bias + r * a.bias_cols : nullptr;
       for (int32_t e = e0; e < e1; ++e) {
         const int32_t child = e + 1;
         if (!child_allowed(b, child)) continue;
-        float s = base + row[a.node_token[child]];
+        float s = base + wt * row[a.node_token[child]];
         if (bias) s += bias[e - e0];
         if (!(s > kNegInf)) continue;  // -inf or NaN: never a candidate
         cands.push_back({s, static_cast<int32_t>(w), e - e0});

@@ -54,7 +54,7 @@ void trie_beam_step(CArray<float> logits, int64_t logits_row_stride, CArray<floa
                     CArray<int64_t> beam_nodes, CArray<int32_t> indptr, CArray<int32_t> node_token,
                     CArray<int32_t> item_lo, CArray<int32_t> item_hi, py::object excluded,
                     int64_t num_excluded_cols, py::object child_bias, int64_t bias_cols, int64_t B,
-                    int64_t W, int64_t V, int64_t K, int normalize, int num_threads,
+                    int64_t W, int64_t V, int64_t K, double logprob_weight, int normalize, int num_threads,
                     CArray<float> out_scores, CArray<int64_t> out_parent, CArray<int64_t> out_token,
                     CArray<int64_t> out_node) {
   decoding::BeamStepArgs a;
@@ -75,6 +75,7 @@ void trie_beam_step(CArray<float> logits, int64_t logits_row_stride, CArray<floa
   a.W = W;
   a.V = V;
   a.K = K;
+  a.logprob_weight = static_cast<float>(logprob_weight);
   if (normalize < 0 || normalize > 2) throw std::invalid_argument("normalize code out of range");
   a.normalize = static_cast<decoding::Normalize>(normalize);
   a.num_threads = num_threads;

@@ -39,6 +39,7 @@ struct BeamStepArgs {
   const float* child_bias;    // [B, W, C] or null
   int64_t bias_cols;
   int64_t B, W, V, K;
+  float logprob_weight;  // step log-probs are scaled by this before the bias is added
   Normalize normalize;
   int num_threads;
   // outputs, [B, K] each

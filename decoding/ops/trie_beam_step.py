@@ -79,7 +79,7 @@ def max_children_of(trie, beam_nodes: torch.Tensor) -> int:
 
 
 def run_trie_beam_step(logits, beam_scores, beam_nodes, trie, num_out, *, normalize, excluded_ranks,
-                       child_bias, max_children, backend) -> BeamStepOutput:
+                       child_bias, max_children, backend, logprob_weight=1.0) -> BeamStepOutput:
     """Dispatch without validation: for decoders that validated their inputs once."""
     B = logits.shape[0]
     if max_children <= 0 or logits.shape[1] == 0:  # every beam is at a leaf: nothing to extend
@@ -90,7 +90,7 @@ def run_trie_beam_step(logits, beam_scores, beam_nodes, trie, num_out, *, normal
         )
     fn = _load(backend)
     return BeamStepOutput(*fn(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks,
-                              child_bias, max_children))
+                              child_bias, max_children, logprob_weight))
 
 
 def trie_beam_step(
@@ -104,6 +104,7 @@ def trie_beam_step(
     excluded_ranks: torch.Tensor | None = None,
     child_bias: torch.Tensor | None = None,
     max_children: int | None = None,
+    logprob_weight: float = 1.0,
     backend: str = "auto",
 ) -> BeamStepOutput:
     """One trie-constrained beam step.
@@ -123,6 +124,8 @@ def trie_beam_step(
         child_bias: ``[B, W, C]`` float32 added to the score of the ``j``-th child of each beam's
             node (``C`` >= most children of the given nodes), e.g. the D3 assistant term.
         max_children: optional upper bound on the children of the given nodes (saves a sync).
+        logprob_weight: the step log-probability is scaled by this before the bias is added
+            (D3 uses ``1 - w``); candidate score = beam score + weight * log-prob + bias.
         backend: ``"auto"``, ``"torch"`` (reference), ``"cpu"`` (C++), ``"triton"``.
 
     Returns:
@@ -142,6 +145,8 @@ def trie_beam_step(
         raise ValueError(f"logits: vocabulary size {V} does not match the trie's vocab_size {trie.vocab_size}")
     check_positive_int("num_out", num_out)
     check_choice("normalize", normalize, set(NORMALIZE_MODES))
+    if isinstance(logprob_weight, bool) or not isinstance(logprob_weight, (int, float)):
+        raise TypeError(f"logprob_weight: expected a float, got {type(logprob_weight).__name__}")
     if beam_nodes.numel() and bool(((beam_nodes < -1) | (beam_nodes >= trie.num_nodes)).any()):
         raise ValueError(f"beam_nodes: node ids must be in [-1, {trie.num_nodes})")
     if excluded_ranks is not None:
@@ -166,4 +171,5 @@ def trie_beam_step(
     name = resolve_backend(backend, device)
     return run_trie_beam_step(logits, beam_scores, beam_nodes, trie, num_out, normalize=normalize,
                               excluded_ranks=excluded_ranks, child_bias=child_bias,
-                              max_children=max_children, backend=name)
+                              max_children=max_children, backend=name,
+                              logprob_weight=float(logprob_weight))

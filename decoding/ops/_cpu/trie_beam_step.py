@@ -9,7 +9,7 @@ from decoding._ext import _C
 NORMALIZE_CODES = {"full": 0, "valid": 1, "none": 2}
 
 
-def trie_beam_step_cpu(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks, child_bias, max_children):
+def trie_beam_step_cpu(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks, child_bias, max_children, logprob_weight):
     B, W, V = logits.shape
     logits = logits.float().contiguous()
     scores_in = beam_scores.float().contiguous()
@@ -33,7 +33,7 @@ def trie_beam_step_cpu(logits, beam_scores, beam_nodes, trie, num_out, normalize
         0 if excl is None else excl.shape[1],
         None if bias is None else bias.numpy(),
         0 if bias is None else bias.shape[-1],
-        B, W, V, num_out,
+        B, W, V, num_out, float(logprob_weight),
         NORMALIZE_CODES[normalize],
         torch.get_num_threads(),
         out_scores.numpy(), out_parent.numpy(), out_token.numpy(), out_node.numpy(),

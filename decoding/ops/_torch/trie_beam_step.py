@@ -33,7 +33,7 @@ def count_excluded(excluded_ranks: torch.Tensor, lo: torch.Tensor, hi: torch.Ten
     return n.reshape(lo.shape)
 
 
-def trie_beam_step_torch(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks, child_bias, max_children):
+def trie_beam_step_torch(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks, child_bias, max_children, logprob_weight):
     B, W, V = logits.shape
     logits = logits.float()
     alive = (beam_nodes >= 0) & (beam_scores > NEG_INF)
@@ -49,8 +49,9 @@ def trie_beam_step_torch(logits, beam_scores, beam_nodes, trie, num_out, normali
         norm = torch.logsumexp(picked.masked_fill(~valid, NEG_INF), dim=-1)
     else:
         norm = torch.zeros_like(beam_scores)
-    # same association as the compiled backends: (score - norm) + logit + bias
-    scores = (beam_scores - norm)[..., None] + picked
+    # same association as the compiled backends: (score - wt * norm) + wt * logit + bias
+    wt = float(logprob_weight)
+    scores = (beam_scores - wt * norm)[..., None] + wt * picked
     if child_bias is not None:
         scores = scores + child_bias[..., :C].float()
     valid &= scores > NEG_INF  # also drops NaN

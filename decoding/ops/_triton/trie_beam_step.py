@@ -50,7 +50,7 @@ def _candidates_kernel(
     excl_ptr, n_excl,
     bias_ptr, stride_bb, stride_bw,
     keys_ptr,
-    W, V, C,
+    W, V, C, logprob_weight,
     NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr, HAS_BIAS: tl.constexpr,
     EXCL_STEPS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -98,7 +98,7 @@ def _candidates_kernel(
             m = new_m
         norm = m + tl.log(s)
 
-    base = score - norm
+    base = score - logprob_weight * norm
     key_row = keys_ptr + b.to(tl.int64) * W * C + w.to(tl.int64) * C
     for c0 in range(0, C, BLOCK_C):
         j = c0 + tl.arange(0, BLOCK_C)
@@ -111,7 +111,7 @@ def _candidates_kernel(
             n_out = _lower_bound(excl_row, n_excl, hi, EXCL_STEPS) - _lower_bound(excl_row, n_excl, lo, EXCL_STEPS)
             ok = ok & (n_out < hi - lo)
         x = tl.load(row + tok, mask=ok, other=float("-inf")).to(tl.float32)
-        cand = base + x
+        cand = base + logprob_weight * x
         if HAS_BIAS:
             bias = tl.load(bias_ptr + b.to(tl.int64) * stride_bb + w.to(tl.int64) * stride_bw + j, mask=ok, other=0.0)
             cand = cand + bias.to(tl.float32)
@@ -185,7 +185,7 @@ def _pow2(n: int, cap: int | None = None) -> int:
     return min(p, cap) if cap else p
 
 
-def trie_beam_step_triton(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks, child_bias, max_children):
+def trie_beam_step_triton(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks, child_bias, max_children, logprob_weight):
     B, W, V = logits.shape
     device = logits.device
     C = max(int(max_children), 1)
@@ -211,7 +211,7 @@ def trie_beam_step_triton(logits, beam_scores, beam_nodes, trie, num_out, normal
         excl, n_excl,
         bias, bias.stride(0) if has_bias else 0, bias.stride(1) if has_bias else 0,
         keys,
-        W, V, C,
+        W, V, C, float(logprob_weight),
         NORMALIZE=NORMALIZE_CODES[normalize], HAS_EXCL=has_excl, HAS_BIAS=has_bias,
         EXCL_STEPS=max(1, int(n_excl).bit_length()), BLOCK_V=block_v, BLOCK_C=block_c,
     )

@@ -1,0 +1,1 @@
+"""The benchmark CLI (`decoding-bench`) and the baselines it compares against."""

@@ -1,0 +1,227 @@
+"""Trie-constrained beam search over a catalog of item identifiers.
+
+The search reproduces transformers' beam search (``generate(num_beams=K, do_sample=False)``
+with a ``prefix_allowed_tokens_fn`` that walks the trie): every step keeps the best ``2K``
+candidates when identifiers can end early (EOS-terminated) and ``K`` otherwise; a candidate
+that ends an identifier becomes a finished hypothesis only if it ranks in the top ``K``; the
+next running beams are the best ``K`` unfinished candidates; finished hypotheses are scored
+``sum log p / length ** length_penalty``; the search stops when no running beam can beat the
+worst of ``K`` finished ones (transformers' default ``early_stopping=False`` heuristic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from decoding._validate import FLOAT_DTYPES, INT_DTYPES, check_choice, check_positive_int, check_tensor
+from decoding.ops._torch.trie_beam_step import gather_children
+from decoding.ops.trie_beam_step import NORMALIZE_MODES, resolve_backend, run_trie_beam_step
+from decoding.search.model import as_beam_model, model_vocab_size
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class BeamSearchOutput:
+    """Top-``K`` items per request, best first.
+
+    items: int64 ``[B, K]`` item ids (row indices of the catalog), -1 where fewer than ``K``
+        valid items exist.
+    scores: float32 ``[B, K]`` descending; ``sum log p / length ** length_penalty`` (plus the
+        assistant term with D3); -inf in padded slots.
+    sequences: int64 ``[B, K, L]`` identifier tokens, ``L = trie.depth``; -1 after an
+        identifier's end and in padded slots.
+    """
+
+    items: torch.Tensor
+    scores: torch.Tensor
+    sequences: torch.Tensor
+
+
+def item_mass_prefix(trie, assistant_logprobs: torch.Tensor) -> torch.Tensor:
+    """D3 assistant mass as prefix sums over sorted item ranks.
+
+    Args:
+        assistant_logprobs: ``[B, trie.num_ids]`` float item log-probs of a text-free model.
+    Returns:
+        float64 ``[B, trie.num_items + 1]``: ``P[:, r]`` = mass of the ``r`` first sorted items,
+        so a node's mass is ``P[:, item_hi] - P[:, item_lo]``. Each row is scaled by its max
+        probability (ratios are unchanged; no underflow).
+    """
+    lp = assistant_logprobs.double()
+    lp = lp - lp.max(dim=1, keepdim=True).values
+    mass = lp.exp().index_select(1, trie.sorted_items.to(lp.device))
+    return torch.nn.functional.pad(mass.cumsum(dim=1), (1, 0))
+
+
+def assistant_bias(trie, prefix: torch.Tensor, beam_nodes: torch.Tensor, max_children: int, weight: float):
+    """D3 term per child: ``weight * log(m(child) / m(node))``, ``[B, W, C]`` float32."""
+    alive = beam_nodes >= 0
+    child, _, in_node = gather_children(trie, beam_nodes, alive, max_children)
+    B = beam_nodes.shape[0]
+    flat = child.reshape(B, -1)
+    m_child = prefix.gather(1, trie.item_hi[flat].long()) - prefix.gather(1, trie.item_lo[flat].long())
+    node = beam_nodes.clamp(min=0).long()
+    m_node = prefix.gather(1, trie.item_hi[node].long()) - prefix.gather(1, trie.item_lo[node].long())
+    ratio = m_child.reshape(child.shape) / m_node[..., None]
+    bias = (weight * torch.log(ratio)).float()
+    return bias.masked_fill(~in_node, 0.0)
+
+
+def _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normalize, assistant_logprobs,
+              assistant_weight):
+    check_tensor("input_ids", input_ids, ndim=2, dtypes=INT_DTYPES)
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: expected a non-empty [B, T] batch, got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, ndim=2)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask: expected 0/1 values")
+        if bool((attention_mask.sum(dim=1) == 0).any()):
+            raise ValueError("attention_mask: a request has no unmasked prompt token")
+    from decoding.trie import ItemTrie
+
+    if not isinstance(trie, ItemTrie):
+        raise TypeError(f"trie: expected a decoding.ItemTrie, got {type(trie).__name__}")
+    check_positive_int("num_beams", num_beams)
+    if num_beams > trie.num_items:
+        raise ValueError(f"num_beams: {num_beams} is larger than the catalog ({trie.num_items} items)")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+        raise TypeError(f"length_penalty: expected a float, got {type(length_penalty).__name__}")
+    check_choice("normalize", normalize, set(NORMALIZE_MODES))
+    if not 0.0 <= float(assistant_weight) <= 1.0:
+        raise ValueError(f"assistant_weight: expected a value in [0, 1], got {assistant_weight}")
+    if assistant_logprobs is not None:
+        check_tensor("assistant_logprobs", assistant_logprobs, ndim=2, dtypes=FLOAT_DTYPES)
+        expected = (input_ids.shape[0], trie.num_ids)
+        if tuple(assistant_logprobs.shape) != expected:
+            raise ValueError(f"assistant_logprobs: expected shape {expected}, got {tuple(assistant_logprobs.shape)}")
+    elif assistant_weight:
+        raise ValueError("assistant_weight: is non-zero but assistant_logprobs was not given")
+
+
+@torch.inference_mode()
+def beam_search(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    trie,
+    num_beams: int,
+    length_penalty: float = 0.0,
+    normalize: str = "full",
+    exclude_items=None,
+    assistant_logprobs: torch.Tensor | None = None,
+    assistant_weight: float = 0.0,
+    backend: str = "auto",
+) -> BeamSearchOutput:
+    """Trie-constrained beam search: the top ``num_beams`` catalog items for each request.
+
+    Args:
+        model: a Hugging Face decoder-only or encoder-decoder model, or any
+            :class:`decoding.search.model.BeamModel`. The prompt runs once per request.
+        input_ids: int64 ``[B, T]`` prompts (left-padded for decoder-only models).
+        attention_mask: ``[B, T]`` 0/1, or None for no padding.
+        trie: :class:`decoding.ItemTrie` built with the model's ``vocab_size``.
+        num_beams: ``K``, the number of beams and of items returned.
+        length_penalty: finished scores are ``sum log p / length ** length_penalty``.
+        normalize: step log-probs over the ``"full"`` vocabulary (transformers' semantics),
+            the ``"valid"`` children only, or ``"none"`` (the model returns log-probs).
+        exclude_items: per-request item ids never to return (a list of ``B`` lists, or an int
+            tensor ``[B, X]`` padded with -1), e.g. the user's history.
+        assistant_logprobs: D3: float ``[B, trie.num_ids]`` item log-probs of a text-free model;
+            each step scores ``(1-w) log p_LLM(t|h) + w log(m(h.t) / m(h))`` with ``m`` the
+            assistant's mass over the child's items and ``w = assistant_weight``.
+        backend: ``trie_beam_step`` backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"``.
+    """
+    _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normalize, assistant_logprobs,
+              assistant_weight)
+    beam_model = as_beam_model(model)
+    vocab = model_vocab_size(model)
+    if vocab is not None and vocab != trie.vocab_size:
+        raise ValueError(f"trie: built for vocab_size {trie.vocab_size}, but the model's vocabulary is {vocab}")
+
+    B, K, L = input_ids.shape[0], num_beams, trie.depth
+    logits = beam_model.prefill(input_ids, attention_mask)
+    device = logits.device
+    if logits.dim() != 2 or logits.shape[0] != B or logits.shape[1] != trie.vocab_size:
+        raise ValueError(
+            f"model: prefill returned logits of shape {tuple(logits.shape)}, expected [{B}, {trie.vocab_size}]"
+        )
+    trie = trie.to(device)
+    backend = resolve_backend(backend, device)
+    excluded = trie.excluded_ranks(exclude_items, B)
+    weight = float(assistant_weight)
+    prefix = item_mass_prefix(trie, assistant_logprobs.to(device)) if weight > 0 else None
+    # transformers keeps 2K candidates so K unfinished remain when top ones end; with
+    # fixed-length identifiers nothing ends early and K suffice.
+    keep = 2 * K if trie.eos_token_id is not None else K
+    lp = float(length_penalty)
+
+    run_scores = torch.zeros((B, 1), device=device)
+    run_nodes = torch.zeros((B, 1), dtype=torch.long, device=device)
+    run_tokens = torch.empty((B, 1, 0), dtype=torch.long, device=device)
+    fin_scores = torch.full((B, K), NEG_INF, device=device)
+    fin_items = torch.full((B, K), -1, dtype=torch.long, device=device)
+    fin_tokens = torch.full((B, K, L), -1, dtype=torch.long, device=device)
+    improvable = torch.ones(B, dtype=torch.bool, device=device)
+    rank = torch.arange(keep, device=device)
+
+    for t in range(L):
+        W = run_nodes.shape[1]
+        C = trie.max_branch_at(t)
+        bias = assistant_bias(trie, prefix, run_nodes, C, weight) if prefix is not None else None
+        out = run_trie_beam_step(
+            logits.reshape(B, W, -1), run_scores, run_nodes, trie, keep,
+            normalize=normalize, excluded_ranks=excluded, child_bias=bias, max_children=C,
+            backend=backend, logprob_weight=1.0 - weight,
+        )
+        valid = out.node >= 0
+        ends = trie.is_leaf(out.node) & valid
+        parent = out.parent.clamp(min=0)
+        tokens = torch.cat([run_tokens.gather(1, parent[..., None].expand(-1, -1, t)), out.token[..., None]], dim=2)
+
+        # finished hypotheses: only candidates ranked in the top K count (transformers' rule)
+        new_fin = ends & (rank < K) & improvable[:, None]
+        cand_scores = torch.where(new_fin, out.scores / float(t + 1) ** lp, NEG_INF)
+        merged_scores = torch.cat([fin_scores, cand_scores], dim=1)
+        order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices[:, :K]
+        fin_scores = merged_scores.gather(1, order)
+        fin_items = torch.cat([fin_items, trie.leaf_items(out.node)], dim=1).gather(1, order)
+        padded = torch.nn.functional.pad(tokens, (0, L - t - 1), value=-1)
+        fin_tokens = torch.cat([fin_tokens, padded], dim=1).gather(1, order[..., None].expand(-1, -1, L))
+
+        # running beams: the best K candidates that did not end
+        open_scores = torch.where(valid & ~ends, out.scores, NEG_INF)
+        order = torch.sort(open_scores, dim=1, descending=True, stable=True).indices[:, :K]
+        run_scores = open_scores.gather(1, order)
+        alive = run_scores > NEG_INF
+        run_nodes = torch.where(alive, out.node.gather(1, order), -1)
+        run_parent = parent.gather(1, order)
+        run_tokens = tokens.gather(1, order[..., None].expand(-1, -1, t + 1))
+
+        # transformers' early-stop heuristic (early_stopping=False): stop adding hypotheses to a
+        # request once its best running beam cannot beat its worst of K finished ones
+        best_running = run_scores[:, 0] / float(t + 1) ** lp
+        full = fin_scores[:, K - 1] > NEG_INF
+        improvable &= ~full | (best_running > fin_scores[:, K - 1])
+        improvable &= alive.any(dim=1)
+        if t + 1 == L or not bool(improvable.any()):
+            break
+        beam_index = (torch.arange(B, device=device)[:, None] * W + run_parent).reshape(-1)
+        # dead beams (fewer than K open candidates) still occupy a row: feed them token 0
+        logits = beam_model.step(beam_index, run_tokens[:, :, -1].clamp(min=0).reshape(-1))
+        if not torch.is_floating_point(logits) or logits.shape != (B * K, trie.vocab_size):
+            raise ValueError(
+                f"model: step returned logits of shape {tuple(logits.shape)}, expected [{B * K}, {trie.vocab_size}]"
+            )
+
+    fin_items = torch.where(fin_scores > NEG_INF, fin_items, -1)
+    fin_tokens = torch.where((fin_scores > NEG_INF)[..., None], fin_tokens, -1)
+    return BeamSearchOutput(items=fin_items, scores=fin_scores, sequences=fin_tokens)

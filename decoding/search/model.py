@@ -1,0 +1,144 @@
+"""The small model protocol decoders talk to, and its adapter for Hugging Face models.
+
+A decoder never sees a model's internals; it needs two calls:
+
+``prefill(input_ids [B, T] int64, attention_mask [B, T] int64 | None) -> logits [B, V] float``
+    runs the prompt (or encoder) once per request and returns the logits of the first
+    generated token.
+
+``step(beam_index [R] int64, tokens [R] int64) -> logits [R, V] float``
+    row ``r`` of the new batch continues row ``beam_index[r]`` of the previous call's batch
+    (``prefill``'s rows at the first step) with ``tokens[r]`` appended; the model reorders or
+    fans out its cache by ``beam_index`` and returns the next-token logits of each row.
+
+Any object with these two methods works (plain PyTorch models included); Hugging Face models
+are wrapped by :func:`as_beam_model`. This module imports no transformers code: it duck-types.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class BeamModel(Protocol):
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor: ...
+
+    def step(self, beam_index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+def _is_hf_model(model) -> bool:
+    return hasattr(model, "config") and hasattr(model, "get_output_embeddings") and callable(model)
+
+
+def as_beam_model(model) -> BeamModel:
+    """Return ``model`` if it implements :class:`BeamModel`, else wrap a Hugging Face model."""
+    if isinstance(model, BeamModel):
+        return model
+    if _is_hf_model(model):
+        return HFBeamModel(model)
+    raise TypeError(
+        "model: expected a Hugging Face model or an object with prefill(input_ids, attention_mask) "
+        f"and step(beam_index, tokens) (see decoding.search.model.BeamModel), got {type(model).__name__}"
+    )
+
+
+def model_vocab_size(model) -> int | None:
+    """The width of the model's logits when it can be read without running it."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text, "vocab_size", None)
+    return getattr(model, "vocab_size", None)
+
+
+class HFBeamModel:
+    """:class:`BeamModel` over a Hugging Face causal LM or encoder-decoder (T5 style).
+
+    The prompt runs once per request; the KV cache is fanned out to the beams and reordered by
+    parent index with the cache's own ``reorder_cache`` (an index_select on the batch dim).
+    Positions follow transformers' ``generate`` for left-padded batches.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        params = inspect.signature(model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+        self._cache = None
+        self._mask = None
+        self._next_pos = None
+        self._encoder_states = None
+
+    @property
+    def vocab_size(self) -> int:
+        return model_vocab_size(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _new_cache(self):
+        from transformers import DynamicCache, EncoderDecoderCache  # lazy: kernels never import it
+
+        if self.is_encoder_decoder:
+            return EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+        return DynamicCache(config=self.config)
+
+    def _forward(self, **kwargs) -> torch.Tensor:
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs, past_key_values=self._cache, use_cache=True, return_dict=True)
+        self._cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        device = self.device
+        input_ids = input_ids.to(device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(device).long()
+        self._cache = self._new_cache()
+        if self.is_encoder_decoder:
+            encoder = self.model.get_encoder()
+            self._encoder_states = encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)[0]
+            self._mask = attention_mask
+            start = self.config.decoder_start_token_id
+            if start is None:
+                raise ValueError("model: config.decoder_start_token_id is not set for this encoder-decoder model")
+            decoder_ids = torch.full((input_ids.shape[0], 1), int(start), dtype=torch.long, device=device)
+            return self._forward(
+                decoder_input_ids=decoder_ids,
+                encoder_outputs=(self._encoder_states,),
+                attention_mask=self._mask,
+            )
+        # left padding: positions count real tokens only, as transformers' generate does
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        self._mask = attention_mask
+        self._next_pos = position_ids[:, -1] + 1
+        return self._forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    @torch.inference_mode()
+    def step(self, beam_index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        device = self.device
+        beam_index = beam_index.to(device)
+        tokens = tokens.to(device).view(-1, 1)
+        self._cache.reorder_cache(beam_index)
+        if self.is_encoder_decoder:
+            self._encoder_states = self._encoder_states.index_select(0, beam_index)
+            self._mask = self._mask.index_select(0, beam_index)
+            return self._forward(
+                decoder_input_ids=tokens,
+                encoder_outputs=(self._encoder_states,),
+                attention_mask=self._mask,
+            )
+        mask = self._mask.index_select(0, beam_index)
+        self._mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        pos = self._next_pos.index_select(0, beam_index)
+        self._next_pos = pos + 1
+        return self._forward(input_ids=tokens, attention_mask=self._mask, position_ids=pos.view(-1, 1))
