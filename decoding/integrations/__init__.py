@@ -1,0 +1,1 @@
+"""Thin adapters to serving stacks: transformers (hf) now, vLLM later."""

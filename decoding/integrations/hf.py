@@ -1,0 +1,149 @@
+"""transformers drop-ins.
+
+- :class:`TrieLogitsProcessor`: replaces a ``prefix_allowed_tokens_fn`` in transformers' own
+  search (beam, greedy, sampling) with one vectorised call per step: same masking semantics
+  (applied to the log-softmax output, no renormalisation), no per-beam Python callback.
+- :func:`generate`: a ``custom_generate`` callable. ``model.generate(**inputs,
+  custom_generate=decoding.integrations.hf.generate, trie=trie, num_beams=K,
+  return_dict_in_generate=True)`` runs :func:`decoding.beam_search` (prompt prefilled once per
+  request, not once per beam) and returns transformers-style ``sequences`` /
+  ``sequences_scores``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateBeamEncoderDecoderOutput
+
+from decoding.ops._torch.trie_beam_step import gather_children
+from decoding.search.beam import beam_search
+from decoding.search.model import HFBeamModel
+
+__all__ = ["TrieLogitsProcessor", "generate"]
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """Masks every token that does not continue a catalog identifier.
+
+    Args:
+        trie: :class:`decoding.ItemTrie` built with the model's vocabulary size.
+        prompt_length: number of tokens before the identifier in the rows transformers passes:
+            the (padded) prompt length ``input_ids.shape[1]`` for decoder-only models, 1 (the
+            decoder start token) for encoder-decoder models.
+
+    Rows whose generated tokens leave the trie (possible only once the catalog is exhausted)
+    get all scores -inf.
+    """
+
+    def __init__(self, trie, *, prompt_length: int):
+        if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < 0:
+            raise ValueError(f"prompt_length: expected a non-negative int, got {prompt_length!r}")
+        self.trie = trie
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[-1] != self.trie.vocab_size:
+            raise ValueError(
+                f"scores: vocabulary size {scores.shape[-1]} does not match the trie's vocab_size {self.trie.vocab_size}"
+            )
+        if input_ids.shape[1] < self.prompt_length:
+            raise ValueError(f"input_ids: {input_ids.shape[1]} tokens, fewer than prompt_length={self.prompt_length}")
+        trie = self.trie.to(scores.device)
+        generated = input_ids[:, self.prompt_length:]
+        nodes = trie.walk(generated)
+        width = trie.max_branch_at(generated.shape[1])
+        _, tokens, in_node = gather_children(trie, nodes, nodes >= 0, max(width, 1))
+        # padding slots repeat the first child so that every scatter to an index writes one value
+        tokens = torch.where(in_node, tokens, tokens[:, :1])
+        values = scores.gather(1, tokens).masked_fill(~in_node.any(dim=1, keepdim=True), float("-inf"))
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, values)
+
+
+class _PreEncoded(HFBeamModel):
+    """Encoder-decoder adapter that starts from encoder states transformers already computed."""
+
+    def __init__(self, model, encoder_states: torch.Tensor):
+        super().__init__(model)
+        self._given_states = encoder_states
+
+    @torch.inference_mode()
+    def prefill(self, input_ids, attention_mask):
+        device = self.device
+        self._cache = self._new_cache()
+        self._encoder_states = self._given_states.to(device)
+        batch = self._encoder_states.shape[0]
+        self._mask = (torch.ones(self._encoder_states.shape[:2], dtype=torch.long, device=device)
+                      if attention_mask is None else attention_mask.to(device).long())
+        start = torch.full((batch, 1), int(self.config.decoder_start_token_id), dtype=torch.long, device=device)
+        return self._forward(decoder_input_ids=start, encoder_outputs=(self._encoder_states,), attention_mask=self._mask)
+
+
+def generate(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor=None,
+    stopping_criteria=None,
+    generation_config=None,
+    synced_gpus: bool = False,
+    streamer=None,
+    *,
+    trie=None,
+    num_beams: int | None = None,
+    exclude_items=None,
+    normalize: str = "full",
+    assistant_logprobs: torch.Tensor | None = None,
+    assistant_weight: float = 0.0,
+    backend: str = "auto",
+    **model_kwargs,
+):
+    """``custom_generate`` callable: trie-constrained beam search inside ``model.generate``.
+
+    Pass ``trie=`` and ``num_beams=`` to ``generate`` (they reach this function, so transformers
+    does not copy the prompt ``num_beams`` times). ``length_penalty`` comes from the generation
+    config (transformers' default is 1.0; pass ``length_penalty=0.0`` for raw log-prob sums).
+    Returns ``sequences [B*K, prompt + depth]`` (identifier tokens after the prompt, or after the
+    decoder start token for encoder-decoders, padded with ``pad_token_id``), and with
+    ``return_dict_in_generate=True`` a transformers beam output whose ``sequences_scores [B*K]``
+    are the beam scores (-inf for slots past the catalog's valid items).
+    """
+    if trie is None or num_beams is None:
+        raise ValueError("trie, num_beams: both are required with custom_generate=decoding.integrations.hf.generate")
+    if logits_processor:
+        names = ", ".join(type(p).__name__ for p in logits_processor)
+        raise ValueError(
+            f"logits_processor: this decoder applies the trie itself and does not run other processors ({names}); "
+            "remove them or use transformers' own beam search with TrieLogitsProcessor"
+        )
+    if synced_gpus:
+        raise ValueError("synced_gpus: not supported by decoding.integrations.hf.generate")
+    config = generation_config
+    if config.max_new_tokens is not None and config.max_new_tokens < trie.depth:
+        raise ValueError(f"max_new_tokens: {config.max_new_tokens} is shorter than the trie's depth {trie.depth}")
+    attention_mask = model_kwargs.get("attention_mask")
+    if model.config.is_encoder_decoder:
+        encoder_outputs = model_kwargs.get("encoder_outputs")
+        if encoder_outputs is None:
+            raise ValueError("input_ids: an encoder-decoder model needs its encoder inputs (input_ids=...)")
+        states = encoder_outputs[0]
+        beam_model = _PreEncoded(model, states)
+        prompt = torch.zeros(states.shape[:2], dtype=torch.long, device=states.device)
+        head = input_ids  # the decoder start token
+    else:
+        beam_model = HFBeamModel(model)
+        prompt = input_ids
+        head = input_ids
+    out = beam_search(
+        beam_model, prompt, attention_mask, trie=trie, num_beams=num_beams,
+        length_penalty=float(config.length_penalty), normalize=normalize, exclude_items=exclude_items,
+        assistant_logprobs=assistant_logprobs, assistant_weight=assistant_weight, backend=backend,
+    )
+    B, K = out.items.shape
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    tokens = out.sequences.reshape(B * K, -1).to(head.device)
+    tokens = torch.where(tokens >= 0, tokens, torch.full_like(tokens, int(pad)))
+    sequences = torch.cat([head.repeat_interleave(K, dim=0), tokens], dim=1)
+    if not config.return_dict_in_generate:
+        return sequences
+    cls = GenerateBeamEncoderDecoderOutput if model.config.is_encoder_decoder else GenerateBeamDecoderOnlyOutput
+    return cls(sequences=sequences, sequences_scores=out.scores.reshape(-1).to(head.device))
