@@ -102,8 +102,9 @@ def generate(
     Pass ``trie=`` and ``num_beams=`` to ``generate`` (they reach this function, so transformers
     does not copy the prompt ``num_beams`` times). ``length_penalty`` comes from the generation
     config (transformers' default is 1.0; pass ``length_penalty=0.0`` for raw log-prob sums).
-    Returns ``sequences [B*K, prompt + depth]`` (identifier tokens after the prompt, or after the
-    decoder start token for encoder-decoders, padded with ``pad_token_id``), and with
+    Returns ``sequences [B*K, prompt + L]`` (identifier tokens after the prompt, or after the
+    decoder start token for encoder-decoders; ``L`` the longest returned identifier; filled after
+    an identifier's end as transformers fills), and with
     ``return_dict_in_generate=True`` a transformers beam output whose ``sequences_scores [B*K]``
     are the beam scores (-inf for slots past the catalog's valid items).
     """
@@ -139,9 +140,14 @@ def generate(
         assistant_logprobs=assistant_logprobs, assistant_weight=assistant_weight, backend=backend,
     )
     B, K = out.items.shape
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
     tokens = out.sequences.reshape(B * K, -1).to(head.device)
-    tokens = torch.where(tokens >= 0, tokens, torch.full_like(tokens, int(pad)))
+    # as transformers' beam search: crop to the longest returned identifier and fill after an
+    # identifier's end with `pad_token_id or eos_token_id` (so a pad id of 0 gives EOS), -1 without EOS
+    length = int((tokens >= 0).sum(dim=1).max()) if tokens.numel() else 0
+    tokens = tokens[:, : max(length, 1)]
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, (list, tuple)) else config.eos_token_id
+    fill = (config.pad_token_id or eos) if eos is not None else -1
+    tokens = torch.where(tokens >= 0, tokens, torch.full_like(tokens, int(fill)))
     sequences = torch.cat([head.repeat_interleave(K, dim=0), tokens], dim=1)
     if not config.return_dict_in_generate:
         return sequences
