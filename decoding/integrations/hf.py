@@ -73,6 +73,8 @@ class _PreEncoded(HFBeamModel):
         self._cache = self._new_cache()
         self._encoder_states = self._given_states.to(device)
         batch = self._encoder_states.shape[0]
+        self._row_request = torch.arange(batch, device=device)
+        self._shared_length = 1
         self._mask = (torch.ones(self._encoder_states.shape[:2], dtype=torch.long, device=device)
                       if attention_mask is None else attention_mask.to(device).long())
         start = torch.full((batch, 1), int(self.config.decoder_start_token_id), dtype=torch.long, device=device)

@@ -58,9 +58,10 @@ def model_vocab_size(model) -> int | None:
 class HFBeamModel:
     """:class:`BeamModel` over a Hugging Face causal LM or encoder-decoder (T5 style).
 
-    The prompt runs once per request; the KV cache is fanned out to the beams and reordered by
-    parent index with the cache's own ``reorder_cache`` (an index_select on the batch dim).
-    Positions follow transformers' ``generate`` for left-padded batches.
+    The prompt runs once per request; the KV cache is fanned out to the beams once, then reordered
+    by parent index moving only generated positions (beams of a request share the prompt KV; see
+    ``decoding.search._hf_cache``). Positions follow transformers' ``generate`` for left-padded
+    batches.
     """
 
     def __init__(self, model):
@@ -83,11 +84,23 @@ class HFBeamModel:
         return next(self.model.parameters()).device
 
     def _new_cache(self):
-        from transformers import DynamicCache, EncoderDecoderCache  # lazy: kernels never import it
+        from decoding.search._hf_cache import new_beam_cache  # lazy: kernels never import transformers
 
-        if self.is_encoder_decoder:
-            return EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
-        return DynamicCache(config=self.config)
+        cache, self._fast_reorder = new_beam_cache(self.config, self.is_encoder_decoder)
+        return cache
+
+    def _reorder(self, beam_index: torch.Tensor) -> None:
+        """Reorder the cache; rows that stay within their request keep their shared prompt KV."""
+        within = beam_index.numel() == self._row_request.numel() and bool(
+            (self._row_request.index_select(0, beam_index) == self._row_request).all()
+        )
+        self._row_request = self._row_request.index_select(0, beam_index)
+        if self._fast_reorder:
+            from decoding.search._hf_cache import reorder_beams
+
+            reorder_beams(self._cache, beam_index, within, self._shared_length)
+        else:
+            self._cache.reorder_cache(beam_index)
 
     def _forward(self, **kwargs) -> torch.Tensor:
         if self._logits_to_keep:
@@ -104,6 +117,9 @@ class HFBeamModel:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device).long()
         self._cache = self._new_cache()
+        self._row_request = torch.arange(input_ids.shape[0], device=device)
+        # positions every beam of a request shares: the prompt (decoder-only) or the start token
+        self._shared_length = 1 if self.is_encoder_decoder else input_ids.shape[1]
         if self.is_encoder_decoder:
             encoder = self.model.get_encoder()
             self._encoder_states = encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)[0]
@@ -128,7 +144,7 @@ class HFBeamModel:
         device = self.device
         beam_index = beam_index.to(device)
         tokens = tokens.to(device).view(-1, 1)
-        self._cache.reorder_cache(beam_index)
+        self._reorder(beam_index)
         if self.is_encoder_decoder:
             self._encoder_states = self._encoder_states.index_select(0, beam_index)
             self._mask = self._mask.index_select(0, beam_index)
