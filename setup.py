@@ -33,7 +33,7 @@ def cpu_extension():
         sources,
         include_dirs=["csrc"],
         cxx_std=17,
-        extra_compile_args=["-O3", "-fno-math-errno", *openmp],
+        extra_compile_args=["-O3", "-fno-math-errno", "-Wno-psabi", *openmp],
         extra_link_args=openmp,
     )
 

@@ -232,6 +232,7 @@ def write_chart(results: list[dict], path: str) -> None:
         for bar, m in zip(bars, r["methods"]):
             ax.annotate(f"{m['latency_ms']:.0f} ms\n{m['speedup_vs_baseline']:.1f}x", (bar.get_x() + bar.get_width() / 2,
                         bar.get_height()), ha="center", va="bottom", fontsize=9)
+        ax.set_ylim(0, max(lat) * 1.25)  # room for the labels
         c = r["config"]
         ax.set_title(f"beam search, {c['items']:,} items, B={c['batch']}, K={c['beams']}")
         ax.set_ylabel("latency per batch (ms)")
