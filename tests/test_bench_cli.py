@@ -1,0 +1,54 @@
+"""decoding-bench runs end to end on a small configuration, agrees with its baseline, and
+writes its table, results.json and chart. The benchmark suites run once (timing disabled)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from decoding.bench.__main__ import main, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cli_small_run_writes_results(tmp_path, capsys):
+    rc = main(["--suite", "all", "--items", "3000", "--batch", "3", "--beams", "5", "--prompt-len", "16",
+               "--hidden", "32", "--layers", "1", "--heads", "2", "--repeats", "1", "--step-repeats", "2",
+               "--build-sizes", "20000", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "decoding.beam_search" in out and "transformers + Python trie" in out
+    data = json.loads((tmp_path / "results.json").read_text())
+    e2e = next(r for r in data["results"] if r["suite"] == "e2e")
+    assert e2e["agreement"]["same_item_sets"] == 1.0
+    assert e2e["agreement"]["max_score_diff"] < 1e-4
+    assert all(m["invalid_item_rate"] == 0.0 for m in e2e["methods"])
+    assert {r["suite"] for r in data["results"]} == {"e2e", "step", "build"}
+    assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--beams", "0"], "--beams must be positive"),
+    (["--items", "10", "--beams", "20"], "--beams must not exceed --items"),
+    (["--suite", "nope"], "invalid choice"),
+])
+def test_cli_rejects_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    res = subprocess.run([sys.executable, "-m", "decoding.bench", "--help"], capture_output=True, text=True, check=True)
+    assert "--items" in res.stdout
+
+
+def test_benchmark_suites_smoke_run():
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                          str(ROOT / "benchmarks")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
