@@ -256,6 +256,15 @@ def test_unavailable_backend_raises_instead_of_falling_back(monkeypatch):
         trie_beam_step(*args, backend="triton")
 
 
+def test_tensors_on_another_device_raise():
+    trie = random_trie(0)
+    logits = torch.randn(1, 1, 20)
+    with pytest.raises(ValueError, match="beam_scores: expected a tensor on cpu, got one on meta"):
+        trie_beam_step(logits, torch.zeros(1, 1, device="meta"), torch.zeros(1, 1, dtype=torch.long), trie, 2)
+    with pytest.raises(ValueError, match="beam_nodes: expected a tensor on cpu, got one on meta"):
+        trie_beam_step(logits, torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long, device="meta"), trie, 2)
+
+
 def test_trie_on_another_device_raises():
     trie = random_trie(0)
     fake = type("T", (), {"device": torch.device("meta"), "vocab_size": 20})()

@@ -77,7 +77,7 @@ def _candidates_kernel(
             shift = tl.where(new_m == float("-inf"), 0.0, new_m)
             s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
             m = new_m
-        norm = m + tl.log(s)
+        norm = m + tl.log(tl.maximum(s, 1e-30))  # s == 0 only when m == -inf: norm stays -inf
     if NORMALIZE == 1:  # log-sum-exp over the allowed children only
         m = float("-inf")
         s = 0.0
@@ -96,7 +96,7 @@ def _candidates_kernel(
             shift = tl.where(new_m == float("-inf"), 0.0, new_m)
             s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
             m = new_m
-        norm = m + tl.log(s)
+        norm = m + tl.log(tl.maximum(s, 1e-30))  # s == 0 only when m == -inf: norm stays -inf
 
     base = score - logprob_weight * norm
     key_row = keys_ptr + b.to(tl.int64) * W * C + w.to(tl.int64) * C
