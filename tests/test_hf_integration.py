@@ -16,12 +16,17 @@ def prompt_length(model, ids):
     return 1 if model.config.is_encoder_decoder else ids.shape[1]
 
 
+def catalog_model_prompts(request, arch, catalog, seed):
+    seqs, trie = request.getfixturevalue(f"{catalog}_catalog")
+    model = request.getfixturevalue(f"{catalog}_models")[arch]
+    ids, mask = prompts(SID_VOCAB if catalog == "sid" else TITLE_VOCAB, batch=3, seed=seed)
+    return seqs, trie, model, ids, mask
+
+
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 @pytest.mark.parametrize("catalog", ["sid", "title"])
 def test_logits_processor_replaces_prefix_allowed_tokens_fn(request, arch, catalog):
-    seqs, trie = request.getfixturevalue(f"{catalog}_catalog")
-    model = request.getfixturevalue(f"{catalog}_models")[arch]
-    ids, mask = prompts(SID_VOCAB if catalog == "sid" else TITLE_VOCAB, batch=3, seed=4)
+    seqs, trie, model, ids, mask = catalog_model_prompts(request, arch, catalog, seed=4)
     ref = transformers_trie_beam_search(model, ids, mask, seqs, num_beams=6, max_new_tokens=trie.depth,
                                         eos_token_id=trie.eos_token_id)
     proc = hf.TrieLogitsProcessor(trie, prompt_length=prompt_length(model, ids))
@@ -53,9 +58,7 @@ def test_logits_processor_masks_exactly_the_valid_children(sid_catalog):
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 @pytest.mark.parametrize("catalog", ["sid", "title"])
 def test_custom_generate_matches_transformers_beam_search(request, arch, catalog):
-    seqs, trie = request.getfixturevalue(f"{catalog}_catalog")
-    model = request.getfixturevalue(f"{catalog}_models")[arch]
-    ids, mask = prompts(SID_VOCAB if catalog == "sid" else TITLE_VOCAB, batch=3, seed=8)
+    seqs, trie, model, ids, mask = catalog_model_prompts(request, arch, catalog, seed=8)
     K = 5
     ref = transformers_trie_beam_search(model, ids, mask, seqs, num_beams=K, max_new_tokens=trie.depth,
                                         eos_token_id=trie.eos_token_id)

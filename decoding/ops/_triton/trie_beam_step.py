@@ -43,6 +43,32 @@ def _lower_bound(row_ptr, n, target, STEPS: tl.constexpr):
 
 
 @triton.jit
+def _lse_update(m, s, x):
+    """One block of an online log-sum-exp: running max ``m`` and sum ``s`` of exp(x - m)."""
+    new_m = tl.maximum(m, tl.max(x, axis=0))
+    shift = tl.where(new_m == float("-inf"), 0.0, new_m)
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+    return new_m, s
+
+
+@triton.jit
+def _allowed_children(row, node_token_ptr, item_lo_ptr, item_hi_ptr, excl_row, n_excl, e0, n_children, j,
+                      HAS_EXCL: tl.constexpr, EXCL_STEPS: tl.constexpr):
+    """For child positions ``j`` of a node whose edges start at ``e0``: whether each is allowed
+    (exists and owns an item not excluded) and its logit (-inf where not allowed)."""
+    ok = j < n_children
+    child = e0 + j + 1
+    tok = tl.load(node_token_ptr + child, mask=ok, other=0)
+    if HAS_EXCL:
+        lo = tl.load(item_lo_ptr + child, mask=ok, other=0).to(tl.int64)
+        hi = tl.load(item_hi_ptr + child, mask=ok, other=0).to(tl.int64)
+        n_out = _lower_bound(excl_row, n_excl, hi, EXCL_STEPS) - _lower_bound(excl_row, n_excl, lo, EXCL_STEPS)
+        ok = ok & (n_out < hi - lo)
+    x = tl.load(row + tok, mask=ok, other=float("-inf")).to(tl.float32)
+    return ok, x
+
+
+@triton.jit
 def _candidates_kernel(
     logits_ptr, stride_lb, stride_lw,
     scores_ptr, nodes_ptr,
@@ -73,44 +99,24 @@ def _candidates_kernel(
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + tl.arange(0, BLOCK_V)
             x = tl.load(row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            new_m = tl.maximum(m, tl.max(x, axis=0))
-            shift = tl.where(new_m == float("-inf"), 0.0, new_m)
-            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
-            m = new_m
+            m, s = _lse_update(m, s, x)
         norm = m + tl.log(tl.maximum(s, 1e-30))  # s == 0 only when m == -inf: norm stays -inf
     if NORMALIZE == 1:  # log-sum-exp over the allowed children only
         m = float("-inf")
         s = 0.0
         for c0 in range(0, C, BLOCK_C):
             j = c0 + tl.arange(0, BLOCK_C)
-            ok = j < n_children
-            child = e0 + j + 1
-            tok = tl.load(node_token_ptr + child, mask=ok, other=0)
-            if HAS_EXCL:
-                lo = tl.load(item_lo_ptr + child, mask=ok, other=0).to(tl.int64)
-                hi = tl.load(item_hi_ptr + child, mask=ok, other=0).to(tl.int64)
-                n_out = _lower_bound(excl_row, n_excl, hi, EXCL_STEPS) - _lower_bound(excl_row, n_excl, lo, EXCL_STEPS)
-                ok = ok & (n_out < hi - lo)
-            x = tl.load(row + tok, mask=ok, other=float("-inf")).to(tl.float32)
-            new_m = tl.maximum(m, tl.max(x, axis=0))
-            shift = tl.where(new_m == float("-inf"), 0.0, new_m)
-            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
-            m = new_m
+            _, x = _allowed_children(row, node_token_ptr, item_lo_ptr, item_hi_ptr, excl_row, n_excl, e0,
+                                     n_children, j, HAS_EXCL, EXCL_STEPS)
+            m, s = _lse_update(m, s, x)
         norm = m + tl.log(tl.maximum(s, 1e-30))  # s == 0 only when m == -inf: norm stays -inf
 
     base = score - logprob_weight * norm
     key_row = keys_ptr + b.to(tl.int64) * W * C + w.to(tl.int64) * C
     for c0 in range(0, C, BLOCK_C):
         j = c0 + tl.arange(0, BLOCK_C)
-        ok = j < n_children
-        child = e0 + j + 1
-        tok = tl.load(node_token_ptr + child, mask=ok, other=0)
-        if HAS_EXCL:
-            lo = tl.load(item_lo_ptr + child, mask=ok, other=0).to(tl.int64)
-            hi = tl.load(item_hi_ptr + child, mask=ok, other=0).to(tl.int64)
-            n_out = _lower_bound(excl_row, n_excl, hi, EXCL_STEPS) - _lower_bound(excl_row, n_excl, lo, EXCL_STEPS)
-            ok = ok & (n_out < hi - lo)
-        x = tl.load(row + tok, mask=ok, other=float("-inf")).to(tl.float32)
+        ok, x = _allowed_children(row, node_token_ptr, item_lo_ptr, item_hi_ptr, excl_row, n_excl, e0,
+                                  n_children, j, HAS_EXCL, EXCL_STEPS)
         cand = base + logprob_weight * x
         if HAS_BIAS:
             bias = tl.load(bias_ptr + b.to(tl.int64) * stride_bb + w.to(tl.int64) * stride_bw + j, mask=ok, other=0.0)
