@@ -243,6 +243,8 @@ def test_num_beams_larger_than_valid_items_pads_with_minus_one(sid_models):
         (dict(num_beams=0), ValueError, "num_beams"),
         (dict(input_ids=torch.zeros(2, 3)), TypeError, "input_ids: expected dtype"),
         (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), ValueError, "input_ids: expected a non-empty"),
+        (dict(input_ids=torch.full((2, 3), SID_VOCAB)), ValueError, "input_ids: token ids must be in"),
+        (dict(input_ids=torch.full((2, 3), -1)), ValueError, "input_ids: token ids must be in"),
         (dict(attention_mask=torch.ones(2, 4, dtype=torch.long)), ValueError, "attention_mask: expected shape"),
         (dict(attention_mask=torch.zeros(2, 3, dtype=torch.long)), ValueError, "attention_mask: a request has no"),
         (dict(attention_mask=torch.full((2, 3), 2)), ValueError, "attention_mask: expected 0/1"),

@@ -146,6 +146,8 @@ def beam_search(
     vocab = model_vocab_size(model)
     if vocab is not None and vocab != trie.vocab_size:
         raise ValueError(f"trie: built for vocab_size {trie.vocab_size}, but the model's vocabulary is {vocab}")
+    if bool((input_ids < 0).any()) or bool((input_ids >= trie.vocab_size).any()):
+        raise ValueError(f"input_ids: token ids must be in [0, {trie.vocab_size}) (the trie's vocabulary)")
 
     B, K, L = input_ids.shape[0], num_beams, trie.depth
     logits = beam_model.prefill(input_ids, attention_mask)
