@@ -211,19 +211,25 @@ class ItemTrie:
         items = self.sorted_items[self.item_lo[safe].long()]
         return torch.where(self.is_leaf(nodes), items, torch.full_like(items, -1))
 
-    def walk(self, prefixes: torch.Tensor) -> torch.Tensor:
-        """Follow token prefixes from the root, vectorised over rows.
+    def walk(self, prefixes: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """Follow token prefixes, vectorised over rows.
 
         Args:
             prefixes: int ``[R, T]``; -1 entries are padding and leave the node unchanged.
+            start: int ``[R]`` nodes to start from (default: the root); -1 stays -1.
         Returns:
-            int64 ``[R]``: the node reached, -1 where the prefix is not in the trie.
+            int64 ``[R]``: the node reached, -1 where the path leaves the trie.
         """
         if prefixes.dim() != 2:
             raise ValueError(f"prefixes: expected shape [R, T], got {tuple(prefixes.shape)}")
         prefixes = prefixes.to(self.device).long()
         rows = prefixes.shape[0]
-        node = torch.zeros(rows, dtype=torch.long, device=self.device)
+        if start is None:
+            node = torch.zeros(rows, dtype=torch.long, device=self.device)
+        else:
+            if start.shape != (rows,):
+                raise ValueError(f"start: expected shape [{rows}], got {tuple(start.shape)}")
+            node = start.to(self.device).long()
         indptr = self.indptr.long()
         tokens = self.node_token
         for level in range(prefixes.shape[1]):

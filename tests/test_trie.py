@@ -73,6 +73,16 @@ def test_single_item_and_tensor_input():
     assert trie.lookup(torch.tensor([[5, 6], [5, 7], [6, 6]])).tolist() == [0, -1, -1]
 
 
+def test_walk_resumes_from_given_nodes():
+    trie = ItemTrie.from_sequences([[1, 2, 3], [1, 4, 3], [2, 2, 2]], vocab_size=5)
+    full = trie.walk(torch.tensor([[1, 2, 3], [1, 4, 3], [2, 2, 2], [1, 3, 3]]))
+    half = trie.walk(torch.tensor([[1], [1, ], [2], [1]]))
+    rest = trie.walk(torch.tensor([[2, 3], [4, 3], [2, 2], [3, 3]]), start=half)
+    assert torch.equal(full, rest)
+    assert full[3].item() == -1 and bool(trie.is_leaf(full[:3]).all())
+    assert trie.walk(torch.tensor([[1]]), start=torch.tensor([-1])).tolist() == [-1]
+
+
 def test_lookup_rejects_prefixes_and_out_of_vocab():
     trie = ItemTrie.from_sequences([[1, 2, 9], [1, 9]], vocab_size=10, eos_token_id=9)
     assert trie.lookup([[1, 9], [1, 2], [1, 2, 9], [1, 12, 9]]).tolist() == [1, -1, 0, -1]

@@ -16,8 +16,8 @@ import torch
 from transformers import LogitsProcessor
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateBeamEncoderDecoderOutput
 
-from decoding.ops._torch.trie_beam_step import gather_children
 from decoding.search.beam import beam_search
+from decoding.search.constrain import mask_to_children
 from decoding.search.model import HFBeamModel
 
 __all__ = ["TrieLogitsProcessor", "generate"]
@@ -50,14 +50,8 @@ class TrieLogitsProcessor(LogitsProcessor):
         if input_ids.shape[1] < self.prompt_length:
             raise ValueError(f"input_ids: {input_ids.shape[1]} tokens, fewer than prompt_length={self.prompt_length}")
         trie = self.trie.to(scores.device)
-        generated = input_ids[:, self.prompt_length:]
-        nodes = trie.walk(generated)
-        width = trie.max_branch_at(generated.shape[1])
-        _, tokens, in_node = gather_children(trie, nodes, nodes >= 0, max(width, 1))
-        # padding slots repeat the first child so that every scatter to an index writes one value
-        tokens = torch.where(in_node, tokens, tokens[:, :1])
-        values = scores.gather(1, tokens).masked_fill(~in_node.any(dim=1, keepdim=True), float("-inf"))
-        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, values)
+        nodes = trie.walk(input_ids[:, self.prompt_length:])
+        return mask_to_children(scores, trie, nodes)
 
 
 class _PreEncoded(HFBeamModel):
