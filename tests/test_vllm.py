@@ -28,16 +28,8 @@ EOS = 2
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A random Llama-style model and a word-level tokenizer, saved with save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     path = tmp_path_factory.mktemp("vllm_model")
-    bm.tiny_llama(VOCAB, hidden_size=64, layers=2, heads=2, seed=11).save_pretrained(path)
-    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
-                            eos_token="t2").save_pretrained(path)
-    return str(path)
+    return bm.save_for_serving(bm.tiny_llama(VOCAB, hidden_size=64, layers=2, heads=2, seed=11), path)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +127,51 @@ def test_driver_matches_decoding_beam_search_on_the_same_weights(llm, model_dir,
     assert torch.equal(got.items, ref.items)
     assert torch.allclose(got.scores, ref.scores, atol=1e-4)
     assert torch.equal(got.sequences, ref.sequences)
+
+
+ENGINE_DEFAULT_SCRIPT = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+import vllm
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import BeamSearchParams
+model_dir, path, mode, prompts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+kwargs = dict(dtype="float32", enforce_eager=True, max_model_len=256, max_logprobs=64)
+if mode == "constrained":
+    kwargs.update(logprobs_mode="processed_logprobs", additional_config={"decoding": {"catalog": path, "offset": 4}})
+if mode == "bad":
+    kwargs.update(additional_config={"decoding": {"catalog": "no-such-catalog"}})
+engine = vllm.LLM(model_dir, **kwargs)
+outs = engine.beam_search([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                          BeamSearchParams(beam_width=4, max_tokens=4, ignore_eos=True))
+print("RESULT" + json.dumps([s.tokens[4:8] for o in outs for s in o.sequences]))
+"""
+
+
+def _beam_search_in_fresh_engine(model_dir, path, mode, prompts):
+    # one engine per process: vLLM keeps process-global parallel state per engine
+    import json
+
+    res = subprocess.run([sys.executable, "-c", ENGINE_DEFAULT_SCRIPT, model_dir, path, mode, json.dumps(prompts)],
+                         capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")]
+    return res, (json.loads(lines[0][len("RESULT"):]) if lines else None)
+
+
+def test_engine_default_catalog_constrains_vllm_beam_search(model_dir, catalog):
+    """vLLM's own beam search sends per-step requests without extra_args: an engine-wide catalog
+    constrains them (prompts of one length, offset = that length)."""
+    _, trie, path = catalog
+    prompts = [p[:4] for p in random_prompts(6, seed=6)]
+    res, constrained = _beam_search_in_fresh_engine(model_dir, path, "constrained", prompts)
+    assert constrained is not None, res.stderr[-3000:]
+    assert bool((trie.lookup(torch.tensor(constrained)) >= 0).all())
+    res, plain = _beam_search_in_fresh_engine(model_dir, path, "plain", prompts)
+    assert plain is not None, res.stderr[-3000:]
+    assert int((trie.lookup(torch.tensor(plain)) >= 0).sum()) < len(plain) // 2  # unconstrained: mostly not items
+    res, bad = _beam_search_in_fresh_engine(model_dir, path, "bad", prompts)
+    assert bad is None and "neither a registered catalog" in res.stderr
 
 
 @pytest.mark.parametrize("extra, match", [

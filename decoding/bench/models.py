@@ -82,3 +82,18 @@ def left_padded_prompts(batch_size: int, vocab_size: int, min_len: int, max_len:
     ids = torch.randint(SPECIAL_TOKENS, vocab_size, (batch_size, max_len), generator=g)
     mask = (torch.arange(max_len)[None, :] >= (max_len - lengths)[:, None]).long()
     return ids.masked_fill(mask == 0, pad_token_id), mask
+
+
+def save_for_serving(model, path) -> str:
+    """``save_pretrained`` the model with a word-level tokenizer over its vocabulary (``t0``,
+    ``t1``, ...), which serving engines such as vLLM need beside the weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = model.config.vocab_size
+    model.save_pretrained(path)
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(path)
+    return str(path)

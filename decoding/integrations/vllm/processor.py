@@ -17,6 +17,13 @@ point or ``LLM(logits_processors=[TrieLogitsProcessor])``:
   ``apply(logits)``. That interface hands token histories over as Python lists, so the new
   tokens of each opted-in row are read in Python; node walking and masking are vectorised.
 
+An engine can also constrain every request that names no catalog itself:
+``LLM(..., additional_config={"decoding": {"catalog": <name or file>, "offset": <int>}})``. That
+is how vLLM's own ``LLM.beam_search`` (whose per-step requests carry no ``extra_args``) is
+constrained; its per-step prompts include the beam's tokens, so ``offset`` must be the original
+prompt length (equal-length prompts), and ``logprobs_mode="processed_logprobs"`` makes its
+ranking see the masked distribution.
+
 Arguments are validated at request admission (``validate_params``): unknown catalog, missing or
 corrupt file, a malformed offset, and a catalog built for another vocabulary than an engine built
 in this process are rejected with a message naming the argument.
@@ -64,6 +71,25 @@ def _request_args(params) -> tuple[str, int | None] | None:
     return extra[CATALOG_KEY], offset
 
 
+ENGINE_DEFAULT_KEY = "decoding"
+
+
+def _engine_default(vllm_config) -> tuple[str, int | None] | None:
+    """The engine-wide catalog of ``additional_config={"decoding": {"catalog": ..., "offset": ...}}``."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    conf = extra.get(ENGINE_DEFAULT_KEY) if isinstance(extra, dict) else None
+    if conf is None:
+        return None
+    if not isinstance(conf, dict) or "catalog" not in conf or set(conf) - {"catalog", "offset"}:
+        raise ValueError(
+            f'additional_config["{ENGINE_DEFAULT_KEY}"]: expected {{"catalog": <name or path>, "offset": <int>}}, '
+            f"got {conf!r}"
+        )
+    args = _request_args(type("P", (), {"extra_args": {CATALOG_KEY: conf["catalog"], OFFSET_KEY: conf.get("offset")}}))
+    resolve_catalog(args[0])  # fail at engine start, not per request
+    return args
+
+
 def _eos_token_id(vllm_config) -> int | None:
     config = vllm_config.model_config
     text = getattr(config, "hf_text_config", None) or getattr(config, "hf_config", None)
@@ -102,6 +128,7 @@ class TrieLogitsProcessor(LegacyLogitsProcessor, V2LogitsProcessor):
         self.vocab_size = int(vllm_config.model_config.get_vocab_size())
         _ENGINE_VOCAB_SIZES.add(self.vocab_size)
         self.eos_token_id = _eos_token_id(vllm_config)
+        self._default = _engine_default(vllm_config)
         self._tries: dict[str, object] = {}
         if len(args) == 2:  # legacy runner: (device, is_pin_memory)
             self.device = torch.device(args[0])
@@ -140,7 +167,7 @@ class TrieLogitsProcessor(LegacyLogitsProcessor, V2LogitsProcessor):
         for index in batch_update.removed:
             self._rows.pop(index, None)
         for index, params, prompt_ids, output_ids in batch_update.added:
-            args = _request_args(params)
+            args = _request_args(params) or self._default
             if args is None:
                 self._rows.pop(index, None)
                 continue
@@ -189,7 +216,7 @@ class TrieLogitsProcessor(LegacyLogitsProcessor, V2LogitsProcessor):
 
     # ------------------------------------------------------------------ MRV2
     def add_request(self, req_idx: int, sampling_params) -> bool:
-        args = _request_args(sampling_params)
+        args = _request_args(sampling_params) or self._default
         self._dirty = True
         if args is None:
             self._catalog[req_idx] = -1
