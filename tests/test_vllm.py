@@ -291,3 +291,20 @@ def test_mrv2_finished_identifier_allows_only_eos(catalog):
                         seq_lens_upper_bound_np=np.array([6]))
     out = proc.apply(torch.randn(1, VOCAB), ctx)
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [EOS]
+
+
+def test_bench_cli_vllm_engine_small_run(tmp_path, capsys):
+    """decoding-bench --engine vllm compares the three vLLM ways and scores them against the exact top-K."""
+    import json
+
+    from decoding.bench.__main__ import main
+
+    rc = main(["--engine", "vllm", "--items", "5000", "--batch", "4", "--beams", "3", "--prompt-len", "8",
+               "--hidden", "64", "--layers", "1", "--heads", "2", "--repeats", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())["results"][0]
+    by_name = {m["method"]: m for m in res["methods"]}
+    driver = by_name["decoding.integrations.vllm.beam_search"]
+    assert driver["agreement_with_exact_topk"] == 1.0 and driver["invalid_item_rate"] == 0.0
+    assert by_name["vLLM beam_search + decoding processor"]["invalid_item_rate"] == 0.0
+    assert "vLLM beam_search, unconstrained + post-filter" in capsys.readouterr().out

@@ -217,7 +217,7 @@ def write_chart(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    e2e = [r for r in results if r["suite"] == "e2e"]
+    e2e = [r for r in results if r["suite"] in ("e2e", "vllm")]
     step = [r for r in results if r["suite"] == "step"]
     panels = len(e2e) + len(step)
     if panels == 0:
@@ -226,15 +226,18 @@ def write_chart(results: list[dict], path: str) -> None:
     ax_iter = iter(axes[0])
     for r in e2e:
         ax = next(ax_iter)
-        names = [m["method"] for m in r["methods"]]
+        names = [m["method"].replace(" + ", "\n+ ").replace(", ", "\n") for m in r["methods"]]
         lat = [m["latency_ms"] for m in r["methods"]]
-        bars = ax.bar(names, lat, color=["tab:green", "tab:gray"][: len(names)])
+        colors = ["tab:green" if m["method"].startswith("decoding") else "tab:gray" for m in r["methods"]]
+        bars = ax.bar(names, lat, color=colors)
+        ax.tick_params(axis="x", labelsize=8)
         for bar, m in zip(bars, r["methods"]):
             ax.annotate(f"{m['latency_ms']:.0f} ms\n{m['speedup_vs_baseline']:.1f}x", (bar.get_x() + bar.get_width() / 2,
                         bar.get_height()), ha="center", va="bottom", fontsize=9)
         ax.set_ylim(0, max(lat) * 1.25)  # room for the labels
         c = r["config"]
-        ax.set_title(f"beam search, {c['items']:,} items, B={c['batch']}, K={c['beams']}")
+        engine = "vLLM" if r["suite"] == "vllm" else "transformers"
+        ax.set_title(f"{engine} beam search, {c['items']:,} items, B={c['batch']}, K={c['beams']}")
         ax.set_ylabel("latency per batch (ms)")
     for r in step:
         ax = next(ax_iter)
@@ -258,7 +261,9 @@ def parse_args(argv=None):
     p.add_argument("--items", type=int, default=100_000, help="catalog size")
     p.add_argument("--levels", type=int, default=4, help="semantic ID length")
     p.add_argument("--codes", type=int, default=256, help="codes per level")
-    p.add_argument("--batch", type=int, default=16, help="requests per batch")
+    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="e2e suite: compare on transformers (default) or on a vLLM engine (needs the vllm extra)")
+    p.add_argument("--batch", type=int, default=None, help="requests per batch (default 16; 64 with --engine vllm)")
     p.add_argument("--beams", type=int, default=20, help="beams = items returned per request")
     p.add_argument("--prompt-len", type=int, default=128, help="longest prompt (others are shorter, left-padded)")
     p.add_argument("--hidden", type=int, default=256, help="model hidden size")
@@ -273,6 +278,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=".", help="folder for results.json and results.png")
     args = p.parse_args(argv)
+    if args.batch is None:
+        args.batch = 64 if args.engine == "vllm" else 16
+    if args.engine == "vllm" and args.device != "cpu" and args.suite in ("e2e", "all"):
+        p.error("--engine vllm runs the CPU build of vLLM here; pass --device cpu")
     for name in ("items", "levels", "codes", "batch", "beams", "prompt_len", "hidden", "layers", "heads", "repeats",
                  "step_repeats"):
         if getattr(args, name) < 1:
@@ -294,6 +303,10 @@ def main(argv=None) -> int:
     suites = ["e2e", "step", "build"] if args.suite == "all" else [args.suite]
     results = []
     runners = {"e2e": (run_e2e, print_e2e), "step": (run_step, print_step), "build": (run_build, print_build)}
+    if args.engine == "vllm":
+        from decoding.bench.vllm_bench import print_vllm, run_vllm
+
+        runners["e2e"] = (lambda a, d: run_vllm(a, timed, log), print_vllm)
     for i, suite in enumerate(suites, 1):
         log(f"[{i}/{len(suites)}] suite {suite}")
         run, show = runners[suite]

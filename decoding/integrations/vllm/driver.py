@@ -63,16 +63,29 @@ class VLLMBeamModel:
             children = node_token[int(indptr[node]) + 1 : int(indptr[node + 1]) + 1].tolist()
             for lo in range(0, len(children), MAX_TOKEN_IDS_PER_REQUEST):
                 requests.append(TokensPrompt(prompt_token_ids=self._tokens[row]))
-                params.append(SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                params.append(SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, flat_logprobs=True,
                                              logprob_token_ids=children[lo : lo + MAX_TOKEN_IDS_PER_REQUEST]))
                 owners.append(row)
         if requests:
             results = self.llm.generate(requests, params, use_tqdm=False)
-            for row, res, sp in zip(owners, results, params):
-                logprobs = res.outputs[0].logprobs[0]
-                for tok in sp.logprob_token_ids:
-                    out[row, tok] = logprobs[tok].logprob
+            rows, toks, vals = [], [], []
+            for row, res in zip(owners, results):
+                flat = res.outputs[0].logprobs  # FlatLogprobs: one position, sampled token first
+                lo, hi = flat.start_indices[0], flat.end_indices[0]
+                toks.extend(flat.token_ids[lo:hi])
+                vals.extend(flat.logprobs[lo:hi])
+                rows.extend([row] * (hi - lo))
+            # the sampled token also comes back; it is a child or gets overwritten by -inf below
+            out[torch.as_tensor(rows), torch.as_tensor(toks)] = torch.as_tensor(vals, dtype=torch.float32)
+            out = torch.where(self._child_mask(), out, torch.full_like(out, float("-inf")))
         return out
+
+    def _child_mask(self) -> torch.Tensor:
+        """bool [R, V]: True at each row's valid children."""
+        from decoding.search.constrain import mask_to_children
+
+        zeros = torch.zeros((len(self._tokens), self.vocab_size))
+        return torch.isfinite(mask_to_children(zeros, self.trie, self._nodes))
 
 
 def beam_search(llm, prompts, *, trie, num_beams: int, length_penalty: float = 0.0, exclude_items=None,

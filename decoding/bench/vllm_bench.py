@@ -1,0 +1,153 @@
+"""``decoding-bench --engine vllm``: constrained beam search on a vLLM engine, three ways.
+
+1. vLLM's ``LLM.beam_search``, unconstrained, then post-filtering the returned sequences;
+2. vLLM's ``LLM.beam_search`` with the package's trie logits processor (engine-wide catalog,
+   ``logprobs_mode="processed_logprobs"``);
+3. the package's driver, ``decoding.integrations.vllm.beam_search``.
+
+Columns: latency, throughput, invalid-item rate, agreement with the exact top-K (computed by
+``decoding.beam_search`` on the same weights in transformers). Prompts all have ``--prompt-len``
+tokens: vLLM's beam search resubmits prompt + beam tokens each step, and the engine-wide
+catalog needs one identifier offset for all requests.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from decoding import ItemTrie, beam_search
+from decoding.bench import models as bm
+
+
+def _engine(model_dir, **kwargs):
+    import vllm
+
+    return vllm.LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=max(512, kwargs.pop("max_len")),
+                    enable_prefix_caching=True, seed=0, **kwargs)
+
+
+def run_vllm(args, timed, log) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    try:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import BeamSearchParams
+
+        from decoding.integrations import vllm as dv
+    except ImportError as exc:
+        raise SystemExit(f"decoding-bench --engine vllm: {exc}")
+
+    device = torch.device("cpu")
+    V = bm.sid_vocab_size(args.levels, args.codes)
+    K, L, B = args.beams, args.levels, args.batch
+    log(f"[vllm] catalog: {args.items:,} semantic IDs; {B} prompts of {args.prompt_len} tokens; {K} beams")
+    seqs = bm.random_semantic_ids(args.items, args.levels, args.codes, seed=args.seed)
+    trie = ItemTrie.from_sequences(seqs, vocab_size=V)
+    catalog = {tuple(int(x) for x in row) for row in seqs.tolist()}
+    model = bm.tiny_llama(V, hidden_size=args.hidden, layers=args.layers, heads=args.heads, seed=args.seed,
+                          intermediate_size=4 * args.hidden)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(bm.SPECIAL_TOKENS, V, (B, args.prompt_len), generator=g)
+    prompts = [TokensPrompt(prompt_token_ids=row) for row in ids.tolist()]
+
+    log("[vllm] exact top-K: decoding.beam_search on the same weights in transformers")
+    exact = beam_search(model, ids, None, trie=trie, num_beams=K)
+    exact_sets = [set(r) for r in exact.items.tolist()]
+
+    def score(item_lists):
+        rows = [it for items in item_lists for it in items]
+        invalid = sum(i < 0 for i in rows) / max(len(rows), 1)
+        agree = sum({i for i in items if i >= 0} == exact_sets[b] for b, items in enumerate(item_lists)) / B
+        return invalid, agree
+
+    def items_of(outputs):
+        out = []
+        for o in outputs:
+            gen = [tuple(s.tokens[args.prompt_len: args.prompt_len + L]) for s in o.sequences]
+            out.append([int(trie.lookup(torch.tensor([t]))[0]) if t in catalog else -1 for t in gen])
+        return out
+
+    params = BeamSearchParams(beam_width=K, max_tokens=L, ignore_eos=True, length_penalty=0.0)
+    methods = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = bm.save_for_serving(model, os.path.join(tmp, "model"))
+        trie_path = os.path.join(tmp, "catalog.trie")
+        trie.save(trie_path)
+        max_logprobs = max(2 * K, 128)
+
+        log("[vllm] engine without the processor's engine-wide catalog")
+        llm = _engine(model_dir, max_len=args.prompt_len + L + 8, max_logprobs=max_logprobs)
+        t, runs, out = timed(lambda: llm.beam_search(prompts, params), device, args.repeats,
+                             "vLLM beam_search + post-filter")
+        methods.append(("vLLM beam_search, unconstrained + post-filter", t, runs, *score(items_of(out))))
+        t, runs, out = timed(lambda: dv.beam_search(llm, ids.tolist(), trie=trie, num_beams=K), device,
+                             args.repeats, "decoding driver on vLLM")
+        methods.append(("decoding.integrations.vllm.beam_search", t, runs, *score(out.items.tolist())))
+        del llm
+        # a second engine in this process would inherit torn-down parallel state: run it in a child
+        log("[vllm] engine with the trie processor as engine-wide catalog (separate process)")
+        t, runs, item_lists = _constrained_in_child(model_dir, trie_path, ids.tolist(), K, L, args, max_logprobs)
+        methods.append(("vLLM beam_search + decoding processor", t, runs, *score(item_lists)))
+
+    base = methods[0][1]
+    rows = [{"method": name, "latency_ms": t * 1e3, "runs_ms": [r * 1e3 for r in runs], "requests_per_s": B / t,
+             "speedup_vs_baseline": base / t, "invalid_item_rate": inv, "agreement_with_exact_topk": agr}
+            for name, t, runs, inv, agr in methods]
+    return {"suite": "vllm", "config": {k: getattr(args, k) for k in ("items", "levels", "codes", "batch", "beams",
+                                                                         "prompt_len", "hidden", "layers", "heads",
+                                                                         "repeats", "seed")},
+            "methods": rows}
+
+
+_CHILD = r'''
+import json, os, statistics, sys, time
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+import torch, vllm
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import BeamSearchParams
+from decoding import ItemTrie
+model_dir, trie_path, prompts, K, L, repeats, max_logprobs, max_len = json.loads(sys.argv[1])
+trie = ItemTrie.load(trie_path)
+T = len(prompts[0])
+llm = vllm.LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=max(512, max_len), enable_prefix_caching=True,
+               seed=0, max_logprobs=max_logprobs, logprobs_mode="processed_logprobs",
+               additional_config={"decoding": {"catalog": trie_path, "offset": T}})
+tp = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+params = BeamSearchParams(beam_width=K, max_tokens=L, ignore_eos=True, length_penalty=0.0)
+llm.beam_search(tp, params)
+runs = []
+for _ in range(repeats):
+    t0 = time.perf_counter(); out = llm.beam_search(tp, params); runs.append(time.perf_counter() - t0)
+items = [trie.lookup(torch.tensor([s.tokens[T:T + L] for s in o.sequences])).tolist() for o in out]
+print("RESULT" + json.dumps({"median": statistics.median(runs), "runs": runs, "items": items}))
+'''
+
+
+def _constrained_in_child(model_dir, trie_path, prompts, K, L, args, max_logprobs):
+    import json
+    import subprocess
+    import sys
+
+    payload = json.dumps([model_dir, trie_path, prompts, K, L, args.repeats, max_logprobs, args.prompt_len + L + 8])
+    res = subprocess.run([sys.executable, "-c", _CHILD, payload], capture_output=True, text=True)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")]
+    if not lines:
+        raise RuntimeError(f"constrained vLLM run failed:\n{res.stderr[-4000:]}")
+    data = json.loads(lines[0][len("RESULT"):])
+    return data["median"], data["runs"], data["items"]
+
+
+def print_vllm(res: dict) -> None:
+    cfg = res["config"]
+    print(f"\nConstrained beam search on vLLM: {cfg['items']:,} items, {cfg['batch']} prompts of {cfg['prompt_len']} "
+          f"tokens, {cfg['beams']} beams, {cfg['levels']}-token identifiers")
+    header = f"{'method':<48}{'latency ms':>12}{'req/s':>8}{'speedup':>9}{'invalid':>9}{'exact top-K':>13}"
+    print(header)
+    print("-" * len(header))
+    for m in res["methods"]:
+        print(f"{m['method']:<48}{m['latency_ms']:>12.1f}{m['requests_per_s']:>8.1f}{m['speedup_vs_baseline']:>8.1f}x"
+              f"{m['invalid_item_rate']:>9.1%}{m['agreement_with_exact_topk']:>13.0%}")
