@@ -226,7 +226,8 @@ def write_chart(results: list[dict], path: str) -> None:
     ax_iter = iter(axes[0])
     for r in e2e:
         ax = next(ax_iter)
-        names = [m["method"].replace(" + ", "\n+ ").replace(", ", "\n") for m in r["methods"]]
+        names = [m["method"].replace(" + ", "\n+ ").replace(", ", "\n").replace("integrations.", "integrations\n.")
+                 for m in r["methods"]]
         lat = [m["latency_ms"] for m in r["methods"]]
         colors = ["tab:green" if m["method"].startswith("decoding") else "tab:gray" for m in r["methods"]]
         bars = ax.bar(names, lat, color=colors)
