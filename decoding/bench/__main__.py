@@ -135,16 +135,25 @@ def run_e2e(args, device) -> dict:
     }
 
 
+METHOD_COLUMNS = [("latency ms", "latency_ms", "{:.1f}"), ("req/s", "requests_per_s", "{:.1f}"),
+                  ("speedup", "speedup_vs_baseline", "{:.1f}x"), ("invalid items", "invalid_item_rate", "{:.1%}")]
+
+
+def print_methods(title: str, methods: list[dict], columns=METHOD_COLUMNS) -> None:
+    """One row per method: the name, then each (header, key, format) column right-aligned."""
+    name_width = max(len(m["method"]) for m in methods) + 2
+    widths = [max(len(h), 8) + 2 for h, _, _ in columns]
+    header = f"{'method':<{name_width}}" + "".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths))
+    print(f"\n{title}\n{header}\n{'-' * len(header)}")
+    for m in methods:
+        cells = "".join(f"{fmt.format(m[key]):>{w}}" for (_, key, fmt), w in zip(columns, widths))
+        print(f"{m['method']:<{name_width}}{cells}")
+
+
 def print_e2e(res: dict) -> None:
     cfg = res["config"]
-    print(f"\nEnd-to-end constrained beam search: {cfg['items']:,} items, batch {cfg['batch']}, "
-          f"{cfg['beams']} beams, prompts <= {cfg['prompt_len']} tokens")
-    header = f"{'method':<30}{'latency ms':>12}{'req/s':>10}{'speedup':>10}{'invalid items':>15}"
-    print(header)
-    print("-" * len(header))
-    for m in res["methods"]:
-        print(f"{m['method']:<30}{m['latency_ms']:>12.1f}{m['requests_per_s']:>10.1f}"
-              f"{m['speedup_vs_baseline']:>9.1f}x{m['invalid_item_rate']:>14.1%}")
+    print_methods(f"End-to-end constrained beam search: {cfg['items']:,} items, batch {cfg['batch']}, "
+                  f"{cfg['beams']} beams, prompts <= {cfg['prompt_len']} tokens", res["methods"])
     a = res["agreement"]
     print(f"agreement with the baseline: identical item sets for {a['same_item_sets']:.0%} of requests, "
           f"max score difference {a['max_score_diff']:.2e}")

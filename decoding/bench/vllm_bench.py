@@ -142,12 +142,9 @@ def _constrained_in_child(model_dir, trie_path, prompts, K, L, args, max_logprob
 
 
 def print_vllm(res: dict) -> None:
+    from decoding.bench.__main__ import METHOD_COLUMNS, print_methods
+
     cfg = res["config"]
-    print(f"\nConstrained beam search on vLLM: {cfg['items']:,} items, {cfg['batch']} prompts of {cfg['prompt_len']} "
-          f"tokens, {cfg['beams']} beams, {cfg['levels']}-token identifiers")
-    header = f"{'method':<48}{'latency ms':>12}{'req/s':>8}{'speedup':>9}{'invalid':>9}{'exact top-K':>13}"
-    print(header)
-    print("-" * len(header))
-    for m in res["methods"]:
-        print(f"{m['method']:<48}{m['latency_ms']:>12.1f}{m['requests_per_s']:>8.1f}{m['speedup_vs_baseline']:>8.1f}x"
-              f"{m['invalid_item_rate']:>9.1%}{m['agreement_with_exact_topk']:>13.0%}")
+    print_methods(f"Constrained beam search on vLLM: {cfg['items']:,} items, {cfg['batch']} prompts of "
+                  f"{cfg['prompt_len']} tokens, {cfg['beams']} beams, {cfg['levels']}-token identifiers",
+                  res["methods"], METHOD_COLUMNS + [("exact top-K", "agreement_with_exact_topk", "{:.0%}")])
