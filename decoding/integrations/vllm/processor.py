@@ -24,9 +24,11 @@ constrained; its per-step prompts include the beam's tokens, so ``offset`` must 
 prompt length (equal-length prompts), and ``logprobs_mode="processed_logprobs"`` makes its
 ranking see the masked distribution.
 
-Arguments are validated at request admission (``validate_params``): unknown catalog, missing or
-corrupt file, a malformed offset, and a catalog built for another vocabulary than an engine built
-in this process are rejected with a message naming the argument.
+Arguments are validated at request admission: ``validate_params`` rejects an unknown catalog,
+a missing or corrupt file and a malformed offset; the package's vLLM general plugin
+(``decoding.integrations.vllm.plugin``) rejects an offset beyond the prompt, prompt tokens that
+start no identifier, and a catalog built for another vocabulary than the model's. A request that
+still reaches the processor with such arguments (plugins disabled) is confined to EOS.
 """
 
 from __future__ import annotations
@@ -44,11 +46,6 @@ from decoding.search.constrain import mask_to_children
 
 CATALOG_KEY = "decoding_catalog"
 OFFSET_KEY = "decoding_offset"
-
-# vocabulary sizes of the engines whose processors were built in this process: admission can
-# then reject a catalog built for another vocabulary (a multiprocess engine's frontend has none)
-_ENGINE_VOCAB_SIZES: set[int] = set()
-
 
 def trie_extra_args(catalog: str, *, offset: int | None = None) -> dict:
     """``SamplingParams.extra_args`` that constrain a request to ``catalog`` (a registered name or
@@ -117,16 +114,10 @@ class TrieLogitsProcessor(LegacyLogitsProcessor, V2LogitsProcessor):
         args = _request_args(sampling_params)
         if args is None:
             return
-        trie = resolve_catalog(args[0])
-        if _ENGINE_VOCAB_SIZES and trie.vocab_size not in _ENGINE_VOCAB_SIZES:
-            sizes = ", ".join(str(v) for v in sorted(_ENGINE_VOCAB_SIZES))
-            raise ValueError(
-                f"{CATALOG_KEY}: {args[0]!r} was built for vocab_size {trie.vocab_size}, the engine's model has {sizes}"
-            )
+        resolve_catalog(args[0])  # the vocabulary and the offset are checked against the prompt by the plugin
 
     def __init__(self, vllm_config, *args):
         self.vocab_size = int(vllm_config.model_config.get_vocab_size())
-        _ENGINE_VOCAB_SIZES.add(self.vocab_size)
         self.eos_token_id = _eos_token_id(vllm_config)
         self._default = _engine_default(vllm_config)
         self._tries: dict[str, object] = {}
@@ -153,8 +144,8 @@ class TrieLogitsProcessor(LegacyLogitsProcessor, V2LogitsProcessor):
         return self._tries[spec]
 
     def _usable(self, trie) -> bool:
-        # admission rejects other vocabularies when it can; a request that slipped past (a
-        # multiprocess frontend) is confined to EOS rather than left unconstrained
+        # the plugin rejects other vocabularies at admission; a request that slipped past
+        # (plugins disabled) is confined to EOS rather than left unconstrained
         return trie.vocab_size == self.vocab_size
 
     def is_argmax_invariant(self) -> bool:
