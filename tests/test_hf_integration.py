@@ -82,3 +82,14 @@ def test_custom_generate_errors(sid_catalog, sid_models):
     with pytest.raises(ValueError, match="logits_processor"):
         model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2, max_new_tokens=4,
                        repetition_penalty=1.3)
+
+
+def test_mask_to_children_childless_rows_never_index_the_trie():
+    """Rows without children (finished, dead, or a trie for a larger vocabulary) must not gather
+    at trie token ids, which can lie past the scores' width."""
+    from decoding import ItemTrie
+    from decoding.search.constrain import mask_to_children
+
+    wide = ItemTrie.from_sequences([[40, 41], [40, 42]], vocab_size=50)
+    out = mask_to_children(torch.zeros(2, 10), wide, torch.tensor([-1, -1]), fallback_token=3)
+    assert torch.isfinite(out).nonzero().tolist() == [[0, 3], [1, 3]]

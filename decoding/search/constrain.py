@@ -25,9 +25,10 @@ def mask_to_children(scores: torch.Tensor, trie, nodes: torch.Tensor, *, fallbac
     safe = nodes.clamp(min=0)
     width = max(int(((trie.indptr[safe + 1] - trie.indptr[safe]) * (nodes >= 0)).max()), 1)
     _, tokens, in_node = gather_children(trie, nodes, nodes >= 0, width)
-    # padding slots repeat the first child so that every scatter to an index writes one value
-    tokens = torch.where(in_node, tokens, tokens[:, :1])
     has_child = in_node.any(dim=1, keepdim=True)
+    # padding slots repeat the first child so that every scatter to an index writes one value;
+    # childless rows index token 0, never a token of the trie (which may lie past scores' width)
+    tokens = torch.where(in_node, tokens, tokens[:, :1]).masked_fill(~has_child, 0)
     values = scores.gather(1, tokens).masked_fill(~has_child, float("-inf"))
     out = torch.full_like(scores, float("-inf")).scatter_(1, tokens, values)
     if fallback_token is not None:
