@@ -253,6 +253,19 @@ class ItemTrie:
             node = torch.where(pad, node, torch.where(alive, stepped, node))
         return node
 
+    def has_prefix(self, tokens) -> bool:
+        """Whether the int sequence ``tokens`` starts some identifier: a host-side walk for a single
+        short sequence (microseconds; :meth:`walk` is the vectorised form for many rows)."""
+        indptr, node_token = self.indptr.cpu().numpy(), self.node_token.cpu().numpy()
+        node = 0
+        for tok in tokens:
+            lo, hi = int(indptr[node]) + 1, int(indptr[node + 1]) + 1  # children are nodes lo..hi-1
+            at = lo + int(np.searchsorted(node_token[lo:hi], tok))
+            if at >= hi or int(node_token[at]) != int(tok):
+                return False
+            node = at
+        return True
+
     def lookup(self, seqs) -> torch.Tensor:
         """Item ids of identifiers: ``seqs`` as in :meth:`from_sequences` -> int64 ``[N]``, -1 where absent."""
         if isinstance(seqs, torch.Tensor) and seqs.dim() == 2:

@@ -83,6 +83,17 @@ def test_walk_resumes_from_given_nodes():
     assert trie.walk(torch.tensor([[1]]), start=torch.tensor([-1])).tolist() == [-1]
 
 
+def test_has_prefix_agrees_with_walk():
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 6, size=(80, 4))
+    trie = ItemTrie.from_sequences(rows, vocab_size=6, on_duplicate="first")
+    for _ in range(200):
+        prefix = rng.integers(0, 6, size=int(rng.integers(0, 4))).tolist()
+        walked = trie.walk(torch.tensor([prefix], dtype=torch.long).reshape(1, -1))[0] >= 0
+        assert trie.has_prefix(prefix) == bool(walked)
+    assert trie.has_prefix(rows[0][:3].tolist())
+
+
 def test_lookup_rejects_prefixes_and_out_of_vocab():
     trie = ItemTrie.from_sequences([[1, 2, 9], [1, 9]], vocab_size=10, eos_token_id=9)
     assert trie.lookup([[1, 9], [1, 2], [1, 2, 9], [1, 12, 9]]).tolist() == [1, -1, 0, -1]

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-
 
 def check_request(params, prompt_token_ids, vocab_size: int, vllm_config=None) -> None:
     """Raise ValueError if the request's trie arguments do not fit its prompt or the model."""
@@ -36,24 +34,10 @@ def check_request(params, prompt_token_ids, vocab_size: int, vllm_config=None) -
         raise ValueError(f"{OFFSET_KEY}: {offset} is beyond the prompt ({len(prompt)} tokens)")
     head = prompt[offset:]
     if head:
-        if len(head) >= trie.depth or not _starts_an_identifier(trie, head):
+        if len(head) >= trie.depth or not trie.has_prefix(head):
             raise ValueError(
                 f"{OFFSET_KEY}: the prompt's tokens from {offset} on do not start any identifier of {args[0]!r}"
             )
-
-
-def _starts_an_identifier(trie, tokens) -> bool:
-    """Whether ``tokens`` is a prefix in ``trie``: a host-side walk, cheap for the few tokens of a
-    request (this runs once per request at admission)."""
-    indptr, node_token = trie.indptr.numpy(), trie.node_token.numpy()
-    node = 0
-    for tok in tokens:
-        lo, hi = int(indptr[node]) + 1, int(indptr[node + 1]) + 1  # children are nodes lo..hi-1
-        at = lo + int(np.searchsorted(node_token[lo:hi], tok))
-        if at >= hi or int(node_token[at]) != tok:
-            return False
-        node = at
-    return True
 
 
 def register() -> None:
