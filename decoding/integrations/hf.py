@@ -63,16 +63,10 @@ class _PreEncoded(HFBeamModel):
 
     @torch.inference_mode()
     def prefill(self, input_ids, attention_mask):
-        device = self.device
-        self._cache = self._new_cache()
-        self._encoder_states = self._given_states.to(device)
-        batch = self._encoder_states.shape[0]
-        self._row_request = torch.arange(batch, device=device)
-        self._shared_length = 1
-        self._mask = (torch.ones(self._encoder_states.shape[:2], dtype=torch.long, device=device)
-                      if attention_mask is None else attention_mask.to(device).long())
-        start = torch.full((batch, 1), int(self.config.decoder_start_token_id), dtype=torch.long, device=device)
-        return self._forward(decoder_input_ids=start, encoder_outputs=(self._encoder_states,), attention_mask=self._mask)
+        states = self._given_states.to(self.device)
+        mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device) if attention_mask is None \
+            else attention_mask.to(states.device).long()
+        return self._start_decoder(states, mask)
 
 
 def generate(

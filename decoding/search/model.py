@@ -89,8 +89,9 @@ class HFBeamModel:
         cache, self._fast_reorder = new_beam_cache(self.config, self.is_encoder_decoder)
         return cache
 
-    def _reorder(self, beam_index: torch.Tensor) -> None:
-        """Reorder the cache; rows that stay within their request keep their shared prompt KV."""
+    def _reorder(self, beam_index: torch.Tensor) -> bool:
+        """Reorder the cache; rows that stay within their request keep their shared prompt KV.
+        Returns whether every new row continues a row of its own request."""
         within = beam_index.numel() == self._row_request.numel() and bool(
             (self._row_request.index_select(0, beam_index) == self._row_request).all()
         )
@@ -101,6 +102,22 @@ class HFBeamModel:
             reorder_beams(self._cache, beam_index, within, self._shared_length)
         else:
             self._cache.reorder_cache(beam_index)
+        return within
+
+    def _start_decoder(self, encoder_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder-decoder: a fresh cache and the decoder start token's logits ``[B, V]``."""
+        batch = encoder_states.shape[0]
+        device = encoder_states.device
+        self._cache = self._new_cache()
+        self._row_request = torch.arange(batch, device=device)
+        self._shared_length = 1  # the decoder start token
+        self._encoder_states = encoder_states
+        self._mask = attention_mask
+        start = self.config.decoder_start_token_id
+        if start is None:
+            raise ValueError("model: config.decoder_start_token_id is not set for this encoder-decoder model")
+        decoder_ids = torch.full((batch, 1), int(start), dtype=torch.long, device=device)
+        return self._forward(decoder_input_ids=decoder_ids, encoder_outputs=(encoder_states,), attention_mask=attention_mask)
 
     def _forward(self, **kwargs) -> torch.Tensor:
         if self._logits_to_keep:
@@ -116,23 +133,13 @@ class HFBeamModel:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device).long()
-        self._cache = self._new_cache()
-        self._row_request = torch.arange(input_ids.shape[0], device=device)
-        # positions every beam of a request shares: the prompt (decoder-only) or the start token
-        self._shared_length = 1 if self.is_encoder_decoder else input_ids.shape[1]
         if self.is_encoder_decoder:
             encoder = self.model.get_encoder()
-            self._encoder_states = encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)[0]
-            self._mask = attention_mask
-            start = self.config.decoder_start_token_id
-            if start is None:
-                raise ValueError("model: config.decoder_start_token_id is not set for this encoder-decoder model")
-            decoder_ids = torch.full((input_ids.shape[0], 1), int(start), dtype=torch.long, device=device)
-            return self._forward(
-                decoder_input_ids=decoder_ids,
-                encoder_outputs=(self._encoder_states,),
-                attention_mask=self._mask,
-            )
+            states = encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)[0]
+            return self._start_decoder(states, attention_mask)
+        self._cache = self._new_cache()
+        self._row_request = torch.arange(input_ids.shape[0], device=device)
+        self._shared_length = input_ids.shape[1]  # the prompt: shared by every beam of a request
         # left padding: positions count real tokens only, as transformers' generate does
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         self._mask = attention_mask
@@ -144,17 +151,20 @@ class HFBeamModel:
         device = self.device
         beam_index = beam_index.to(device)
         tokens = tokens.to(device).view(-1, 1)
-        self._reorder(beam_index)
+        # encoder states, masks and positions are equal across a request's rows: reorders that
+        # stay within requests leave them as they are
+        within = self._reorder(beam_index)
         if self.is_encoder_decoder:
-            self._encoder_states = self._encoder_states.index_select(0, beam_index)
-            self._mask = self._mask.index_select(0, beam_index)
+            if not within:
+                self._encoder_states = self._encoder_states.index_select(0, beam_index)
+                self._mask = self._mask.index_select(0, beam_index)
             return self._forward(
                 decoder_input_ids=tokens,
                 encoder_outputs=(self._encoder_states,),
                 attention_mask=self._mask,
             )
-        mask = self._mask.index_select(0, beam_index)
+        mask = self._mask if within else self._mask.index_select(0, beam_index)
         self._mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        pos = self._next_pos.index_select(0, beam_index)
+        pos = self._next_pos if within else self._next_pos.index_select(0, beam_index)
         self._next_pos = pos + 1
         return self._forward(input_ids=tokens, attention_mask=self._mask, position_ids=pos.view(-1, 1))
