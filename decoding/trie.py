@@ -232,6 +232,8 @@ class ItemTrie:
             node = start.to(self.device).long()
         indptr = self.indptr.long()
         tokens = self.node_token
+        # bisection steps that cover the widest node of any level
+        steps = max(1, int(max(self._max_branch_host, default=1)).bit_length())
         for level in range(prefixes.shape[1]):
             tok = prefixes[:, level]
             pad = tok < 0
@@ -241,7 +243,6 @@ class ItemTrie:
             end = indptr[safe + 1]
             hi = end.clone()
             # binary search of tok among the sorted child tokens node_token[lo+1 .. end+1)
-            steps = max(1, int(max(self._max_branch_host, default=1)).bit_length())
             for _ in range(steps):
                 open_ = lo < hi
                 mid = (lo + hi) // 2

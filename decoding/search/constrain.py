@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from decoding.ops._torch.trie_beam_step import gather_children
+from decoding.ops.trie_beam_step import max_children_of
 
 
 def mask_to_children(scores: torch.Tensor, trie, nodes: torch.Tensor, *, fallback_token: int | None = None) -> torch.Tensor:
@@ -22,9 +23,7 @@ def mask_to_children(scores: torch.Tensor, trie, nodes: torch.Tensor, *, fallbac
     """
     if nodes.numel() == 0:
         return torch.full_like(scores, float("-inf"))
-    safe = nodes.clamp(min=0)
-    width = max(int(((trie.indptr[safe + 1] - trie.indptr[safe]) * (nodes >= 0)).max()), 1)
-    _, tokens, in_node = gather_children(trie, nodes, nodes >= 0, width)
+    _, tokens, in_node = gather_children(trie, nodes, nodes >= 0, max_children_of(trie, nodes))
     has_child = in_node.any(dim=1, keepdim=True)
     # padding slots repeat the first child so that every scatter to an index writes one value;
     # childless rows index token 0, never a token of the trie (which may lie past scores' width)
