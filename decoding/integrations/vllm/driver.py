@@ -69,23 +69,17 @@ class VLLMBeamModel:
         if requests:
             results = self.llm.generate(requests, params, use_tqdm=False)
             rows, toks, vals = [], [], []
-            for row, res in zip(owners, results):
+            for row, res, sp in zip(owners, results, params):
                 flat = res.outputs[0].logprobs  # FlatLogprobs: one position, sampled token first
                 lo, hi = flat.start_indices[0], flat.end_indices[0]
-                toks.extend(flat.token_ids[lo:hi])
-                vals.extend(flat.logprobs[lo:hi])
-                rows.extend([row] * (hi - lo))
-            # the sampled token also comes back; it is a child or gets overwritten by -inf below
+                wanted = set(sp.logprob_token_ids)  # drop the sampled token unless it was asked for
+                for tok, val in zip(flat.token_ids[lo:hi], flat.logprobs[lo:hi]):
+                    if tok in wanted:
+                        rows.append(row)
+                        toks.append(tok)
+                        vals.append(val)
             out[torch.as_tensor(rows), torch.as_tensor(toks)] = torch.as_tensor(vals, dtype=torch.float32)
-            out = torch.where(self._child_mask(), out, torch.full_like(out, float("-inf")))
         return out
-
-    def _child_mask(self) -> torch.Tensor:
-        """bool [R, V]: True at each row's valid children."""
-        from decoding.search.constrain import mask_to_children
-
-        zeros = torch.zeros((len(self._tokens), self.vocab_size))
-        return torch.isfinite(mask_to_children(zeros, self.trie, self._nodes))
 
 
 def beam_search(llm, prompts, *, trie, num_beams: int, length_penalty: float = 0.0, exclude_items=None,
