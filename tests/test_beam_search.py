@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from conftest import EOS, SID_VOCAB, TITLE_VOCAB, hf_items_and_scores, prompts
+from conftest import SID_VOCAB, TITLE_VOCAB, hf_items_and_scores, prompts
 from decoding import ItemTrie, beam_search
 from decoding.bench.baselines import PythonTriePrefixFn, transformers_trie_beam_search
 from decoding.ops import available_backends

@@ -79,7 +79,6 @@ def run_e2e(args, device) -> dict:
     t0 = time.perf_counter()
     trie = ItemTrie.from_sequences(seqs, vocab_size=V).to(device)
     build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
     catalog = {tuple(int(x) for x in row) for row in seqs.tolist()}
     log(f"[e2e] ItemTrie built in {build_s:.2f} s; model: Llama-style hidden={args.hidden} layers={args.layers}")
     model = bm.tiny_llama(V, hidden_size=args.hidden, layers=args.layers, heads=args.heads, seed=args.seed,

@@ -46,7 +46,6 @@ def run_vllm(args, timed, log) -> dict:
     log(f"[vllm] catalog: {args.items:,} semantic IDs; {B} prompts of {args.prompt_len} tokens; {K} beams")
     seqs = bm.random_semantic_ids(args.items, args.levels, args.codes, seed=args.seed)
     trie = ItemTrie.from_sequences(seqs, vocab_size=V)
-    catalog = {tuple(int(x) for x in row) for row in seqs.tolist()}
     model = bm.tiny_llama(V, hidden_size=args.hidden, layers=args.layers, heads=args.heads, seed=args.seed,
                           intermediate_size=4 * args.hidden)
     g = torch.Generator().manual_seed(args.seed)
@@ -64,11 +63,8 @@ def run_vllm(args, timed, log) -> dict:
         return invalid, agree
 
     def items_of(outputs):
-        out = []
-        for o in outputs:
-            gen = [tuple(s.tokens[args.prompt_len: args.prompt_len + L]) for s in o.sequences]
-            out.append([int(trie.lookup(torch.tensor([t]))[0]) if t in catalog else -1 for t in gen])
-        return out
+        gen = [[s.tokens[args.prompt_len: args.prompt_len + L] for s in o.sequences] for o in outputs]
+        return [trie.lookup(torch.tensor(rows)).tolist() for rows in gen]  # -1: not a catalog item
 
     params = BeamSearchParams(beam_width=K, max_tokens=L, ignore_eos=True, length_penalty=0.0)
     methods = []
@@ -86,7 +82,7 @@ def run_vllm(args, timed, log) -> dict:
         t, runs, out = timed(lambda: dv.beam_search(llm, ids.tolist(), trie=trie, num_beams=K), device,
                              args.repeats, "decoding driver on vLLM")
         methods.append(("decoding.integrations.vllm.beam_search", t, runs, *score(out.items.tolist())))
-        del llm
+        llm = None  # release this engine before the next one starts
         # a second engine in this process would inherit torn-down parallel state: run it in a child
         log("[vllm] engine with the trie processor as engine-wide catalog (separate process)")
         t, runs, item_lists = _constrained_in_child(model_dir, trie_path, ids.tolist(), K, L, args, max_logprobs)
