@@ -45,7 +45,7 @@ def catalog(tmp_path_factory):
 def llm(model_dir):
     # no logits_processors argument: the package's entry point registers the processor
     return vllm.LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=256, enable_prefix_caching=True,
-                    max_logprobs=64, seed=0)
+                    max_logprobs=-1, seed=0)
 
 
 def random_prompts(n, seed):
@@ -110,10 +110,16 @@ def test_complete_identifier_only_allows_eos(llm, catalog):
         assert out[4:] == [EOS]  # the engine stops at EOS
 
 
-def test_driver_matches_decoding_beam_search_on_the_same_weights(llm, model_dir, catalog):
+@pytest.mark.parametrize("full_vocab", [True, False], ids=["wide-nodes-full-vocab", "wide-nodes-split"])
+def test_driver_matches_decoding_beam_search_on_the_same_weights(llm, model_dir, catalog, monkeypatch, full_vocab):
     from transformers import AutoModelForCausalLM
 
+    from decoding.integrations.vllm import driver
+
+    # the root has 256 children: one full-vocabulary request, or two requests of 128 token ids
+    monkeypatch.setattr(driver, "_full_vocab_logprobs_allowed", lambda engine, vocab: full_vocab)
     _, trie, _ = catalog
+    assert trie.max_branch_at(0) > driver.MAX_TOKEN_IDS_PER_REQUEST
     prompts = random_prompts(6, seed=4)
     got = dv.beam_search(llm, prompts, trie=trie, num_beams=5)
     hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -127,6 +133,18 @@ def test_driver_matches_decoding_beam_search_on_the_same_weights(llm, model_dir,
     assert torch.equal(got.items, ref.items)
     assert torch.allclose(got.scores, ref.scores, atol=1e-4)
     assert torch.equal(got.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("prompt, match", [([5, VOCAB], r"outside \[0, "), ([-1, 5], r"outside \[0, "),
+                                           ([9] * 253, "max_model_len 256"), ([], "non-empty")])
+def test_driver_rejects_bad_prompts_before_the_engine_sees_them(llm, catalog, prompt, match):
+    from vllm import SamplingParams
+
+    _, trie, _ = catalog
+    with pytest.raises(ValueError, match=match):
+        dv.beam_search(llm, [[10, 11], prompt], trie=trie, num_beams=2)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert len(run(llm, [[10, 11, 12]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))[0]) == 3
 
 
 ENGINE_DEFAULT_SCRIPT = """
@@ -309,4 +327,6 @@ def test_bench_cli_vllm_engine_small_run(tmp_path, capsys):
     driver = by_name["decoding.integrations.vllm.beam_search"]
     assert driver["agreement_with_exact_topk"] == 1.0 and driver["invalid_item_rate"] == 0.0
     assert by_name["vLLM beam_search + decoding processor"]["invalid_item_rate"] == 0.0
-    assert "vLLM beam_search, unconstrained + post-filter" in capsys.readouterr().out
+    assert res["engine_floor"]["latency_ms"] > 0
+    printed = capsys.readouterr().out
+    assert "vLLM beam_search, unconstrained + post-filter" in printed and "Model work alone" in printed

@@ -75,13 +75,17 @@ def run_vllm(args, timed, log) -> dict:
         max_logprobs = max(2 * K, 128)
 
         log("[vllm] engine without the processor's engine-wide catalog")
-        llm = _engine(model_dir, max_len=args.prompt_len + L + 8, max_logprobs=max_logprobs)
+        # max_logprobs=-1 is only a limit: vLLM's beam_search still asks for 2K log-probs per
+        # beam, and the driver may ask for the whole vocabulary at nodes with >128 children
+        llm = _engine(model_dir, max_len=args.prompt_len + L + 8, max_logprobs=-1)
         t, runs, out = timed(lambda: llm.beam_search(prompts, params), device, args.repeats,
                              "vLLM beam_search + post-filter")
         methods.append(("vLLM beam_search, unconstrained + post-filter", t, runs, *score(items_of(out))))
         t, runs, out = timed(lambda: dv.beam_search(llm, ids.tolist(), trie=trie, num_beams=K), device,
                              args.repeats, "decoding driver on vLLM")
         methods.append(("decoding.integrations.vllm.beam_search", t, runs, *score(out.items.tolist())))
+        floor, floor_runs, _ = timed(lambda: _engine_floor(llm, prompts, trie, K, L), device, args.repeats,
+                                     "engine floor (model work only)")
         llm = None  # release this engine before the next one starts
         # a second engine in this process would inherit torn-down parallel state: run it in a child
         log("[vllm] engine with the trie processor as engine-wide catalog (separate process)")
@@ -95,7 +99,25 @@ def run_vllm(args, timed, log) -> dict:
     return {"suite": "vllm", "config": {k: getattr(args, k) for k in ("items", "levels", "codes", "batch", "beams",
                                                                          "prompt_len", "hidden", "layers", "heads",
                                                                          "repeats", "seed")},
-            "methods": rows}
+            "methods": rows,
+            "engine_floor": {"latency_ms": floor * 1e3, "runs_ms": [r * 1e3 for r in floor_runs],
+                             "max_speedup_vs_baseline": base / floor}}
+
+
+def _engine_floor(llm, prompts, trie, K, L):
+    """The model work any beam search on this engine must do, and nothing else: prefill every
+    prompt once, then K persistent rows per prompt decoding L-1 tokens (no ranking, no forks, no
+    per-step requests). Its time bounds what even an in-engine beam search could reach."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, detokenize=False), use_tqdm=False)
+    if L > 1:
+        first = trie.node_token[1: 1 + trie.max_branch_at(0)].tolist()  # root children: real first tokens
+        rows = [TokensPrompt(prompt_token_ids=p["prompt_token_ids"] + [first[j % len(first)]])
+                for p in prompts for j in range(K)]
+        llm.generate(rows, SamplingParams(max_tokens=L - 1, temperature=0.0, ignore_eos=True, detokenize=False),
+                     use_tqdm=False)
 
 
 _CHILD = r'''
@@ -144,3 +166,8 @@ def print_vllm(res: dict) -> None:
     print_methods(f"Constrained beam search on vLLM: {cfg['items']:,} items, {cfg['batch']} prompts of "
                   f"{cfg['prompt_len']} tokens, {cfg['beams']} beams, {cfg['levels']}-token identifiers",
                   res["methods"], METHOD_COLUMNS + [("exact top-K", "agreement_with_exact_topk", "{:.0%}")])
+    floor = res.get("engine_floor")
+    if floor:
+        print(f"Model work alone (prefill + {cfg['beams']} rows per prompt decoding {cfg['levels'] - 1} tokens, as plain "
+              f"requests, no ranking): {floor['latency_ms']:,.0f} ms, {floor['max_speedup_vs_baseline']:.1f}x below the "
+              f"baseline: roughly the most any beam search on this engine could gain")
