@@ -120,6 +120,7 @@ def beam_search(
     assistant_logprobs: torch.Tensor | None = None,
     assistant_weight: float = 0.0,
     backend: str = "auto",
+    layout: str = "default",
 ) -> BeamSearchOutput:
     """Trie-constrained beam search: the top ``num_beams`` catalog items for each request.
 
@@ -139,10 +140,20 @@ def beam_search(
             each step scores ``(1-w) log p_LLM(t|h) + w log(m(h.t) / m(h))`` with ``m`` the
             assistant's mass over the child's items and ``w = assistant_weight``.
         backend: ``trie_beam_step`` backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"``.
+        layout: ``"default"`` (a KV cache row per beam, prompt KV shared, reorders move only
+            generated positions) or ``"tree"`` (Hugging Face decoder-only models: the beams of a
+            request are one flattened sequence after the prompt, with a tree mask; see
+            :mod:`decoding.search.tree`). Both give the same results.
     """
     _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normalize, assistant_logprobs,
               assistant_weight)
-    beam_model = as_beam_model(model)
+    check_choice("layout", layout, {"default", "tree"})
+    if layout == "tree":
+        from decoding.search.tree import TreeBeamModel
+
+        beam_model = TreeBeamModel(model)
+    else:
+        beam_model = as_beam_model(model)
     vocab = model_vocab_size(model)
     if vocab is not None and vocab != trie.vocab_size:
         raise ValueError(f"trie: built for vocab_size {trie.vocab_size}, but the model's vocabulary is {vocab}")

@@ -1,0 +1,91 @@
+"""The tree layout (decoding.search.tree): beams of a request as one flattened sequence after a
+shared prompt, with a tree mask. beam_search(layout="tree") must equal the default layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import EOS, SID_VOCAB, TITLE_VOCAB, prompts
+from decoding import beam_search
+from decoding.bench import models as bm
+from decoding.search.tree import TreeModel
+
+
+@pytest.mark.parametrize("num_beams", [1, 5, 20])
+@pytest.mark.parametrize("catalog", ["sid", "title"])
+def test_tree_layout_equals_default_layout(catalog, num_beams, sid_catalog, sid_models, title_catalog, title_models):
+    (_, trie), models, vocab = ((sid_catalog, sid_models, SID_VOCAB) if catalog == "sid"
+                                else (title_catalog, title_models, TITLE_VOCAB))
+    model = models["llama"]
+    ids, mask = prompts(vocab, batch=4, seed=num_beams)
+    ref = beam_search(model, ids, mask, trie=trie, num_beams=num_beams)
+    got = beam_search(model, ids, mask, trie=trie, num_beams=num_beams, layout="tree")
+    assert torch.equal(got.items, ref.items)
+    assert torch.equal(got.sequences, ref.sequences)
+    assert torch.allclose(got.scores, ref.scores, atol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_tree_rows_see_prompt_ancestors_and_self_only(attn):
+    """Each row's logits equal a plain forward of prompt + its own path, under both attention
+    implementations, whatever else is in the tree (siblings, cousins, dead rows)."""
+    from transformers import AutoModelForCausalLM
+
+    model = bm.tiny_llama(50, hidden_size=32, layers=2, heads=2, seed=7)
+    model = AutoModelForCausalLM.from_config(model.config, attn_implementation=attn).eval()
+    torch.manual_seed(0)
+    ids, mask = bm.left_padded_prompts(3, 50, 2, 6, seed=3)
+    tree = TreeModel(model)
+    tree.prefill(ids, mask)
+    # level 1: 3 rows under the prompt; level 2: rows under level-1 rows 2, 1, 2 and one dead row
+    lvl1 = tree.add(torch.zeros((3, 3), dtype=torch.long), torch.randint(3, 50, (3, 3)))
+    parents2 = torch.stack([lvl1[:, 1], lvl1[:, 0], lvl1[:, 1], torch.zeros(3, dtype=torch.long)], dim=1)
+    tree.add(parents2, torch.randint(3, 50, (3, 4)))
+    logits = tree.run()  # both levels in one forward
+    tokens, parent_of = tree._tokens, {}
+    for b in range(3):
+        real = ids[b][mask[b].bool()].tolist()
+        for r in range(1, tree.num_rows):
+            path, node = [], r
+            while node != 0:
+                path.append(int(tokens[b, node]))
+                node = int(tree._visible[b, node].nonzero()[-2]) - ids.shape[1] + 1 if tree._depth[b, node] > 1 else 0
+            path = path[::-1]
+            want = model(torch.tensor([real + path])).logits[0, -1]
+            assert torch.allclose(logits[b, r - 1], want, atol=1e-4), (b, r)
+
+
+def test_truncate_drops_rows_and_kv():
+    model = bm.tiny_llama(40, hidden_size=32, layers=1, heads=2, seed=1)
+    ids = torch.randint(3, 40, (2, 5))
+    tree = TreeModel(model)
+    tree.prefill(ids, None)
+    rows = tree.add(torch.zeros((2, 4), dtype=torch.long), torch.randint(3, 40, (2, 4)))
+    first = tree.run()
+    tree.truncate(3)  # keep row 0 and the first two level-1 rows
+    assert tree.num_rows == 3 and tree.kv_length() == 5 + 2
+    again = tree.add(rows[:, :2], torch.tensor([[5, 6], [7, 8]]))
+    out = tree.run()
+    fresh = TreeModel(model)
+    fresh.prefill(ids, None)
+    r = fresh.add(torch.zeros((2, 2), dtype=torch.long), tree._tokens[:, 1:3])
+    assert torch.allclose(fresh.run(), first[:, :2], atol=1e-5)
+    fresh.add(r, torch.tensor([[5, 6], [7, 8]]))
+    assert torch.allclose(fresh.run(), out, atol=1e-5)
+    assert again.tolist() == [[3, 4], [3, 4]]
+    with pytest.raises(ValueError, match="num_rows"):
+        tree.truncate(0)
+
+
+def test_tree_layout_rejects_models_it_cannot_run(sid_catalog, sid_models):
+    _, trie = sid_catalog
+    ids, mask = prompts(SID_VOCAB, batch=2)
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        beam_search(sid_models["t5"], ids, mask, trie=trie, num_beams=2, layout="tree")
+    with pytest.raises(ValueError, match="layout"):
+        beam_search(sid_models["llama"], ids, mask, trie=trie, num_beams=2, layout="flat")
+    with pytest.raises(ValueError, match="parents"):
+        tree = TreeModel(sid_models["llama"])
+        tree.prefill(ids, mask)
+        tree.add(torch.full((2, 1), 5), torch.ones((2, 1), dtype=torch.long))
