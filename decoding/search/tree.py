@@ -116,7 +116,8 @@ class TreeModel:
         self._depth = self._depth[:, :num_rows]
         self._tokens = self._tokens[:, :num_rows]
         if self._computed > num_rows:
-            self._cache.crop(self._prompt_len + num_rows - 1)
+            # a negative count removes that many trailing positions (positive values are deprecated)
+            self._cache.crop(-(self._cache.get_seq_length() - (self._prompt_len + num_rows - 1)))
             self._computed = num_rows
 
     def kv_length(self) -> int:
