@@ -35,6 +35,8 @@ def test_cli_small_run_writes_results(tmp_path, capsys):
     (["--beams", "0"], "--beams must be positive"),
     (["--items", "10", "--beams", "20"], "--beams must not exceed --items"),
     (["--suite", "nope"], "invalid choice"),
+    (["--decoder", "speculative", "--drafts", "5"], "--drafts must be at least --beams"),
+    (["--decoder", "speculative", "--draft-layers", "9"], "--draft-layers in 1..--layers"),
 ])
 def test_cli_rejects_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -52,3 +54,20 @@ def test_benchmark_suites_smoke_run():
                           str(ROOT / "benchmarks")],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_cli_speculative_small_run(tmp_path, capsys):
+    """decoding-bench --decoder speculative: target-only vs strict speculation, exact items, stats."""
+    rc = main(["--decoder", "speculative", "--items", "3000", "--batch", "3", "--beams", "4", "--prompt-len", "12",
+               "--hidden", "32", "--layers", "2", "--heads", "2", "--repeats", "1", "--align-steps", "2",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())["results"][0]
+    assert res["suite"] == "speculative" and res["config"]["drafts"] == 8
+    by_name = {m["method"]: m for m in res["methods"]}
+    for name, m in by_name.items():
+        assert m["same_items_as_target"] == 1.0, name
+    spec = by_name["speculative strict, draft aligned by strict loss"]
+    assert spec["rounds"] >= 1 and 0.0 <= spec["acceptance_rate"] <= 1.0 and spec["target_forwards"] >= 2
+    assert res["alignment_loss"]["after"] <= res["alignment_loss"]["before"] + 1e-6
+    assert "Speculative beam search (strict)" in capsys.readouterr().out

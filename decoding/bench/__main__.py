@@ -225,7 +225,7 @@ def write_chart(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    e2e = [r for r in results if r["suite"] in ("e2e", "vllm")]
+    e2e = [r for r in results if r["suite"] in ("e2e", "vllm", "speculative")]
     step = [r for r in results if r["suite"] == "step"]
     panels = len(e2e) + len(step)
     if panels == 0:
@@ -245,7 +245,7 @@ def write_chart(results: list[dict], path: str) -> None:
                         bar.get_height()), ha="center", va="bottom", fontsize=9)
         ax.set_ylim(0, max(lat) * 1.25)  # room for the labels
         c = r["config"]
-        engine = "vLLM" if r["suite"] == "vllm" else "transformers"
+        engine = {"vllm": "vLLM", "speculative": "speculative"}.get(r["suite"], "transformers")
         ax.set_title(f"{engine} beam search, {c['items']:,} items, B={c['batch']}, K={c['beams']}")
         ax.set_ylabel("latency per batch (ms)")
     for r in step:
@@ -272,6 +272,12 @@ def parse_args(argv=None):
     p.add_argument("--codes", type=int, default=256, help="codes per level")
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                    help="e2e suite: compare on transformers (default) or on a vLLM engine (needs the vllm extra)")
+    p.add_argument("--decoder", choices=["beam", "speculative"], default="beam",
+                   help="e2e suite: trie beam search vs baselines, or speculative vs target-only beam search")
+    p.add_argument("--drafts", type=int, default=None, help="speculative: drafted beams N (default 2K)")
+    p.add_argument("--draft-steps", type=int, default=3, help="speculative: drafted levels per round (gamma)")
+    p.add_argument("--draft-layers", type=int, default=1, help="speculative: the draft keeps the target's first layers")
+    p.add_argument("--align-steps", type=int, default=30, help="speculative: draft alignment steps")
     p.add_argument("--batch", type=int, default=None, help="requests per batch (default 16; 64 with --engine vllm)")
     p.add_argument("--beams", type=int, default=20, help="beams = items returned per request")
     p.add_argument("--prompt-len", type=int, default=128, help="longest prompt (others are shorter, left-padded)")
@@ -297,6 +303,13 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.beams > args.items:
         p.error("--beams must not exceed --items")
+    if args.decoder == "speculative":
+        if args.engine != "transformers":
+            p.error("--decoder speculative runs on transformers models (--engine transformers)")
+        if args.drafts is not None and args.drafts < args.beams:
+            p.error("--drafts must be at least --beams")
+        if args.draft_steps < 1 or args.align_steps < 0 or not 1 <= args.draft_layers <= args.layers:
+            p.error("--draft-steps must be positive, --align-steps non-negative, --draft-layers in 1..--layers")
     if args.prompt_len < 2:
         p.error("--prompt-len must be at least 2")
     return args
@@ -312,6 +325,10 @@ def main(argv=None) -> int:
     suites = ["e2e", "step", "build"] if args.suite == "all" else [args.suite]
     results = []
     runners = {"e2e": (run_e2e, print_e2e), "step": (run_step, print_step), "build": (run_build, print_build)}
+    if args.decoder == "speculative":
+        from decoding.bench.speculative_bench import print_speculative, run_speculative
+
+        runners["e2e"] = (lambda a, d: run_speculative(a, d, timed, log), print_speculative)
     if args.engine == "vllm":
         from decoding.bench.vllm_bench import print_vllm, run_vllm
 

@@ -1,0 +1,103 @@
+"""``decoding-bench --decoder speculative``: target-only beam search vs strict speculative beam
+search, on the same catalog, prompts and target.
+
+The draft is the target's first ``--draft-layers`` layers (embeddings, final norm and output
+head shared by copy), then aligned on the target's own beams for ``--align-steps`` Adam steps
+with :func:`decoding.speculative.strict_alignment_loss` (teacher data from prompts other than the
+timed ones). Columns: latency, speedup over target-only beam search (default layout), whether the
+items equal the target's, and the acceptance statistics of each speculative run.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from decoding import ItemTrie, beam_search, speculative_beam_search
+from decoding.bench import models as bm
+from decoding.speculative import align_draft
+
+
+def layer_draft(target, layers: int):
+    """The target's first ``layers`` decoder layers with its embeddings, norm and head."""
+    draft = copy.deepcopy(target)
+    draft.model.layers = draft.model.layers[:layers]
+    draft.config.num_hidden_layers = layers
+    return draft.eval()
+
+
+def run_speculative(args, device, timed, log) -> dict:
+    V = bm.sid_vocab_size(args.levels, args.codes)
+    K, N, L = args.beams, args.drafts or 2 * args.beams, args.levels
+    log(f"[speculative] catalog: {args.items:,} semantic IDs; target: hidden={args.hidden} layers={args.layers}; "
+        f"draft: its first {args.draft_layers} layer(s); K={K}, N={N}, gamma={args.draft_steps}")
+    seqs = bm.random_semantic_ids(args.items, args.levels, args.codes, seed=args.seed)
+    trie = ItemTrie.from_sequences(seqs, vocab_size=V).to(device)
+    target = bm.tiny_llama(V, hidden_size=args.hidden, layers=args.layers, heads=args.heads, seed=args.seed,
+                           intermediate_size=4 * args.hidden).to(device)
+    ids, mask = bm.left_padded_prompts(args.batch, V, args.prompt_len // 2, args.prompt_len, seed=args.seed)
+    train_ids, train_mask = bm.left_padded_prompts(args.batch, V, args.prompt_len // 2, args.prompt_len,
+                                                   seed=args.seed + 1)
+    ids, mask, train_ids, train_mask = (t.to(device) for t in (ids, mask, train_ids, train_mask))
+    raw = layer_draft(target, args.draft_layers)
+    aligned = layer_draft(target, args.draft_layers)
+    log(f"[speculative] aligning the draft on the target's beams ({args.align_steps} steps)")
+    before, after = align_draft(aligned, target, trie, train_ids, train_mask, num_beams=K, steps=args.align_steps,
+                                log=log)
+
+    def target_only():
+        return beam_search(target, ids, mask, trie=trie, num_beams=K, backend=args.backend)
+
+    def target_tree():
+        return beam_search(target, ids, mask, trie=trie, num_beams=K, backend=args.backend, layout="tree")
+
+    def spec(draft):
+        return lambda: speculative_beam_search(target, draft, ids, mask, trie=trie, num_beams=K, num_drafts=N,
+                                               draft_steps=args.draft_steps, backend=args.backend)
+
+    base_s, base_runs, ref = timed(target_only, device, args.repeats, "target beam_search")
+    methods = [("target beam_search (default layout)", base_s, base_runs, ref, None)]
+    t, runs, out = timed(target_tree, device, args.repeats, "target beam_search, tree layout")
+    methods.append(("target beam_search (tree layout)", t, runs, out, None))
+    for name, draft in (("speculative strict, first-layers draft", raw),
+                        ("speculative strict, draft aligned by strict loss", aligned)):
+        t, runs, out = timed(spec(draft), device, args.repeats, name)
+        methods.append((name, t, runs, out, out.stats))
+    rows = []
+    for name, t, runs, out, stats in methods:
+        row = {"method": name, "latency_ms": t * 1e3, "runs_ms": [r * 1e3 for r in runs],
+               "requests_per_s": args.batch / t, "speedup_vs_baseline": base_s / t,
+               "same_items_as_target": float(torch.equal(out.items, ref.items)), "invalid_item_rate": 0.0}
+        if stats is not None:
+            row.update(rounds=stats.rounds, acceptance_rate=stats.acceptance_rate,
+                       target_forwards=stats.target_forwards, draft_forwards=stats.draft_forwards,
+                       accepted_levels=stats.accepted_levels)
+        else:
+            row.update(rounds=None, acceptance_rate=None, target_forwards=L, draft_forwards=0)
+        rows.append(row)
+    return {"suite": "speculative",
+            "config": {k: getattr(args, k) for k in ("items", "levels", "codes", "batch", "beams", "drafts",
+                                                      "draft_steps", "draft_layers", "align_steps", "prompt_len",
+                                                      "hidden", "layers", "heads", "repeats", "seed")}
+            | {"drafts": N},
+            "alignment_loss": {"before": before, "after": after},
+            "methods": rows}
+
+
+def print_speculative(res: dict) -> None:
+    from decoding.bench.__main__ import print_methods
+
+    c = res["config"]
+    shown = [{**m, "rounds": "-" if m["rounds"] is None else str(m["rounds"]),
+              "acceptance_rate": "-" if m["acceptance_rate"] is None else f"{m['acceptance_rate']:.0%}"}
+             for m in res["methods"]]
+    print_methods(f"Speculative beam search (strict): {c['items']:,} items, batch {c['batch']}, K={c['beams']}, "
+                  f"N={c['drafts']}, gamma={c['draft_steps']}, target {c['layers']} layers, draft {c['draft_layers']}",
+                  shown,
+                  [("latency ms", "latency_ms", "{:.1f}"), ("speedup", "speedup_vs_baseline", "{:.2f}x"),
+                   ("exact", "same_items_as_target", "{:.0%}"), ("rounds", "rounds", "{}"),
+                   ("accepted", "acceptance_rate", "{}"), ("target fwd", "target_forwards", "{}"),
+                   ("draft fwd", "draft_forwards", "{}")])
+    a = res["alignment_loss"]
+    print(f"Draft alignment (strict loss on the target's beams): {a['before']:.4f} -> {a['after']:.4f}")

@@ -1,0 +1,40 @@
+"""Aligning a draft model to a target on the target's own beams (AtSpeed's teacher data)."""
+
+from __future__ import annotations
+
+import torch
+
+from decoding.search.beam import beam_search
+from decoding.speculative.losses import strict_alignment_loss
+
+
+def align_draft(draft, target, trie, prompts, mask, *, num_beams: int, steps: int, lr: float = 1e-3, log=print):
+    """Fine-tune ``draft`` in place on the target's top-``num_beams`` beams for ``prompts``
+    (int64 ``[B, T]``, left-padded, ``mask`` 0/1 ``[B, T]``) with
+    :func:`strict_alignment_loss` at the identifier positions, ``steps`` full-batch Adam steps.
+    Both are Hugging Face decoder-only models over the trie's vocabulary. Returns the loss
+    (float) before and after."""
+    teacher = beam_search(target, prompts, mask, trie=trie, num_beams=num_beams)
+    B, K, L = teacher.sequences.shape
+    seqs = torch.cat([prompts.repeat_interleave(K, 0), teacher.sequences.reshape(B * K, L).clamp(min=0)], dim=1)
+    full_mask = torch.cat([mask.repeat_interleave(K, 0), torch.ones((B * K, L), dtype=mask.dtype)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    span = slice(prompts.shape[1] - 1, prompts.shape[1] + L - 1)  # logits that predict identifier tokens
+    with torch.no_grad():
+        target_logits = target(input_ids=seqs, attention_mask=full_mask, position_ids=positions).logits[:, span]
+    draft.train()
+    opt = torch.optim.Adam(draft.parameters(), lr=lr)
+    losses = []
+    for i in range(steps + 1):
+        logits = draft(input_ids=seqs, attention_mask=full_mask, position_ids=positions).logits[:, span]
+        loss = strict_alignment_loss(logits, target_logits, k=num_beams)
+        losses.append(float(loss.detach()))
+        if i == steps:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (i + 1) % max(1, steps // 4) == 0:
+            log(f"  align step {i + 1}/{steps}: loss {losses[-1]:.4f}")
+    draft.eval()
+    return losses[0], losses[-1]
