@@ -70,8 +70,9 @@ def assistant_bias(trie, prefix: torch.Tensor, beam_nodes: torch.Tensor, max_chi
     return bias.masked_fill(~in_node, 0.0)
 
 
-def _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normalize, assistant_logprobs,
-              assistant_weight):
+def validate_prompts(input_ids, attention_mask) -> None:
+    """Checks shared by the decoders: a non-empty int ``[B, T]`` batch and a 0/1 mask of its
+    shape with at least one prompt token per request."""
     check_tensor("input_ids", input_ids, ndim=2, dtypes=INT_DTYPES)
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected a non-empty [B, T] batch, got shape {tuple(input_ids.shape)}")
@@ -85,6 +86,11 @@ def _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normal
             raise ValueError("attention_mask: expected 0/1 values")
         if bool((attention_mask.sum(dim=1) == 0).any()):
             raise ValueError("attention_mask: a request has no unmasked prompt token")
+
+
+def _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normalize, assistant_logprobs,
+              assistant_weight):
+    validate_prompts(input_ids, attention_mask)
     from decoding.trie import ItemTrie
 
     if not isinstance(trie, ItemTrie):

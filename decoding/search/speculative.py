@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding._validate import INT_DTYPES, check_choice, check_positive_int, check_tensor
+from decoding._validate import check_choice, check_positive_int
 from decoding.ops.trie_beam_step import resolve_backend, run_trie_beam_step
-from decoding.search.beam import BeamSearchOutput
+from decoding.search.beam import BeamSearchOutput, validate_prompts
 from decoding.search.model import model_vocab_size
 from decoding.search.tree import TreeModel, _check_decoder_only
 
@@ -75,16 +75,7 @@ def _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_dra
 
     _check_decoder_only(target, "target")
     _check_decoder_only(draft, "draft")
-    check_tensor("input_ids", input_ids, ndim=2, dtypes=INT_DTYPES)
-    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids: expected a non-empty [B, T] batch, got shape {tuple(input_ids.shape)}")
-    if attention_mask is not None:
-        check_tensor("attention_mask", attention_mask, ndim=2)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        if bool((attention_mask.sum(dim=1) == 0).any()):
-            raise ValueError("attention_mask: a request has no unmasked prompt token")
+    validate_prompts(input_ids, attention_mask)
     if not isinstance(trie, ItemTrie):
         raise TypeError(f"trie: expected a decoding.ItemTrie, got {type(trie).__name__}")
     if not is_fixed_length(trie):
