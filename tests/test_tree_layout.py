@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import EOS, SID_VOCAB, TITLE_VOCAB, prompts
+from conftest import SID_VOCAB, TITLE_VOCAB, prompts
 from decoding import beam_search
 from decoding.bench import models as bm
 from decoding.search.tree import TreeModel
@@ -43,7 +43,7 @@ def test_tree_rows_see_prompt_ancestors_and_self_only(attn):
     parents2 = torch.stack([lvl1[:, 1], lvl1[:, 0], lvl1[:, 1], torch.zeros(3, dtype=torch.long)], dim=1)
     tree.add(parents2, torch.randint(3, 50, (3, 4)))
     logits = tree.run()  # both levels in one forward
-    tokens, parent_of = tree._tokens, {}
+    tokens = tree._tokens
     for b in range(3):
         real = ids[b][mask[b].bool()].tolist()
         for r in range(1, tree.num_rows):
