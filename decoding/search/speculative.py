@@ -261,10 +261,10 @@ def speculative_beam_search(
 
         # 4. cut rows no live request needs, then add the new beams to both trees
         live = ~done[:, None]
+        # rows are added after their ancestors, so the highest parent row bounds every row needed
         needed = int(torch.where(live, new["parent_rows"], 0).max()) + 1
-        needed = max(needed, int(beam_rows.max()) + 1)
-        tgt.truncate(min(needed, tgt.num_rows))
-        drf.truncate(min(needed, drf.num_rows))
+        tgt.truncate(needed)
+        drf.truncate(needed)
         parent_rows = torch.where(live, new["parent_rows"], 0)
         tokens = torch.where(live, new["tokens"], 0)
         beam_rows = tgt.add(parent_rows, tokens)

@@ -62,7 +62,7 @@ class TreeModel:
         self._cache = out.past_key_values
         self._prompt_len = input_ids.shape[1]
         B = input_ids.shape[0]
-        # per row: visibility over cache positions (bool [B, R, S]), depth, and token (for tests)
+        # per row: visibility over cache positions (bool [B, R, S]), depth, and token (the input of run)
         self._visible = mask.bool()[:, None, :]
         self._depth = torch.zeros((B, 1), dtype=torch.long, device=device)
         self._last_prompt_pos = position_ids[:, -1]
