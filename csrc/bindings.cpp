@@ -87,6 +87,28 @@ void trie_beam_step(CArray<float> logits, int64_t logits_row_stride, CArray<floa
   decoding::trie_beam_step_cpu(a);
 }
 
+void match_keys(CArray<int64_t> queries, CArray<int64_t> keys, int64_t B, int64_t Q, int64_t N, int num_threads,
+                CArray<int64_t> out) {
+  const int64_t* qp = queries.data();
+  const int64_t* kp = keys.data();
+  int64_t* op = out.mutable_data();
+  py::gil_scoped_release release;
+  decoding::match_keys_cpu(qp, kp, B, Q, N, num_threads, op);
+}
+
+void verify_relaxed(CArray<float> p_cand, CArray<float> q_cand, CArray<float> q_draft, CArray<int64_t> draft_cand,
+                    int64_t B, int64_t M, int64_t N, int64_t K, uint64_t seed, uint64_t offset, int num_threads,
+                    CArray<int64_t> kept, CArray<int64_t> num_accepted) {
+  const float* pp = p_cand.data();
+  const float* qp = q_cand.data();
+  const float* qd = q_draft.data();
+  const int64_t* dc = draft_cand.data();
+  int64_t* kp = kept.mutable_data();
+  int64_t* np_ = num_accepted.mutable_data();
+  py::gil_scoped_release release;
+  decoding::verify_relaxed_cpu(pp, qp, qd, dc, B, M, N, K, seed, offset, num_threads, kp, np_);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -94,4 +116,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_trie", &build_trie, py::arg("tokens"), py::arg("offsets"), py::arg("vocab_size"),
         py::arg("keep_first_duplicate"));
   m.def("trie_beam_step", &trie_beam_step);
+  m.def("match_keys", &match_keys);
+  m.def("verify_relaxed", &verify_relaxed);
+  m.def("philox_uniform", &decoding::philox_uniform, py::arg("seed"), py::arg("counter"));
 }

@@ -51,4 +51,12 @@ struct BeamStepArgs {
 
 void trie_beam_step_cpu(const BeamStepArgs& a);
 
+// Verification ops (csrc/verify.cpp); shapes as in decoding/ops/verify.py.
+float philox_uniform(uint64_t seed, uint64_t counter);
+void match_keys_cpu(const int64_t* queries, const int64_t* keys, int64_t B, int64_t Q, int64_t N,
+                    int num_threads, int64_t* out);
+void verify_relaxed_cpu(const float* p_cand, const float* q_cand, const float* q_draft, const int64_t* draft_cand,
+                        int64_t B, int64_t M, int64_t N, int64_t K, uint64_t seed, uint64_t offset,
+                        int num_threads, int64_t* kept, int64_t* num_accepted);
+
 }  // namespace decoding

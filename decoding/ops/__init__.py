@@ -1,5 +1,10 @@
 """Kernel ops: one public function per op, several backends behind one dispatch."""
 
-from decoding.ops.trie_beam_step import BeamStepOutput, available_backends, trie_beam_step
+from decoding.ops._backend import available_backends
+from decoding.ops.trie_beam_step import BeamStepOutput, trie_beam_step
+from decoding.ops.verify import RelaxedVerifyOutput, match_keys, philox_uniform, verify_relaxed, verify_strict
 
-__all__ = ["BeamStepOutput", "available_backends", "trie_beam_step"]
+__all__ = [
+    "BeamStepOutput", "RelaxedVerifyOutput", "available_backends", "match_keys", "philox_uniform",
+    "trie_beam_step", "verify_relaxed", "verify_strict",
+]

@@ -8,16 +8,14 @@ and select the best ``num_out`` of the ``W x children`` candidates of each reque
 
 from __future__ import annotations
 
-import importlib
-import os
 from typing import NamedTuple
 
 import torch
 
 from decoding._validate import FLOAT_DTYPES, INT_DTYPES, check_choice, check_positive_int, check_shape, check_tensor
+from decoding.ops._backend import load_backend, resolve_backend
 
 NORMALIZE_MODES = ("full", "valid", "none")
-BACKENDS = ("torch", "cpu", "triton")
 
 
 class BeamStepOutput(NamedTuple):
@@ -30,45 +28,6 @@ class BeamStepOutput(NamedTuple):
     parent: torch.Tensor  # int64: index of the beam (0..W-1) the candidate extends
     token: torch.Tensor  # int64: token appended
     node: torch.Tensor  # int64: trie node reached
-
-
-def _load(backend: str):
-    module = importlib.import_module(f"decoding.ops._{backend}.trie_beam_step")
-    return getattr(module, f"trie_beam_step_{backend}")
-
-
-def _triton_usable(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def available_backends(device="cpu") -> list[str]:
-    """Backends that can run on tensors of ``device``."""
-    device = torch.device(device)
-    names = ["torch"]
-    if device.type == "cpu":
-        names.append("cpu")
-    if _triton_usable(device):
-        names.append("triton")
-    return names
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"``: triton for CUDA tensors, cpu for CPU tensors, torch otherwise. An explicit
-    backend that cannot run on ``device`` raises instead of falling back."""
-    check_choice("backend", backend, {"auto", *BACKENDS})
-    if backend == "auto":
-        if device.type == "cuda" and _triton_usable(device):
-            return "triton"
-        return "cpu" if device.type == "cpu" else "torch"
-    if backend not in available_backends(device):
-        why = {
-            "cpu": "the cpu backend runs on CPU tensors only",
-            "triton": "triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU) and the triton package",
-        }[backend]
-        raise ValueError(f"backend: {backend!r} is not available for tensors on {device} ({why})")
-    return backend
 
 
 def max_children_of(trie, beam_nodes: torch.Tensor) -> int:
@@ -88,7 +47,7 @@ def run_trie_beam_step(logits, beam_scores, beam_nodes, trie, num_out, *, normal
             torch.full((B, num_out), float("-inf"), device=dev),
             *(torch.full((B, num_out), -1, dtype=torch.long, device=dev) for _ in range(3)),
         )
-    fn = _load(backend)
+    fn = load_backend("trie_beam_step", backend)
     return BeamStepOutput(*fn(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks,
                               child_bias, max_children, logprob_weight))
 

@@ -1,0 +1,104 @@
+// CPU backend of the speculative verification ops (decoding/ops/verify.py): key membership and
+// relaxed (sampling) verification. Random numbers: Philox-4x32-10 with Triton's counter/key
+// convention, so every backend draws the same numbers for a seed.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "common.h"
+
+namespace decoding {
+
+float philox_uniform(uint64_t seed, uint64_t counter) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(pb);
+    c3 = static_cast<uint32_t>(pa);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return static_cast<float>((c0 >> 9) * 2u + 1u) * (1.0f / 16777216.0f);
+}
+
+void match_keys_cpu(const int64_t* queries, const int64_t* keys, int64_t B, int64_t Q, int64_t N,
+                    int num_threads, int64_t* out) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* k = keys + b * N;
+    for (int64_t q = 0; q < Q; ++q) {
+      const int64_t x = queries[b * Q + q];
+      int64_t found = -1;
+      if (x >= 0) {
+        for (int64_t j = 0; j < N; ++j) {
+          if (k[j] == x) {
+            found = j;
+            break;
+          }
+        }
+      }
+      out[b * Q + q] = found;
+    }
+  }
+}
+
+void verify_relaxed_cpu(const float* p_cand, const float* q_cand, const float* q_draft, const int64_t* draft_cand,
+                        int64_t B, int64_t M, int64_t N, int64_t K, uint64_t seed, uint64_t offset,
+                        int num_threads, int64_t* kept, int64_t* num_accepted) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    const float* p = p_cand + b * M;
+    const float* q = q_cand + b * M;
+    const uint64_t base = offset + static_cast<uint64_t>(b) * static_cast<uint64_t>(N + M);
+    int64_t* out = kept + b * K;
+    std::fill(out, out + K, int64_t{-1});
+    std::vector<char> accepted(M, 0);
+    int64_t n_acc = 0;
+    for (int64_t j = 0; j < N; ++j) {
+      const int64_t c = draft_cand[b * N + j];
+      if (c < 0) continue;
+      const float u = philox_uniform(seed, base + j);
+      if (p[c] > 0.0f && u * q_draft[b * N + j] <= p[c]) {
+        if (n_acc < K) out[n_acc] = c;
+        accepted[c] = 1;
+        ++n_acc;
+      }
+    }
+    num_accepted[b] = n_acc;
+    if (n_acc >= K) continue;
+    std::vector<float> resid(M);
+    double total = 0.0;
+    for (int64_t m = 0; m < M; ++m) {
+      resid[m] = accepted[m] ? 0.0f : std::max(p[m] - q[m], 0.0f);
+      total += resid[m];
+    }
+    if (!(total > 0.0))  // the draft covers p everywhere: draw from p over the rest
+      for (int64_t m = 0; m < M; ++m) resid[m] = accepted[m] ? 0.0f : p[m];
+    // Gumbel top-k: the largest log r - log(-log u) are a draw without replacement from r
+    std::vector<float> key(M);
+    for (int64_t m = 0; m < M; ++m) {
+      const float u = philox_uniform(seed, base + N + m);
+      key[m] = resid[m] > 0.0f ? std::log(resid[m]) - std::log(-std::log(u)) : kNegInf;
+    }
+    std::vector<int64_t> order(M);
+    std::iota(order.begin(), order.end(), 0);
+    const int64_t need = std::min(K - n_acc, M);
+    std::partial_sort(order.begin(), order.begin() + need, order.end(), [&](int64_t a, int64_t c) {
+      return key[a] > key[c] || (key[a] == key[c] && a < c);
+    });
+    for (int64_t t = 0; t < need; ++t) out[n_acc + t] = key[order[t]] > kNegInf ? order[t] : -1;
+  }
+}
+
+}  // namespace decoding

@@ -1,0 +1,53 @@
+"""Backend choice shared by every op: ``torch`` (reference), ``cpu`` (C++), ``triton``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from decoding._validate import check_choice
+
+BACKENDS = ("torch", "cpu", "triton")
+
+
+def load_backend(op: str, backend: str, module: str | None = None):
+    """The implementation ``decoding.ops._<backend>.<module>.<op>_<backend>`` (module defaults
+    to the op's name)."""
+    module = importlib.import_module(f"decoding.ops._{backend}.{module or op}")
+    return getattr(module, f"{op}_{backend}")
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends(device="cpu") -> list[str]:
+    """Backends that can run on tensors of ``device``."""
+    device = torch.device(device)
+    names = ["torch"]
+    if device.type == "cpu":
+        names.append("cpu")
+    if _triton_usable(device):
+        names.append("triton")
+    return names
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"``: triton for CUDA tensors, cpu for CPU tensors, torch otherwise. An explicit
+    backend that cannot run on ``device`` raises instead of falling back."""
+    check_choice("backend", backend, {"auto", *BACKENDS})
+    if backend == "auto":
+        if device.type == "cuda" and _triton_usable(device):
+            return "triton"
+        return "cpu" if device.type == "cpu" else "torch"
+    if backend not in available_backends(device):
+        why = {
+            "cpu": "the cpu backend runs on CPU tensors only",
+            "triton": "triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU) and the triton package",
+        }[backend]
+        raise ValueError(f"backend: {backend!r} is not available for tensors on {device} ({why})")
+    return backend

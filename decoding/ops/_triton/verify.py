@@ -1,0 +1,101 @@
+"""Triton backend of the verification ops.
+
+* ``_match_kernel``: one program per (request, block of queries); the keys are streamed in
+  blocks and the first equal position kept (a min over positions).
+* ``_relaxed_kernel``: one program per request. Acceptance draws for the N drafts, the accepted
+  ones written in draft order; the accepted candidates are marked in a scratch row, then the
+  residual ``max(0, p - q)`` is formed over the M candidates and the missing beams taken by
+  repeated arg-max of Gumbel keys (a draw without replacement). Philox is Triton's own
+  ``tl.randint`` on int64 counters, which the torch and C++ backends reproduce.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _uniform(seed, counter):
+    x = tl.randint(seed, counter)
+    return ((x >> 9).to(tl.float32) * 2.0 + 1.0) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _match_kernel(q_ptr, k_ptr, out_ptr, Q, N, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    qi = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = tl.load(q_ptr + b * Q + qi, mask=qi < Q, other=-1)
+    best = tl.full((BLOCK_Q,), N, dtype=tl.int64)
+    for start in range(0, N, BLOCK_N):
+        kj = start + tl.arange(0, BLOCK_N)
+        k = tl.load(k_ptr + b * N + kj, mask=kj < N, other=-1)
+        eq = (q[:, None] == k[None, :]) & (k[None, :] >= 0) & (q[:, None] >= 0)
+        pos = tl.where(eq, kj[None, :].to(tl.int64), N)
+        best = tl.minimum(best, tl.min(pos, axis=1))
+    tl.store(out_ptr + b * Q + qi, tl.where(best < N, best, -1), mask=qi < Q)
+
+
+def match_keys_triton(queries, keys):
+    B, Q = queries.shape
+    N = keys.shape[1]
+    out = torch.empty((B, Q), dtype=torch.long, device=queries.device)
+    BLOCK_Q, BLOCK_N = 32, max(16, min(128, triton.next_power_of_2(N)))
+    _match_kernel[(B, triton.cdiv(Q, BLOCK_Q))](queries, keys, out, Q, N, BLOCK_Q=BLOCK_Q, BLOCK_N=BLOCK_N)
+    return out
+
+
+@triton.jit
+def _relaxed_kernel(p_ptr, q_ptr, qd_ptr, dc_ptr, mark_ptr, kept_ptr, nacc_ptr, M, N, K, seed, offset,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    base = offset + b.to(tl.int64) * (N + M)
+    # 1. acceptance of the drafts: u * q(y) <= p(y)
+    j = tl.arange(0, BLOCK_N)
+    jm = j < N
+    cand = tl.load(dc_ptr + b * N + j, mask=jm, other=-1)
+    valid = cand >= 0
+    qd = tl.load(qd_ptr + b * N + j, mask=jm, other=0.0)
+    pd = tl.load(p_ptr + b * M + cand, mask=valid, other=0.0)
+    u = _uniform(seed, base + j.to(tl.int64))
+    accept = valid & (pd > 0.0) & (u * qd <= pd)
+    acc_i = accept.to(tl.int32)
+    rank = tl.cumsum(acc_i, axis=0) - 1
+    n_acc = tl.sum(acc_i, axis=0)
+    tl.store(nacc_ptr + b, n_acc.to(tl.int64))
+    tl.store(kept_ptr + b * K + rank, cand, mask=accept & (rank < K))
+    tl.store(mark_ptr + b * M + cand, 1, mask=accept)
+    tl.debug_barrier()  # the marks are read back below by this same program
+    # 2. residual draws for the missing beams
+    need = K - n_acc
+    if need > 0:
+        m = tl.arange(0, BLOCK_M)
+        mm = m < M
+        p = tl.load(p_ptr + b * M + m, mask=mm, other=0.0)
+        q = tl.load(q_ptr + b * M + m, mask=mm, other=0.0)
+        marked = tl.load(mark_ptr + b * M + m, mask=mm, other=1) != 0
+        resid = tl.where(marked, 0.0, tl.maximum(p - q, 0.0))
+        fallback = tl.where(marked, 0.0, p)
+        resid = tl.where(tl.sum(resid, axis=0) > 0.0, resid, fallback)
+        um = _uniform(seed, base + N + m.to(tl.int64))
+        safe = tl.where(resid > 0.0, resid, 1.0)  # no log(0) in lanes the where drops
+        key = tl.where(resid > 0.0, tl.log(safe) - tl.log(-tl.log(um)), float("-inf"))
+        for t in range(0, need):
+            top = tl.max(key, axis=0)
+            arg = tl.argmax(key, axis=0, tie_break_left=True)
+            tl.store(kept_ptr + b * K + n_acc + t, tl.where(top > float("-inf"), arg.to(tl.int64), -1))
+            key = tl.where(m == arg, float("-inf"), key)
+
+
+def verify_relaxed_triton(p_cand, q_cand, q_draft, draft_cand, num_keep, seed, offset):
+    B, M = p_cand.shape
+    N = q_draft.shape[1]
+    device = p_cand.device
+    kept = torch.full((B, num_keep), -1, dtype=torch.long, device=device)
+    num_accepted = torch.empty(B, dtype=torch.long, device=device)
+    mark = torch.zeros((B, max(M, 1)), dtype=torch.int8, device=device)
+    _relaxed_kernel[(B,)](p_cand, q_cand, q_draft, draft_cand, mark, kept, num_accepted, M, N, num_keep, seed,
+                          offset, BLOCK_M=max(16, triton.next_power_of_2(M)),
+                          BLOCK_N=max(16, triton.next_power_of_2(N)))
+    return kept, num_accepted
