@@ -1,6 +1,9 @@
-"""Speculative beam search (strict N-to-K verification) against the target's own beam search."""
+"""Speculative beam search: strict N-to-K verification against the target's own beam search;
+relaxed (sampling) verification against the distribution it claims to sample."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from conftest import SID_VOCAB, TITLE_VOCAB, prompts
 from decoding import ItemTrie, beam_search, speculative_beam_search
 from decoding.bench import models as bm
 from decoding.search.speculative import is_fixed_length
+from test_verify import chi_square_p_value
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +77,7 @@ def test_fixed_length_check(sid_catalog, title_catalog):
     ({"num_drafts": 2}, ValueError, "num_drafts: must be at least"),
     ({"draft_steps": 0}, ValueError, "draft_steps"),
     ({"mode": "fast"}, ValueError, "mode"),
+    ({"mode": "relaxed", "seed": -3}, ValueError, "seed"),
     ({"num_beams": 0}, ValueError, "num_beams"),
 ])
 def test_bad_arguments_are_rejected(sid_catalog, sid_models, kwargs, error, match):
@@ -95,3 +100,108 @@ def test_models_and_catalogs_it_cannot_serve_are_rejected(sid_catalog, sid_model
     with pytest.raises(ValueError, match="target: the tree layout supports decoder-only"):
         speculative_beam_search(sid_models["t5"], sid_models["llama"], ids, mask, trie=trie, num_beams=2,
                                 num_drafts=2, draft_steps=1)
+
+
+# ---------------------------------------------------------------- relaxed mode
+
+def sharp_llama(vocab, seed, scale):
+    """A random Llama whose next-token distributions are far from uniform (scaled output layer),
+    so that a target and a draft sample visibly different items."""
+    model = bm.tiny_llama(vocab, hidden_size=32, layers=1, heads=2, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+def ancestral_distribution(model, prompt, trie, seqs):
+    """Exact probability of each item under trie-constrained ancestral sampling: per level, the
+    model's next-token probabilities renormalised over the node's children (plain forwards)."""
+    probs = torch.zeros(trie.num_items, dtype=torch.float64)
+    indptr, tokens = trie.indptr.tolist(), trie.node_token.tolist()
+    for item in range(trie.num_items):
+        seq = [int(t) for t in seqs[item]]
+        ids = torch.tensor([prompt + seq])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+        node, total = 0, 0.0
+        for level, token in enumerate(seq):
+            kids = list(range(indptr[node] + 1, indptr[node + 1] + 1))
+            lp = logp[len(prompt) - 1 + level]
+            child = next(c for c in kids if tokens[c] == token)
+            total += float(lp[token] - torch.logsumexp(lp[[tokens[c] for c in kids]], 0))
+            node = child
+        probs[item] = math.exp(total)
+    return probs
+
+
+@pytest.mark.parametrize("draft_steps", [1, 3])
+def test_relaxed_one_beam_samples_trie_constrained_ancestral_sampling(draft_steps):
+    """With K = N = 1, relaxed verification is speculative sampling, so the items it returns are
+    distributed exactly as trie-constrained ancestral sampling from the target (chi-square over
+    3,000 requests, seeded). The draft samples a different distribution, and the same test
+    rejects it: the check has power."""
+    vocab = bm.sid_vocab_size(3, 4)
+    seqs = bm.random_semantic_ids(24, levels=3, codes=4, seed=2)
+    trie = ItemTrie.from_sequences(seqs, vocab_size=vocab)
+    target, draft = sharp_llama(vocab, 1, 6.0), sharp_llama(vocab, 2, 6.0)
+    prompt = [1, 5, 9, 4]
+    R = 3000
+    ids = torch.tensor([prompt] * R)
+    got = speculative_beam_search(target, draft, ids, trie=trie, num_beams=1, num_drafts=1, draft_steps=draft_steps,
+                                  mode="relaxed", seed=7)
+    assert 0.05 < got.stats.acceptance_rate < 0.95  # drafts are neither all accepted nor all rejected
+    counts = torch.bincount(got.items[:, 0], minlength=trie.num_items).double()
+    p_target = ancestral_distribution(target, prompt, trie, seqs)
+    p_draft = ancestral_distribution(draft, prompt, trie, seqs)
+    assert chi_square_p_value(counts, p_target) > 1e-3
+    assert chi_square_p_value(counts, p_draft) < 1e-6
+    # scores are the target's log-probabilities of the sampled identifiers (full-vocabulary softmax)
+    item = int(got.items[0, 0])
+    seq = [int(t) for t in seqs[item]]
+    with torch.no_grad():
+        logp = torch.log_softmax(target(torch.tensor([prompt + seq])).logits[0], -1)
+    expect = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(seq))
+    assert abs(float(got.scores[0, 0]) - expect) < 1e-4
+
+
+@pytest.mark.parametrize("num_beams, num_drafts", [(1, 1), (5, 5), (5, 10), (20, 40)])
+def test_relaxed_with_draft_equal_to_target_accepts_every_level(sid_catalog, sid_models, num_beams, num_drafts):
+    _, trie = sid_catalog
+    target = sid_models["llama"]
+    ids, mask = prompts(SID_VOCAB, batch=3, seed=4)
+    got = speculative_beam_search(target, target, ids, mask, trie=trie, num_beams=num_beams, num_drafts=num_drafts,
+                                  draft_steps=3, mode="relaxed", seed=1)
+    assert got.stats.rounds == 1 and got.stats.accepted_levels == [[3, 3, 3]]
+    assert got.stats.acceptance_rate == 1.0 and got.stats.target_forwards == 2
+    assert_valid_sorted_beams(got, trie, num_beams)
+
+
+def assert_valid_sorted_beams(out, trie, K):
+    items = out.items
+    assert (items >= 0).all() and (items < trie.num_items).all()
+    for row in items.tolist():
+        assert len(set(row)) == K
+    assert torch.equal(trie.lookup(out.sequences.reshape(-1, trie.depth)).view(items.shape), items)
+    assert (out.scores.diff(dim=1) <= 0).all()
+
+
+def test_relaxed_is_reproducible_and_valid(sid_catalog, sid_models, drafts):
+    _, trie = sid_catalog
+    target = sid_models["llama"]
+    ids, mask = prompts(SID_VOCAB, batch=4, seed=8)
+    kwargs = dict(trie=trie, num_beams=5, num_drafts=10, draft_steps=2, mode="relaxed")
+    a = speculative_beam_search(target, drafts["small"], ids, mask, seed=11, **kwargs)
+    b = speculative_beam_search(target, drafts["small"], ids, mask, seed=11, **kwargs)
+    c = speculative_beam_search(target, drafts["small"], ids, mask, seed=12, **kwargs)
+    assert torch.equal(a.items, b.items) and torch.equal(a.scores, b.scores)
+    assert not torch.equal(a.items, c.items)
+    assert_valid_sorted_beams(a, trie, 5)
+    torch.manual_seed(0)
+    d = speculative_beam_search(target, drafts["small"], ids, mask, **kwargs)
+    torch.manual_seed(0)
+    e = speculative_beam_search(target, drafts["small"], ids, mask, **kwargs)
+    assert torch.equal(d.items, e.items)
+    # excluded items never come back
+    excl = [a.items[0].tolist(), [], [], []]
+    f = speculative_beam_search(target, drafts["small"], ids, mask, seed=11, exclude_items=excl, **kwargs)
+    assert not set(f.items[0].tolist()) & set(excl[0])

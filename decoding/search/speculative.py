@@ -1,5 +1,5 @@
-"""Speculative beam search with N-to-K verification (AtSpeed's strict mode), batched and
-trie-constrained, on the tree layout (:mod:`decoding.search.tree`).
+"""Speculative beam search with N-to-K verification (AtSpeed's strict and relaxed modes),
+batched and trie-constrained, on the tree layout (:mod:`decoding.search.tree`).
 
 One round, for every request at once:
 
@@ -8,14 +8,15 @@ One round, for every request at once:
    identifier, so that the round's last level is the target's own);
 2. the target runs all drafted levels (plus the previous round's new beams) in one forward over
    the tree;
-3. level by level, the target's exact top-``K`` candidates are computed with ``trie_beam_step``
-   from its own log-probs; a level is accepted iff all of them are among the drafted candidates
-   (same parent, same token); at the first rejected level, or after the last drafted one, the
-   target's top-``K`` become the new beams (one token of the target's own);
+3. level by level, the target verifies the drafted level (ops ``verify_strict`` /
+   ``verify_relaxed``); at the first rejected level, or after the last drafted one, the target's
+   own beams of that level become the new beams (one token of the target's own);
 4. rows no request needs any more are cut from both models' KV caches.
 
-Accepted levels are the target's exact beams, so the result is exactly ``beam_search(target,
-...)`` (strict mode). Row ids are kept identical in the target's and the draft's trees.
+Strict: the target's exact top-``K`` (``trie_beam_step``) must all be among the drafted
+candidates (same parent, same token), so accepted levels are the target's exact beams and the
+result is exactly ``beam_search(target, ...)``. Relaxed: sequence-level speculative sampling
+(see :func:`speculative_beam_search`). Row ids are kept identical in both models' trees.
 
 Only fixed-length identifiers (every item has ``trie.depth`` tokens, no EOS) are supported: with
 EOS-terminated identifiers transformers' beam search keeps ``2K`` candidates and finished
@@ -29,7 +30,9 @@ from dataclasses import dataclass, field
 import torch
 
 from decoding._validate import check_choice, check_positive_int
-from decoding.ops.trie_beam_step import resolve_backend, run_trie_beam_step
+from decoding.ops._backend import resolve_backend
+from decoding.ops.trie_beam_step import run_trie_beam_step
+from decoding.ops.verify import run_match_keys, run_verify_relaxed
 from decoding.search.beam import BeamSearchOutput, validate_prompts
 from decoding.search.model import model_vocab_size
 from decoding.search.tree import TreeModel, _check_decoder_only
@@ -70,7 +73,7 @@ def is_fixed_length(trie) -> bool:
     return trie.eos_token_id is None
 
 
-def _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_drafts, draft_steps, mode):
+def _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_drafts, draft_steps, mode, seed):
     from decoding.trie import ItemTrie
 
     _check_decoder_only(target, "target")
@@ -92,7 +95,9 @@ def _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_dra
         raise ValueError(f"num_beams: {num_beams} is larger than the catalog ({trie.num_items} items)")
     if num_drafts < num_beams:
         raise ValueError(f"num_drafts: must be at least num_beams ({num_beams}), got {num_drafts}")
-    check_choice("mode", mode, {"strict"})
+    check_choice("mode", mode, {"strict", "relaxed"})
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
     if bool((input_ids < 0).any()) or bool((input_ids >= trie.vocab_size).any()):
         raise ValueError(f"input_ids: token ids must be in [0, {trie.vocab_size}) (the trie's vocabulary)")
 
@@ -104,6 +109,133 @@ def _append_token(history: torch.Tensor, parent: torch.Tensor, token: torch.Tens
     out = history.gather(1, parent[..., None].expand(-1, -1, L)).clone()
     col = column.clamp(max=L - 1).view(-1, 1, 1).expand(-1, parent.shape[1], 1)
     return out.scatter_(2, col, token[..., None])
+
+
+class _Round:
+    """Per-round state shared by the draft and verify phases of one mode."""
+
+    def __init__(self, gamma, G, live_depths):
+        self.gamma, self.G, self.live_depths = gamma, G, live_depths
+        self.drafted = []  # per drafted level: dict of rows [B, N], keys [B, N], and mode extras
+
+
+class _Search:
+    """The models, trie and step function of one call, and the two modes' draft/verify phases.
+
+    Candidate keys are ``parent_row * V + token`` (-1 for an empty slot): since row ids are the
+    same in both trees, equal keys mean the same sequence in the target and the draft."""
+
+    def __init__(self, tgt, drf, trie, excluded, backend, stats, K, N, V, generator):
+        self.tgt, self.drf, self.trie, self.excluded, self.backend = tgt, drf, trie, excluded, backend
+        self.stats, self.K, self.N, self.V, self.generator = stats, K, N, V, generator
+
+    def step(self, logits, scores, nodes, levels, width, all_candidates=False):
+        """trie_beam_step at the given per-request depths; ``all_candidates``: every valid child
+        of every beam, best first (``width`` is then the number of beams)."""
+        C = max(self.trie.max_branch_at(d) for d in levels)
+        num_out = width * max(C, 1) if all_candidates else width
+        return run_trie_beam_step(logits, scores, nodes, self.trie, num_out, normalize="full",
+                                  excluded_ranks=self.excluded, child_bias=None, max_children=C,
+                                  backend=self.backend)
+
+    def keys(self, rows, out):
+        """Keys of a step's candidates: parent row (from the beams' ``rows``) * V + token."""
+        valid = out.node >= 0
+        parent_rows = rows.gather(1, out.parent.clamp(min=0))
+        return torch.where(valid, parent_rows * self.V + out.token, -1), parent_rows
+
+    def add_rows(self, parent_rows, tokens, ok):
+        rows = self.drf.add(torch.where(ok, parent_rows, 0), torch.where(ok, tokens, 0))
+        self.tgt.add(torch.where(ok, parent_rows, 0), torch.where(ok, tokens, 0))
+        return rows
+
+    def run_draft(self, n_rows):
+        self.stats.draft_forwards += 1
+        return self.drf.run()[:, -n_rows:]
+
+    # ---- strict: the draft's top-N beams; accept iff the target's top-K were all drafted ----
+    def draft_strict(self, rnd, rows, scores, nodes, logits):
+        for j in range(1, rnd.G + 1):
+            out = self.step(logits, scores, nodes, [d + j - 1 for d in rnd.live_depths], self.N)
+            ok = (out.node >= 0) & (rnd.gamma >= j)[:, None]
+            keys, parent_rows = self.keys(rows, out)
+            rows = self.add_rows(parent_rows, out.token, ok)
+            rnd.drafted.append({"rows": rows, "keys": torch.where(ok, keys, -1)})
+            scores, nodes = torch.where(ok, out.scores, NEG_INF), torch.where(ok, out.node, -1)
+            if j < rnd.G:
+                logits = self.run_draft(self.N)
+
+    def verify_strict(self, rnd, i, rows, scores, nodes, logits, stopped):
+        """Returns the target's beams at this level (``out``, parent index into ``rows``), whether
+        the level is accepted, and where the accepted beams sit among the drafted ones."""
+        out = self.step(logits, scores, nodes, [d + i for d in rnd.live_depths], self.K)
+        if i == rnd.G:
+            return out, torch.zeros_like(stopped), None
+        keys, _ = self.keys(rows, out)
+        index = run_match_keys(keys, rnd.drafted[i]["keys"], self.backend)
+        accept = ((index >= 0) | (keys < 0)).all(dim=1) & ~stopped & (rnd.gamma > i)
+        return out, accept, index
+
+    # ---- relaxed: sampled drafts, acceptance min(1, p/q), residual draws ----
+    def draft_relaxed(self, rnd, rows, scores, nodes, logits):
+        """Per level, N sequences drawn without replacement (Gumbel top-N) from the draft's
+        distribution q over all children of its beams; the first K drawn continue."""
+        for j in range(1, rnd.G + 1):
+            out = self.step(logits, scores, nodes, [d + j - 1 for d in rnd.live_depths], rows.shape[1],
+                            all_candidates=True)
+            cand_keys, parent_rows = self.keys(rows, out)
+            q_all = torch.softmax(out.scores, dim=1).nan_to_num(0.0)  # a row of -inf: no candidate
+            u = torch.rand(out.scores.shape, generator=self.generator, device=out.scores.device)
+            perturbed = out.scores - (-u.clamp(min=1e-30).log()).log()
+            n = min(self.N, out.scores.shape[1])
+            sel = perturbed.topk(n, dim=1).indices  # sorted: the order of the draws
+            ok = (out.scores.gather(1, sel) > NEG_INF) & (rnd.gamma >= j)[:, None]
+            new_rows = self.add_rows(parent_rows.gather(1, sel), out.token.gather(1, sel), ok)
+            keys = torch.where(ok, cand_keys.gather(1, sel), -1)
+            q_draft = torch.where(ok, q_all.gather(1, sel), 0.0)
+            rnd.drafted.append({"rows": new_rows, "keys": keys, "q_draft": q_draft,
+                                "cand_keys": cand_keys, "q_all": q_all})
+            if j < rnd.G:
+                logits = self.run_draft(n)[:, : self.K]
+                rows = new_rows[:, : self.K]
+                scores = torch.where(ok, out.scores.gather(1, sel), NEG_INF)[:, : self.K]
+                nodes = torch.where(ok, out.node.gather(1, sel), -1)[:, : self.K]
+
+    def verify_relaxed(self, rnd, i, rows, scores, nodes, logits, stopped):
+        out = self.step(logits, scores, nodes, [d + i for d in rnd.live_depths], rows.shape[1],
+                        all_candidates=True)
+        keys, _ = self.keys(rows, out)
+        p_all = torch.softmax(out.scores, dim=1).nan_to_num(0.0)
+        B = keys.shape[0]
+        device = keys.device
+        if i < rnd.G:
+            d = rnd.drafted[i]
+            active = ~stopped & (rnd.gamma > i)
+            in_draft = run_match_keys(keys, d["cand_keys"], self.backend)
+            q_cand = torch.where((in_draft >= 0) & active[:, None], d["q_all"].gather(1, in_draft.clamp(min=0)), 0.0)
+            draft_cand = torch.where(active[:, None], run_match_keys(d["keys"], keys, self.backend), -1)
+            q_draft = d["q_draft"]
+        else:  # the round's own target level: K draws from p
+            active = torch.zeros_like(stopped)
+            q_cand = torch.zeros_like(p_all)
+            draft_cand = torch.zeros((B, 0), dtype=torch.long, device=device)
+            q_draft = torch.zeros((B, 0), device=device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=device))
+        res = run_verify_relaxed(p_all, q_cand, q_draft, draft_cand, self.K, seed, 0, self.backend)
+        kept = res.kept.clamp(min=0)
+        alive = res.kept >= 0
+        picked = type(out)(
+            scores=torch.where(alive, out.scores.gather(1, kept), NEG_INF),
+            parent=torch.where(alive, out.parent.gather(1, kept), -1),
+            token=torch.where(alive, out.token.gather(1, kept), -1),
+            node=torch.where(alive, out.node.gather(1, kept), -1),
+        )
+        accept = res.level_accepted & active
+        index = None
+        if i < rnd.G:
+            picked_keys = torch.where(alive, keys.gather(1, kept), -1)
+            index = run_match_keys(picked_keys, rnd.drafted[i]["keys"], self.backend)
+        return picked, accept, index
 
 
 @torch.inference_mode()
@@ -118,24 +250,36 @@ def speculative_beam_search(
     num_drafts: int,
     draft_steps: int,
     mode: str = "strict",
+    seed: int | None = None,
     exclude_items=None,
     backend: str = "auto",
 ) -> SpeculativeOutput:
-    """Top ``num_beams`` catalog items per request, exactly as ``beam_search(target, ...)``, with
-    a draft model proposing ``num_drafts`` beams for ``draft_steps`` levels per round.
+    """Top ``num_beams`` catalog items per request from ``target``, with a draft model proposing
+    ``num_drafts`` beams for ``draft_steps`` levels per round.
 
     Args:
         target, draft: Hugging Face decoder-only models over the same vocabulary.
         input_ids: int64 ``[B, T]`` prompts, left-padded. attention_mask: ``[B, T]`` 0/1 or None.
         trie: :class:`decoding.ItemTrie` of fixed-length identifiers (no EOS).
         num_beams: ``K``. num_drafts: ``N >= K``. draft_steps: ``γ >= 1``.
-        mode: ``"strict"``: the exact target top-K.
+        mode: ``"strict"``: exactly ``beam_search(target, ...)``. ``"relaxed"``: AtSpeed's
+            sampling verification. Both models sample: per level the draft draws ``N``
+            sequences without replacement from its distribution ``q`` over all children of its
+            beams (softmax of cumulative scores), and its first ``K`` draws continue; the target
+            accepts drafted ``y`` with probability ``min(1, p(y)/q(y))``, ``p`` being its own
+            distribution over the children of the beams it kept; the level is accepted when at
+            least ``K`` are (the first ``K`` in draw order are kept), else the missing beams are
+            drawn from ``max(0, p - q)`` and the round ends. The result is a sample, not the
+            top-K: with ``K = N = 1`` it is distributed exactly as trie-constrained ancestral
+            sampling from the target; beams come back sorted by target score.
+        seed: relaxed mode's random stream (None: drawn from torch's global generator, so
+            ``torch.manual_seed`` also reproduces a run). Ignored in strict mode.
         exclude_items, backend: as in :func:`decoding.beam_search`.
     Returns:
-        :class:`SpeculativeOutput`: ``items``, ``scores``, ``sequences`` as ``beam_search``, and
-        ``stats``.
+        :class:`SpeculativeOutput`: ``items``, ``scores`` (the target's cumulative
+        log-probabilities), ``sequences`` as ``beam_search``, and ``stats``.
     """
-    _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_drafts, draft_steps, mode)
+    _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_drafts, draft_steps, mode, seed)
     B, K, N, L = input_ids.shape[0], num_beams, num_drafts, trie.depth
     stats = SpeculativeStats()
     tgt, drf = TreeModel(target), TreeModel(draft)
@@ -145,14 +289,14 @@ def speculative_beam_search(
     stats.draft_forwards += 1
     device = target_level0.device
     trie = trie.to(device)
-    backend = resolve_backend(backend, device)
-    excluded = trie.excluded_ranks(exclude_items, B)
-    V = trie.vocab_size
-
-    def step(logits, scores, nodes, levels, width):
-        C = max(trie.max_branch_at(d) for d in levels)
-        return run_trie_beam_step(logits, scores, nodes, trie, width, normalize="full", excluded_ranks=excluded,
-                                  child_bias=None, max_children=C, backend=backend)
+    generator = None
+    if mode == "relaxed":
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(torch.randint(0, 2**62, (1,))) if seed is None else seed)
+    search = _Search(tgt, drf, trie, trie.excluded_ranks(exclude_items, B), resolve_backend(backend, device),
+                     stats, K, N, trie.vocab_size, generator)
+    draft_phase = search.draft_strict if mode == "strict" else search.draft_relaxed
+    verify_phase = search.verify_strict if mode == "strict" else search.verify_relaxed
 
     # current beams: rows (identical ids in both trees), target scores, trie nodes, tokens
     beam_rows = torch.zeros((B, 1), dtype=torch.long, device=device)
@@ -169,82 +313,59 @@ def speculative_beam_search(
     while not bool(done.all()):
         stats.rounds += 1
         gamma = torch.where(done, 0, (L - 1 - depth).clamp(min=0).clamp(max=draft_steps))
-        G = int(gamma.max())
-        live_depths = depth[~done].tolist()
+        rnd = _Round(gamma, int(gamma.max()), depth[~done].tolist())
         if pending_beams:  # the draft's log-probs at the current beams
-            draft_level0 = drf.run()[:, -pending_beams:]
-            stats.draft_forwards += 1
+            draft_level0 = search.run_draft(pending_beams)
 
-        # 1. draft G levels of N beams (rows added to both trees)
-        drafted = []  # per level: rows, parent rows, keys (parent_row * V + token, -1 if not drafted)
-        d_rows, d_scores, d_nodes, d_logits = beam_rows, beam_scores, beam_nodes, draft_level0
-        for j in range(1, G + 1):
-            out = step(d_logits, d_scores, d_nodes, [d + j - 1 for d in live_depths], N)
-            ok = (out.node >= 0) & (gamma >= j)[:, None]
-            parent_rows = torch.where(ok, d_rows.gather(1, out.parent.clamp(min=0)), 0)
-            tokens = torch.where(ok, out.token, 0)
-            rows = drf.add(parent_rows, tokens)
-            tgt.add(parent_rows, tokens)
-            drafted.append((rows, torch.where(ok, parent_rows * V + tokens, -1)))
-            d_rows, d_scores = rows, torch.where(ok, out.scores, NEG_INF)
-            d_nodes = torch.where(ok, out.node, -1)
-            if j < G:
-                d_logits = drf.run()[:, -N:]
-                stats.draft_forwards += 1
+        # 1. draft G levels (rows added to both trees)
+        draft_phase(rnd, beam_rows, beam_scores, beam_nodes, draft_level0)
 
         # 2. one target forward over the new beams and every drafted level
         level_logits = [target_level0] if not pending_beams else []
-        if pending_beams or G:
+        if pending_beams or rnd.G:
             logits = tgt.run()
             stats.target_forwards += 1
             if pending_beams:
                 level_logits.append(logits[:, :pending_beams])
-            for j in range(G):
-                start = pending_beams + j * N
-                level_logits.append(logits[:, start: start + N])
+            start = pending_beams
+            for level in rnd.drafted:
+                width = level["rows"].shape[1]
+                level_logits.append(logits[:, start: start + width])
+                start += width
 
-        # 3. verify level by level: accept while the target's top-K were all drafted
+        # 3. verify level by level; at the first rejected level (or after the last drafted one)
+        #    the target's own beams of that level become the new beams
         p_rows, p_scores, p_nodes, p_tokens = beam_rows, beam_scores, beam_nodes, beam_tokens
         p_logits = level_logits[0]
         stopped = done.clone()
         accepted = torch.zeros(B, dtype=torch.long, device=device)
         new = {}
-        for i in range(G + 1):
-            out = step(p_logits, p_scores, p_nodes, [d + i for d in live_depths], K)
+        for i in range(rnd.G + 1):
+            out, accept, index = verify_phase(rnd, i, p_rows, p_scores, p_nodes, p_logits, stopped)
             valid = out.node >= 0
             parent = out.parent.clamp(min=0)
-            cand_rows = p_rows.gather(1, parent)
-            cand_tokens = _append_token(p_tokens, parent, out.token.clamp(min=0), depth + i)
-            if i < G:
-                rows, keys = drafted[i]
-                match = (cand_rows * V + out.token)[:, :, None] == keys[:, None, :]
-                hit = match.any(-1) | ~valid
-                accept = hit.all(-1) & ~stopped & (gamma > i)
-            else:
-                accept = torch.zeros_like(stopped)
+            cand = {"parent_rows": p_rows.gather(1, parent), "tokens": out.token.clamp(min=0),
+                    "scores": out.scores, "nodes": out.node,
+                    "history": _append_token(p_tokens, parent, out.token.clamp(min=0), depth + i)}
             stop_now = ~stopped & ~accept
             if i == 0:
-                new = {"parent_rows": cand_rows, "tokens": out.token.clamp(min=0), "scores": out.scores,
-                       "nodes": out.node, "history": cand_tokens}
+                new = cand
             else:
-                sel = stop_now[:, None]
-                new["parent_rows"] = torch.where(sel, cand_rows, new["parent_rows"])
-                new["tokens"] = torch.where(sel, out.token.clamp(min=0), new["tokens"])
-                new["scores"] = torch.where(sel, out.scores, new["scores"])
-                new["nodes"] = torch.where(sel, out.node, new["nodes"])
-                new["history"] = torch.where(sel[..., None], cand_tokens, new["history"])
+                for name, value in cand.items():
+                    sel = stop_now.view(-1, *([1] * (value.dim() - 1)))
+                    new[name] = torch.where(sel, value, new[name])
             accepted = torch.where(stop_now, i, accepted)
             stopped |= stop_now
-            if i == G or bool(stopped.all()):
+            if i == rnd.G or bool(stopped.all()):
                 break
             # accepted requests continue from the matched drafted rows
-            index = match.float().argmax(-1)  # position among the level's N drafted rows
+            index = index.clamp(min=0)  # position among the level's drafted rows
             a = accept[:, None]
-            p_rows = torch.where(a, rows.gather(1, index), 0)
+            p_rows = torch.where(a, rnd.drafted[i]["rows"].gather(1, index), 0)
             p_scores = torch.where(a & valid, out.scores, NEG_INF)
             p_nodes = torch.where(a & valid, out.node, -1)
-            p_tokens = cand_tokens
-            p_logits = level_logits[i + 1].gather(1, index[..., None].expand(-1, -1, V))
+            p_tokens = cand["history"]
+            p_logits = level_logits[i + 1].gather(1, index[..., None].expand(-1, -1, search.V))
 
         stats.accepted_levels.append(torch.where(done, -1, accepted).tolist())
         stats.drafted_levels.append(torch.where(done, -1, gamma).tolist())
@@ -265,15 +386,16 @@ def speculative_beam_search(
         needed = int(torch.where(live, new["parent_rows"], 0).max()) + 1
         tgt.truncate(needed)
         drf.truncate(needed)
-        parent_rows = torch.where(live, new["parent_rows"], 0)
-        tokens = torch.where(live, new["tokens"], 0)
-        beam_rows = tgt.add(parent_rows, tokens)
-        drf.add(parent_rows, tokens)
+        beam_rows = search.add_rows(new["parent_rows"], new["tokens"], live.expand(-1, K))
         beam_scores = torch.where(live, new["scores"], NEG_INF)
         beam_nodes = torch.where(live, new["nodes"], -1)
         beam_tokens = new["history"]
         pending_beams = K
 
+    if mode == "relaxed":  # sampled beams come in draw order
+        order = out_scores.sort(dim=1, descending=True, stable=True).indices
+        out_scores, out_items = out_scores.gather(1, order), out_items.gather(1, order)
+        out_tokens = out_tokens.gather(1, order[..., None].expand(-1, -1, L))
     out_items = torch.where(out_scores > NEG_INF, out_items, -1)
     out_tokens = torch.where((out_scores > NEG_INF)[..., None], out_tokens, -1)
     return SpeculativeOutput(items=out_items, scores=out_scores, sequences=out_tokens, stats=stats)
