@@ -57,7 +57,8 @@ def test_benchmark_suites_smoke_run():
 
 
 def test_cli_speculative_small_run(tmp_path, capsys):
-    """decoding-bench --decoder speculative: target-only vs strict speculation, exact items, stats."""
+    """decoding-bench --decoder speculative: target-only vs strict (exact items) and relaxed
+    (valid items, sampled) speculation, with stats."""
     rc = main(["--decoder", "speculative", "--items", "3000", "--batch", "3", "--beams", "4", "--prompt-len", "12",
                "--hidden", "32", "--layers", "2", "--heads", "2", "--repeats", "1", "--align-steps", "2",
                "--out", str(tmp_path)])
@@ -65,9 +66,16 @@ def test_cli_speculative_small_run(tmp_path, capsys):
     res = json.loads((tmp_path / "results.json").read_text())["results"][0]
     assert res["suite"] == "speculative" and res["config"]["drafts"] == 8
     by_name = {m["method"]: m for m in res["methods"]}
+    assert len(by_name) == 6
     for name, m in by_name.items():
-        assert m["same_items_as_target"] == 1.0, name
+        assert m["invalid_item_rate"] == 0.0, name
+        if "relaxed" not in name:
+            assert m["same_items_as_target"] == 1.0 and m["recall_of_target_top_k"] == 1.0, name
+        assert 0.0 <= m["recall_of_target_top_k"] <= 1.0
     spec = by_name["speculative strict, draft aligned by strict loss"]
     assert spec["rounds"] >= 1 and 0.0 <= spec["acceptance_rate"] <= 1.0 and spec["target_forwards"] >= 2
     assert res["alignment_loss"]["after"] <= res["alignment_loss"]["before"] + 1e-6
-    assert "Speculative beam search (strict)" in capsys.readouterr().out
+    relaxed = by_name["speculative relaxed, draft aligned by relaxed loss"]
+    assert relaxed["rounds"] >= 1 and relaxed["target_forwards"] >= 2
+    assert res["relaxed_alignment_loss"]["after"] <= res["relaxed_alignment_loss"]["before"] + 1e-6
+    assert "Speculative beam search (strict and relaxed)" in capsys.readouterr().out
