@@ -109,6 +109,20 @@ void verify_relaxed(CArray<float> p_cand, CArray<float> q_cand, CArray<float> q_
   decoding::verify_relaxed_cpu(pp, qp, qd, dc, B, M, N, K, seed, offset, num_threads, kp, np_);
 }
 
+void tree_attention(CArray<float> query, CArray<float> key, CArray<float> value, CArray<bool> prefix_valid,
+                    CArray<bool> tree_visible, int64_t B, int64_t H, int64_t Hkv, int64_t M, int64_t S, int64_t D,
+                    int64_t P, double scale, int num_threads, CArray<float> out, CArray<float> lse) {
+  const float* q = query.data();
+  const float* k = key.data();
+  const float* v = value.data();
+  const bool* pv = prefix_valid.data();
+  const bool* tv = tree_visible.data();
+  float* o = out.mutable_data();
+  float* l = lse.mutable_data();
+  py::gil_scoped_release release;
+  decoding::tree_attention_cpu(q, k, v, pv, tv, B, H, Hkv, M, S, D, P, static_cast<float>(scale), num_threads, o, l);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -118,5 +132,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("trie_beam_step", &trie_beam_step);
   m.def("match_keys", &match_keys);
   m.def("verify_relaxed", &verify_relaxed);
+  m.def("tree_attention", &tree_attention);
   m.def("philox_uniform", &decoding::philox_uniform, py::arg("seed"), py::arg("counter"));
 }

@@ -59,4 +59,9 @@ void verify_relaxed_cpu(const float* p_cand, const float* q_cand, const float* q
                         int64_t B, int64_t M, int64_t N, int64_t K, uint64_t seed, uint64_t offset,
                         int num_threads, int64_t* kept, int64_t* num_accepted);
 
+// Tree attention (csrc/tree_attention.cpp); shapes as in decoding/ops/tree_attention.py.
+void tree_attention_cpu(const float* query, const float* key, const float* value, const bool* prefix_valid,
+                        const bool* tree_visible, int64_t B, int64_t H, int64_t Hkv, int64_t M, int64_t S, int64_t D,
+                        int64_t P, float scale, int num_threads, float* out, float* lse);
+
 }  // namespace decoding

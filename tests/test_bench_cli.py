@@ -66,7 +66,7 @@ def test_cli_speculative_small_run(tmp_path, capsys):
     res = json.loads((tmp_path / "results.json").read_text())["results"][0]
     assert res["suite"] == "speculative" and res["config"]["drafts"] == 8
     by_name = {m["method"]: m for m in res["methods"]}
-    assert len(by_name) == 6
+    assert len(by_name) == 7
     for name, m in by_name.items():
         assert m["invalid_item_rate"] == 0.0, name
         if "relaxed" not in name:

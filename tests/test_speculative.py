@@ -43,6 +43,20 @@ def test_strict_mode_equals_target_beam_search(sid_catalog, sid_models, drafts, 
             assert sum(r[b] + 1 for r in s.accepted_levels if r[b] >= 0) == trie.depth
 
 
+@pytest.mark.parametrize("mode", ["strict", "relaxed"])
+def test_tree_attention_op_gives_the_same_results(sid_catalog, sid_models, drafts, mode):
+    """Both models on decoding.ops.tree_attention instead of their own attention: same beams."""
+    _, trie = sid_catalog
+    target = sid_models["llama"]
+    ids, mask = prompts(SID_VOCAB, batch=3, seed=6)
+    kwargs = dict(trie=trie, num_beams=5, num_drafts=10, draft_steps=3, mode=mode, seed=4)
+    ref = speculative_beam_search(target, drafts["other"], ids, mask, **kwargs)
+    got = speculative_beam_search(target, drafts["other"], ids, mask, tree_attention="op", **kwargs)
+    assert torch.equal(got.items, ref.items)
+    assert torch.allclose(got.scores, ref.scores, atol=1e-4)
+    assert got.stats.accepted_levels == ref.stats.accepted_levels
+
+
 def test_draft_equal_to_target_accepts_and_saves_target_forwards(sid_catalog, sid_models):
     _, trie = sid_catalog
     target = sid_models["llama"]

@@ -9,6 +9,7 @@ import torch
 from conftest import SID_VOCAB, TITLE_VOCAB, prompts
 from decoding import beam_search
 from decoding.bench import models as bm
+from decoding.ops import available_backends
 from decoding.search.tree import TreeModel
 
 
@@ -26,17 +27,40 @@ def test_tree_layout_equals_default_layout(catalog, num_beams, sid_catalog, sid_
     assert torch.allclose(got.scores, ref.scores, atol=1e-4)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_tree_rows_see_prompt_ancestors_and_self_only(attn):
+@pytest.mark.parametrize("num_beams", [1, 5, 20])
+@pytest.mark.parametrize("catalog", ["sid", "title"])
+def test_tree_attention_op_equals_default_layout(catalog, num_beams, sid_catalog, sid_models, title_catalog,
+                                                 title_models):
+    """beam_search(layout="tree", tree_attention="op"): the model's attention replaced by
+    decoding.ops.tree_attention (C++ backend here) gives the default layout's results."""
+    (_, trie), models, vocab = ((sid_catalog, sid_models, SID_VOCAB) if catalog == "sid"
+                                else (title_catalog, title_models, TITLE_VOCAB))
+    model = models["llama"]
+    ids, mask = prompts(vocab, batch=4, seed=num_beams)
+    ref = beam_search(model, ids, mask, trie=trie, num_beams=num_beams)
+    got = beam_search(model, ids, mask, trie=trie, num_beams=num_beams, layout="tree", tree_attention="op")
+    assert torch.equal(got.items, ref.items)
+    assert torch.equal(got.sequences, ref.sequences)
+    assert torch.allclose(got.scores, ref.scores, atol=1e-4)
+    assert model.config._attn_implementation != "decoding_tree"  # restored after each forward
+
+
+OP_BACKENDS = [("op", b) for b in available_backends("cpu")]
+
+
+@pytest.mark.parametrize("attn, op_backend", [("eager", None), ("sdpa", None), *OP_BACKENDS])
+def test_tree_rows_see_prompt_ancestors_and_self_only(attn, op_backend):
     """Each row's logits equal a plain forward of prompt + its own path, under both attention
-    implementations, whatever else is in the tree (siblings, cousins, dead rows)."""
+    implementations and under the tree attention op (every backend), whatever else is in the
+    tree (siblings, cousins, dead rows)."""
     from transformers import AutoModelForCausalLM
 
     model = bm.tiny_llama(50, hidden_size=32, layers=2, heads=2, seed=7)
-    model = AutoModelForCausalLM.from_config(model.config, attn_implementation=attn).eval()
+    model = AutoModelForCausalLM.from_config(model.config, attn_implementation="sdpa" if attn == "op" else attn).eval()
     torch.manual_seed(0)
     ids, mask = bm.left_padded_prompts(3, 50, 2, 6, seed=3)
-    tree = TreeModel(model)
+    tree = TreeModel(model, attention="model") if op_backend is None else TreeModel(model, attention="op",
+                                                                                     backend=op_backend)
     tree.prefill(ids, mask)
     # level 1: 3 rows under the prompt; level 2: rows under level-1 rows 2, 1, 2 and one dead row
     lvl1 = tree.add(torch.zeros((3, 3), dtype=torch.long), torch.randint(3, 50, (3, 3)))
@@ -89,3 +113,21 @@ def test_tree_layout_rejects_models_it_cannot_run(sid_catalog, sid_models):
         tree = TreeModel(sid_models["llama"])
         tree.prefill(ids, mask)
         tree.add(torch.full((2, 1), 5), torch.ones((2, 1), dtype=torch.long))
+
+
+def test_tree_attention_op_rejects_what_it_cannot_run(sid_catalog):
+    """Sliding-window models and bad arguments get clear errors, not a silent fallback."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, trie = sid_catalog
+    config = MistralConfig(vocab_size=SID_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, sliding_window=4)
+    model = MistralForCausalLM(config).eval()
+    ids, mask = prompts(SID_VOCAB, batch=2)
+    with pytest.raises(NotImplementedError, match="sliding windows"):
+        beam_search(model, ids, mask, trie=trie, num_beams=2, layout="tree", tree_attention="op")
+    assert model.config._attn_implementation != "decoding_tree"
+    with pytest.raises(ValueError, match="tree_attention"):
+        beam_search(model, ids, mask, trie=trie, num_beams=2, tree_attention="op")
+    with pytest.raises(ValueError, match="tree_attention"):
+        beam_search(model, ids, mask, trie=trie, num_beams=2, layout="tree", tree_attention="fast")

@@ -73,6 +73,10 @@ def run_speculative(args, device, timed, log) -> dict:
     def target_tree():
         return beam_search(target, ids, mask, trie=trie, num_beams=K, backend=args.backend, layout="tree")
 
+    def target_tree_op():
+        return beam_search(target, ids, mask, trie=trie, num_beams=K, backend=args.backend, layout="tree",
+                           tree_attention="op")
+
     def spec(draft, mode):
         return lambda: speculative_beam_search(target, draft, ids, mask, trie=trie, num_beams=K, num_drafts=N,
                                                draft_steps=args.draft_steps, mode=mode, seed=args.seed,
@@ -82,6 +86,8 @@ def run_speculative(args, device, timed, log) -> dict:
     methods = [("target beam_search (default layout)", base_s, base_runs, ref, None)]
     t, runs, out = timed(target_tree, device, args.repeats, "target beam_search, tree layout")
     methods.append(("target beam_search (tree layout)", t, runs, out, None))
+    t, runs, out = timed(target_tree_op, device, args.repeats, "target beam_search, tree layout, tree attention op")
+    methods.append(("target beam_search (tree layout, tree_attention op)", t, runs, out, None))
     for name, draft, mode in (("speculative strict, first-layers draft", raw, "strict"),
                               ("speculative strict, draft aligned by strict loss", aligned, "strict"),
                               ("speculative relaxed, first-layers draft", raw, "relaxed"),

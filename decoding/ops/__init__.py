@@ -2,9 +2,10 @@
 
 from decoding.ops._backend import available_backends
 from decoding.ops.trie_beam_step import BeamStepOutput, trie_beam_step
+from decoding.ops.tree_attention import TreeAttentionOutput, tree_attention
 from decoding.ops.verify import RelaxedVerifyOutput, match_keys, philox_uniform, verify_relaxed, verify_strict
 
 __all__ = [
     "BeamStepOutput", "RelaxedVerifyOutput", "available_backends", "match_keys", "philox_uniform",
-    "trie_beam_step", "verify_relaxed", "verify_strict",
+    "TreeAttentionOutput", "tree_attention", "trie_beam_step", "verify_relaxed", "verify_strict",
 ]

@@ -127,6 +127,7 @@ def beam_search(
     assistant_weight: float = 0.0,
     backend: str = "auto",
     layout: str = "default",
+    tree_attention: str = "model",
 ) -> BeamSearchOutput:
     """Trie-constrained beam search: the top ``num_beams`` catalog items for each request.
 
@@ -150,14 +151,20 @@ def beam_search(
             generated positions) or ``"tree"`` (Hugging Face decoder-only models: the beams of a
             request are one flattened sequence after the prompt, with a tree mask; see
             :mod:`decoding.search.tree`). Both give the same results.
+        tree_attention: with ``layout="tree"``, how the tree rows attend: ``"model"`` (the
+            model's own attention with a 4-D mask) or ``"op"`` (:func:`decoding.ops.tree_attention`,
+            on ``backend``). Same results.
     """
     _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normalize, assistant_logprobs,
               assistant_weight)
     check_choice("layout", layout, {"default", "tree"})
+    check_choice("tree_attention", tree_attention, {"model", "op"})
+    if layout != "tree" and tree_attention != "model":
+        raise ValueError("tree_attention: 'op' needs layout='tree'")
     if layout == "tree":
         from decoding.search.tree import TreeBeamModel
 
-        beam_model = TreeBeamModel(model)
+        beam_model = TreeBeamModel(model, attention=tree_attention, backend=backend)
     else:
         beam_model = as_beam_model(model)
     vocab = model_vocab_size(model)

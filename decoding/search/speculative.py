@@ -253,6 +253,7 @@ def speculative_beam_search(
     seed: int | None = None,
     exclude_items=None,
     backend: str = "auto",
+    tree_attention: str = "model",
 ) -> SpeculativeOutput:
     """Top ``num_beams`` catalog items per request from ``target``, with a draft model proposing
     ``num_drafts`` beams for ``draft_steps`` levels per round.
@@ -275,6 +276,8 @@ def speculative_beam_search(
         seed: relaxed mode's random stream (None: drawn from torch's global generator, so
             ``torch.manual_seed`` also reproduces a run). Ignored in strict mode.
         exclude_items, backend: as in :func:`decoding.beam_search`.
+        tree_attention: ``"model"`` or ``"op"``, as in ``beam_search(..., layout="tree")``, for
+            both models.
     Returns:
         :class:`SpeculativeOutput`: ``items``, ``scores`` (the target's cumulative
         log-probabilities), ``sequences`` as ``beam_search``, and ``stats``.
@@ -282,7 +285,8 @@ def speculative_beam_search(
     _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_drafts, draft_steps, mode, seed)
     B, K, N, L = input_ids.shape[0], num_beams, num_drafts, trie.depth
     stats = SpeculativeStats()
-    tgt, drf = TreeModel(target), TreeModel(draft)
+    tgt = TreeModel(target, attention=tree_attention, backend=backend)
+    drf = TreeModel(draft, attention=tree_attention, backend=backend)
     target_level0 = tgt.prefill(input_ids, attention_mask)[:, None, :]  # [B, 1, V]
     draft_level0 = drf.prefill(input_ids, attention_mask)[:, None, :]
     stats.target_forwards += 1

@@ -9,13 +9,68 @@ beams stay in the cache, masked out, until :meth:`TreeModel.truncate` cuts them 
 Row 0 stands for the prompt's last token (depth 0); tree row ``r >= 1`` sits at cache position
 ``T + r - 1``. All requests of a batch have the same number of rows, so the cache stays
 rectangular; rows a request does not need are added as dead rows (parent 0, ignored).
+
+Attention of the tree rows (``attention=``): ``"model"`` runs the model's own attention
+implementation with the 4-D mask; ``"op"`` routes it, through transformers' attention
+interface, to :func:`decoding.ops.tree_attention` (prompt part and tree part merged by
+log-sum-exp, no dense mask over the prompt; Triton on CUDA, C++ on CPU). The prompt's prefill
+always runs the model's own attention.
 """
 
 from __future__ import annotations
 
+import contextvars
+import math
+from dataclasses import dataclass
+
 import torch
 
+from decoding._validate import check_choice
+from decoding.ops._backend import resolve_backend
+from decoding.ops.tree_attention import run_tree_attention
 from decoding.search.model import model_vocab_size
+
+TREE_ATTENTION = "decoding_tree"
+ATTENTION_MODES = ("model", "op")
+
+
+@dataclass
+class _TreeAttentionContext:
+    prefix_len: int
+    prefix_valid: torch.Tensor  # [B, P] bool
+    tree_visible: torch.Tensor  # [B, M, R] bool
+    backend: str
+    calls: int = 0
+
+
+_active_context: contextvars.ContextVar = contextvars.ContextVar("decoding_tree_attention", default=None)
+
+
+def tree_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function (``AttentionInterface``) for the tree rows of
+    :meth:`TreeModel.run`: query ``[B, H, M, D]``, key/value ``[B, Hkv, P + R, D]`` (the cache
+    after this step's update); returns ``([B, M, H, D], None)``. The 4-D mask is not read: the
+    prompt padding and the tree visibility come from the running :class:`TreeModel`."""
+    ctx = _active_context.get()
+    if ctx is None:
+        raise RuntimeError(f"attention implementation {TREE_ATTENTION!r} runs only inside TreeModel.run")
+    if (getattr(module, "sliding_window", None) or kwargs.get("sliding_window") or kwargs.get("softcap")
+            or getattr(module, "sinks", None) is not None):
+        raise NotImplementedError("tree attention op: sliding windows, soft-capping and attention sinks are not "
+                                  "supported; use TreeModel(model, attention='model')")
+    if dropout and module.training:
+        raise NotImplementedError("tree attention op: attention dropout is not supported (inference only)")
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    out, _ = run_tree_attention(query, key, value, ctx.prefix_len, ctx.prefix_valid, ctx.tree_visible, float(scale),
+                                ctx.backend)
+    ctx.calls += 1
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_tree_attention():
+    from transformers import AttentionInterface  # lazy: kernels never import transformers
+
+    AttentionInterface.register(TREE_ATTENTION, tree_attention_forward)
 
 
 def _check_decoder_only(model, arg: str = "model"):
@@ -34,10 +89,15 @@ class TreeModel:
     drops rows (and their KV) past a given count.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, attention: str = "model", backend: str = "auto"):
         _check_decoder_only(model)
+        check_choice("attention", attention, set(ATTENTION_MODES))
         self.model = model
         self.vocab_size = model_vocab_size(model)
+        self.attention = attention
+        self.backend = resolve_backend(backend, self.device) if attention == "op" else None
+        if attention == "op":
+            _register_tree_attention()
 
     @property
     def device(self) -> torch.device:
@@ -102,11 +162,37 @@ class TreeModel:
         mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
         position_ids = self._last_prompt_pos[:, None] + self._depth[:, start:end]
         assert self._cache.get_seq_length() == cached
-        out = self.model(input_ids=self._tokens[:, start:end].clamp(min=0), attention_mask=mask,
-                         position_ids=position_ids, past_key_values=self._cache, use_cache=True, return_dict=True)
+        kwargs = dict(input_ids=self._tokens[:, start:end].clamp(min=0), attention_mask=mask,
+                      position_ids=position_ids, past_key_values=self._cache, use_cache=True, return_dict=True)
+        if self.attention == "op":
+            out = self._run_with_op(start, end, kwargs)
+        else:
+            out = self.model(**kwargs)
         self._cache = out.past_key_values
         self._computed = end
         return out.logits
+
+    def _run_with_op(self, start, end, kwargs):
+        """The forward with the model's attention switched to the tree attention op for this
+        call only (restored afterwards, also on error)."""
+        P = self._prompt_len
+        ctx = _TreeAttentionContext(prefix_len=P, prefix_valid=self._visible[:, 0, :P].contiguous(),
+                                    tree_visible=self._visible[:, start:end, P: P + end - 1].contiguous(),
+                                    backend=self.backend)
+        config = self.model.config
+        previous = config._attn_implementation
+        token = _active_context.set(ctx)
+        config._attn_implementation = TREE_ATTENTION
+        try:
+            out = self.model(**kwargs)
+        finally:
+            config._attn_implementation = previous
+            _active_context.reset(token)
+        if ctx.calls == 0:
+            raise RuntimeError(f"attention: {type(self.model).__name__} does not route attention through "
+                               "transformers' AttentionInterface, so the tree attention op cannot run; "
+                               "use attention='model'")
+        return out
 
     def truncate(self, num_rows: int) -> None:
         """Keep the first ``num_rows`` rows (row 0 included) and their KV; drop the rest."""
@@ -129,8 +215,8 @@ class TreeBeamModel:
     layout="tree")``): each step appends the new beams' tokens as rows under their parents' rows
     and runs them in one forward; the prompt KV is stored once per request."""
 
-    def __init__(self, model):
-        self.tree = TreeModel(model)
+    def __init__(self, model, attention: str = "model", backend: str = "auto"):
+        self.tree = TreeModel(model, attention=attention, backend=backend)
         self.model = model
         self.vocab_size = self.tree.vocab_size
 
