@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -33,21 +34,38 @@ float philox_uniform(uint64_t seed, uint64_t counter) {
 
 void match_keys_cpu(const int64_t* queries, const int64_t* keys, int64_t B, int64_t Q, int64_t N,
                     int num_threads, int64_t* out) {
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t* k = keys + b * N;
-    for (int64_t q = 0; q < Q; ++q) {
-      const int64_t x = queries[b * Q + q];
-      int64_t found = -1;
-      if (x >= 0) {
-        for (int64_t j = 0; j < N; ++j) {
-          if (k[j] == x) {
-            found = j;
-            break;
-          }
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<std::pair<int64_t, int64_t>> sorted;  // (key, position), for long key rows
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t* k = keys + b * N;
+      const int64_t* q = queries + b * Q;
+      int64_t* o = out + b * Q;
+      if (Q * N <= 4096) {  // small: a scan is cheaper than sorting
+        for (int64_t i = 0; i < Q; ++i) {
+          int64_t found = -1;
+          if (q[i] >= 0)
+            for (int64_t j = 0; j < N; ++j)
+              if (k[j] == q[i]) {
+                found = j;
+                break;
+              }
+          o[i] = found;
         }
+        continue;
       }
-      out[b * Q + q] = found;
+      // sorted by (key, position): lower_bound finds the first position of an equal key
+      sorted.clear();
+      for (int64_t j = 0; j < N; ++j)
+        if (k[j] >= 0) sorted.emplace_back(k[j], j);
+      std::sort(sorted.begin(), sorted.end());
+      for (int64_t i = 0; i < Q; ++i) {
+        o[i] = -1;
+        if (q[i] < 0) continue;
+        auto it = std::lower_bound(sorted.begin(), sorted.end(), std::make_pair(q[i], int64_t{-1}));
+        if (it != sorted.end() && it->first == q[i]) o[i] = it->second;
+      }
     }
   }
 }

@@ -46,7 +46,7 @@ def match_python(queries, keys):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("B,Q,N", [(3, 5, 7), (2, 40, 150), (1, 1, 1), (4, 33, 0), (2, 0, 5)])
+@pytest.mark.parametrize("B,Q,N", [(3, 5, 7), (2, 40, 150), (2, 300, 400), (1, 1, 1), (4, 33, 0), (2, 0, 5)])
 def test_match_keys_equals_python(backend, B, Q, N):
     g = torch.Generator().manual_seed(B * 100 + Q + N)
     keys = torch.randint(-1, 30, (B, N), generator=g)
