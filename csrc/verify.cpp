@@ -95,27 +95,26 @@ void verify_relaxed_cpu(const float* p_cand, const float* q_cand, const float* q
     }
     num_accepted[b] = n_acc;
     if (n_acc >= K) continue;
-    std::vector<float> resid(M);
-    double total = 0.0;
+    // draws come from the residual first; once its support is used up (or it is zero), from p
+    // over the candidates left, so K beams are returned whenever K candidates have p > 0
+    std::vector<std::pair<float, int64_t>> first, second;  // (Gumbel key, candidate)
     for (int64_t m = 0; m < M; ++m) {
-      resid[m] = accepted[m] ? 0.0f : std::max(p[m] - q[m], 0.0f);
-      total += resid[m];
+      if (accepted[m]) continue;
+      const float r = std::max(p[m] - q[m], 0.0f);
+      const float gumbel = -std::log(-std::log(philox_uniform(seed, base + N + m)));
+      if (r > 0.0f) first.emplace_back(std::log(std::max(r, 1e-38f)) + gumbel, m);
+      else if (p[m] > 0.0f) second.emplace_back(std::log(std::max(p[m], 1e-38f)) + gumbel, m);
     }
-    if (!(total > 0.0))  // the draft covers p everywhere: draw from p over the rest
-      for (int64_t m = 0; m < M; ++m) resid[m] = accepted[m] ? 0.0f : p[m];
-    // Gumbel top-k: the largest log r - log(-log u) are a draw without replacement from r
-    std::vector<float> key(M);
-    for (int64_t m = 0; m < M; ++m) {
-      const float u = philox_uniform(seed, base + N + m);
-      key[m] = resid[m] > 0.0f ? std::log(resid[m]) - std::log(-std::log(u)) : kNegInf;
+    auto by_key = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    int64_t need = K - n_acc;
+    for (auto* tier : {&first, &second}) {
+      const int64_t take = std::min<int64_t>(need, static_cast<int64_t>(tier->size()));
+      std::partial_sort(tier->begin(), tier->begin() + take, tier->end(), by_key);
+      for (int64_t t = 0; t < take; ++t) out[K - need + t] = (*tier)[t].second;
+      need -= take;
     }
-    std::vector<int64_t> order(M);
-    std::iota(order.begin(), order.end(), 0);
-    const int64_t need = std::min(K - n_acc, M);
-    std::partial_sort(order.begin(), order.begin() + need, order.end(), [&](int64_t a, int64_t c) {
-      return key[a] > key[c] || (key[a] == key[c] && a < c);
-    });
-    for (int64_t t = 0; t < need; ++t) out[n_acc + t] = key[order[t]] > kNegInf ? order[t] : -1;
   }
 }
 

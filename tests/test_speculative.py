@@ -215,6 +215,10 @@ def test_relaxed_is_reproducible_and_valid(sid_catalog, sid_models, drafts):
     torch.manual_seed(0)
     e = speculative_beam_search(target, drafts["small"], ids, mask, **kwargs)
     assert torch.equal(d.items, e.items)
+    # wider beams: residual draws whose support runs out are completed from p (no -1 items)
+    wide = speculative_beam_search(target, drafts["small"], ids, mask, seed=2, trie=trie, num_beams=20,
+                                   num_drafts=40, draft_steps=3, mode="relaxed")
+    assert_valid_sorted_beams(wide, trie, 20)
     # excluded items never come back
     excl = [a.items[0].tolist(), [], [], []]
     f = speculative_beam_search(target, drafts["small"], ids, mask, seed=11, exclude_items=excl, **kwargs)

@@ -77,11 +77,12 @@ def relaxed_python(p, q, qd, dc, K, seed, offset):
         row = acc[:K]
         if len(acc) < K:
             r = [0.0 if m in acc else max(float(p[b, m] - q[b, m]), 0.0) for m in range(M)]
-            if sum(r) <= 0:
-                r = [0.0 if m in acc else float(p[b, m]) for m in range(M)]
-            keys = [(math.log(r[m]) - math.log(-math.log(philox_python(seed, base + N + m))), -m)
-                    for m in range(M) if r[m] > 0]
-            row += [-k[1] for k in sorted(keys, reverse=True)[: K - len(acc)]]
+            g = [-math.log(-math.log(philox_python(seed, base + N + m))) for m in range(M)]
+            # the residual's support first, then p over the candidates left
+            first = sorted(((math.log(r[m]) + g[m], -m) for m in range(M) if r[m] > 0), reverse=True)
+            second = sorted(((math.log(float(p[b, m])) + g[m], -m) for m in range(M)
+                             if r[m] <= 0 and m not in acc and p[b, m] > 0), reverse=True)
+            row += [-k[1] for k in (first + second)[: K - len(acc)]]
         kept.append(row + [-1] * (K - len(row)))
         nacc.append(len(acc))
     return torch.tensor(kept, dtype=torch.long), torch.tensor(nacc)
@@ -132,6 +133,13 @@ def test_verify_relaxed_edge_cases(backend):
     # residual zero everywhere (p <= q): falls back to p over the candidates not accepted
     out = verify_relaxed(p[1:], torch.ones(1, 3), torch.ones(1, 1), torch.tensor([[2]]), 3, seed=2, backend=backend)
     assert sorted(out.kept[0].tolist()) == [0, 1, 2]
+    # residual support (one candidate) smaller than the beams missing (three): the rest from p
+    p4 = torch.tensor([[0.4, 0.3, 0.2, 0.1, 0.0]])
+    q4 = torch.tensor([[0.1, 0.3, 0.2, 0.4, 0.0]])
+    out = verify_relaxed(p4, q4, torch.ones(1, 1), torch.tensor([[4]]), 4, seed=3, backend=backend)
+    assert out.num_accepted.tolist() == [0]
+    assert out.kept[0, 0].item() == 0  # the only candidate with p > q is drawn first
+    assert sorted(out.kept[0].tolist()) == [0, 1, 2, 3]
 
 
 def test_verify_relaxed_rejects_bad_arguments():

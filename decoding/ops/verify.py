@@ -125,8 +125,9 @@ def verify_relaxed(
         :class:`RelaxedVerifyOutput`. Drafted ``y`` (in order) is accepted iff ``p(y) > 0`` and
         ``u * q(y) <= p(y)``. With at least K accepted the first K are kept; otherwise all
         accepted are kept and ``K - accepted`` more are drawn without replacement (Gumbel top-k)
-        from ``max(0, p - q)`` over the candidates not accepted, or from ``p`` over them when
-        that residual is zero everywhere.
+        from ``max(0, p - q)`` over the candidates not accepted; when that residual has fewer
+        than ``K - accepted`` positive entries (or none), the rest are drawn from ``p`` over the
+        candidates left. So K beams come back whenever K candidates have ``p > 0``.
     """
     check_tensor("p_cand", p_cand, ndim=2, dtypes=(torch.float32,))
     B, M = p_cand.shape

@@ -69,11 +69,19 @@ def verify_relaxed_torch(p_cand, q_cand, q_draft, draft_cand, num_keep, seed, of
     accepted_cand.scatter_(1, torch.where(accept, draft_cand, M), True)
     accepted_cand = accepted_cand[:, :M]
     residual = torch.where(accepted_cand, 0.0, (p_cand - q_cand).clamp(min=0))
-    fallback = torch.where(accepted_cand, 0.0, p_cand)
-    residual = torch.where((residual.sum(dim=1) > 0)[:, None], residual, fallback)
-    key = torch.where(residual > 0, residual.log() - (-u_resid.log()).log(), NEG_INF)
-    order = key.sort(dim=1, descending=True, stable=True)
-    draws = torch.where(order.values > NEG_INF, order.indices, -1)
+    # draws come from the residual first; once its support is used up (or it is zero), from p over
+    # the candidates left, so K beams are returned whenever K candidates have p > 0
+    gumbel = -(-u_resid.log()).log()
+    key_residual = torch.where(residual > 0, residual.clamp(min=1e-38).log() + gumbel, NEG_INF)
+    rest = (residual <= 0) & ~accepted_cand & (p_cand > 0)
+    key_rest = torch.where(rest, p_cand.clamp(min=1e-38).log() + gumbel, NEG_INF)
+    first = key_residual.sort(dim=1, descending=True, stable=True)
+    second = key_rest.sort(dim=1, descending=True, stable=True)
+    n_first = (residual > 0).sum(dim=1, keepdim=True)
+    j_all = torch.arange(M, device=device).expand(B, M)
+    from_second = second.indices.gather(1, (j_all - n_first).clamp(min=0))
+    valid_second = second.values.gather(1, (j_all - n_first).clamp(min=0)) > NEG_INF
+    draws = torch.where(j_all < n_first, first.indices, torch.where(valid_second, from_second, -1))
     need = (K - num_accepted).clamp(min=0)
     j = torch.arange(K, device=device)
     # slot j >= num_accepted takes draw j - num_accepted

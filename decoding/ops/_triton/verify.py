@@ -5,7 +5,8 @@
 * ``_relaxed_kernel``: one program per request. Acceptance draws for the N drafts, the accepted
   ones written in draft order; the accepted candidates are marked in a scratch row, then the
   residual ``max(0, p - q)`` is formed over the M candidates and the missing beams taken by
-  repeated arg-max of Gumbel keys (a draw without replacement). Philox is Triton's own
+  repeated arg-max of Gumbel keys (a draw without replacement), from the residual's support
+  first and then from ``p`` over the candidates left. Philox is Triton's own
   ``tl.randint`` on int64 counters, which the torch and C++ backends reproduce.
 """
 
@@ -76,16 +77,25 @@ def _relaxed_kernel(p_ptr, q_ptr, qd_ptr, dc_ptr, mark_ptr, kept_ptr, nacc_ptr, 
         q = tl.load(q_ptr + b * M + m, mask=mm, other=0.0)
         marked = tl.load(mark_ptr + b * M + m, mask=mm, other=1) != 0
         resid = tl.where(marked, 0.0, tl.maximum(p - q, 0.0))
-        fallback = tl.where(marked, 0.0, p)
-        resid = tl.where(tl.sum(resid, axis=0) > 0.0, resid, fallback)
         um = _uniform(seed, base + N + m.to(tl.int64))
-        safe = tl.where(resid > 0.0, resid, 1.0)  # no log(0) in lanes the where drops
-        key = tl.where(resid > 0.0, tl.log(safe) - tl.log(-tl.log(um)), float("-inf"))
+        gumbel = -tl.log(-tl.log(um))
+        # the residual's support first, then p over the candidates left (see the reference)
+        key1 = tl.where(resid > 0.0, tl.log(tl.maximum(resid, 1e-38)) + gumbel, float("-inf"))
+        rest = (resid <= 0.0) & ~marked & (p > 0.0)
+        key2 = tl.where(rest, tl.log(tl.maximum(p, 1e-38)) + gumbel, float("-inf"))
         for t in range(0, need):
-            top = tl.max(key, axis=0)
-            arg = tl.argmax(key, axis=0, tie_break_left=True)
-            tl.store(kept_ptr + b * K + n_acc + t, tl.where(top > float("-inf"), arg.to(tl.int64), -1))
-            key = tl.where(m == arg, float("-inf"), key)
+            top1 = tl.max(key1, axis=0)
+            arg1 = tl.argmax(key1, axis=0, tie_break_left=True)
+            top2 = tl.max(key2, axis=0)
+            arg2 = tl.argmax(key2, axis=0, tie_break_left=True)
+            use1 = top1 > float("-inf")
+            arg = tl.where(use1, arg1, arg2)
+            found = use1 | (top2 > float("-inf"))
+            tl.store(kept_ptr + b * K + n_acc + t, tl.where(found, arg.to(tl.int64), -1))
+            # (integer products: the interpreter cannot `&` a scalar bool with a block)
+            from1 = use1.to(tl.int32)
+            key1 = tl.where((m == arg1).to(tl.int32) * from1 != 0, float("-inf"), key1)
+            key2 = tl.where((m == arg2).to(tl.int32) * (1 - from1) != 0, float("-inf"), key2)
 
 
 def verify_relaxed_triton(p_cand, q_cand, q_draft, draft_cand, num_keep, seed, offset):
