@@ -123,6 +123,36 @@ void tree_attention(CArray<float> query, CArray<float> key, CArray<float> value,
   decoding::tree_attention_cpu(q, k, v, pv, tv, B, H, Hkv, M, S, D, P, static_cast<float>(scale), num_threads, o, l);
 }
 
+// catalog_topk: tables of any dtype cross as raw addresses of contiguous CPU tensors (NumPy has
+// no bfloat16); the Python wrapper checks shapes and keeps the tensors alive during the call.
+void catalog_topk_embedding(CArray<float> queries, uintptr_t table, int table_dtype, int64_t B, int64_t S,
+                            int64_t D, int64_t N, int64_t K, py::object item_mask, int64_t mask_stride,
+                            py::object excluded, int64_t X, int num_threads, CArray<float> out_scores,
+                            CArray<int64_t> out_items) {
+  const float* q = queries.data();
+  const bool* mask = ptr_or_null<bool>(item_mask);
+  const int64_t* ex = ptr_or_null<int64_t>(excluded);
+  float* os = out_scores.mutable_data();
+  int64_t* oi = out_items.mutable_data();
+  py::gil_scoped_release release;
+  decoding::catalog_topk_embedding_cpu(q, reinterpret_cast<const void*>(table), table_dtype, B, S, D, N, K, mask,
+                                       mask_stride, ex, X, num_threads, os, oi);
+}
+
+void catalog_topk_codes(CArray<float> code_logprobs, uintptr_t codes, int code_dtype, int64_t B, int64_t S,
+                        int64_t C, int64_t N, int64_t K, py::object item_mask, int64_t mask_stride,
+                        py::object excluded, int64_t X, int num_threads, CArray<float> out_scores,
+                        CArray<int64_t> out_items) {
+  const float* lp = code_logprobs.data();
+  const bool* mask = ptr_or_null<bool>(item_mask);
+  const int64_t* ex = ptr_or_null<int64_t>(excluded);
+  float* os = out_scores.mutable_data();
+  int64_t* oi = out_items.mutable_data();
+  py::gil_scoped_release release;
+  decoding::catalog_topk_codes_cpu(lp, reinterpret_cast<const void*>(codes), code_dtype, B, S, C, N, K, mask,
+                                   mask_stride, ex, X, num_threads, os, oi);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -133,5 +163,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("match_keys", &match_keys);
   m.def("verify_relaxed", &verify_relaxed);
   m.def("tree_attention", &tree_attention);
+  m.def("catalog_topk_embedding", &catalog_topk_embedding);
+  m.def("catalog_topk_codes", &catalog_topk_codes);
   m.def("philox_uniform", &decoding::philox_uniform, py::arg("seed"), py::arg("counter"));
 }

@@ -59,6 +59,17 @@ void verify_relaxed_cpu(const float* p_cand, const float* q_cand, const float* q
                         int64_t B, int64_t M, int64_t N, int64_t K, uint64_t seed, uint64_t offset,
                         int num_threads, int64_t* kept, int64_t* num_accepted);
 
+// catalog_topk (csrc/catalog_topk.cpp); table_dtype 0 float32, 1 float16, 2 bfloat16; code_dtype
+// 0 uint8, 1 int16, 2 int32. item_mask rows have stride mask_stride (0: one mask for all).
+void catalog_topk_embedding_cpu(const float* queries, const void* table, int table_dtype, int64_t B, int64_t S,
+                                int64_t D, int64_t N, int64_t K, const bool* item_mask, int64_t mask_stride,
+                                const int64_t* excluded, int64_t X, int num_threads, float* out_scores,
+                                int64_t* out_items);
+void catalog_topk_codes_cpu(const float* code_logprobs, const void* codes, int code_dtype, int64_t B, int64_t S,
+                            int64_t C, int64_t N, int64_t K, const bool* item_mask, int64_t mask_stride,
+                            const int64_t* excluded, int64_t X, int num_threads, float* out_scores,
+                            int64_t* out_items);
+
 // Tree attention (csrc/tree_attention.cpp); shapes as in decoding/ops/tree_attention.py.
 void tree_attention_cpu(const float* query, const float* key, const float* value, const bool* prefix_valid,
                         const bool* tree_visible, int64_t B, int64_t H, int64_t Hkv, int64_t M, int64_t S, int64_t D,
