@@ -37,6 +37,8 @@ def test_cli_small_run_writes_results(tmp_path, capsys):
     (["--suite", "nope"], "invalid choice"),
     (["--decoder", "speculative", "--drafts", "5"], "--drafts must be at least --beams"),
     (["--decoder", "speculative", "--draft-layers", "9"], "--draft-layers in 1..--layers"),
+    (["--decoder", "setid", "--catalog-sizes", "10,x"], "--catalog-sizes must be comma-separated integers"),
+    (["--decoder", "setid", "--catalog-sizes", "10"], "--catalog-sizes must each be at least --beams"),
 ])
 def test_cli_rejects_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -79,3 +81,17 @@ def test_cli_speculative_small_run(tmp_path, capsys):
     assert relaxed["rounds"] >= 1 and relaxed["target_forwards"] >= 2
     assert res["relaxed_alignment_loss"]["after"] <= res["relaxed_alignment_loss"]["before"] + 1e-6
     assert "Speculative beam search (strict and relaxed)" in capsys.readouterr().out
+
+
+def test_cli_setid_small_run(tmp_path, capsys):
+    """decoding-bench --decoder setid: catalog_topk vs materialise + topk (same top-K scores,
+    peak memory measured) and setid_generate vs trie beam search, on a small catalog."""
+    rc = main(["--decoder", "setid", "--catalog-sizes", "3000", "--batch", "2", "--beams", "5", "--prompt-len", "8",
+               "--repeats", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())["results"][0]
+    assert res["suite"] == "setid" and res["config"]["catalog_sizes"] == [3000]
+    assert len(res["scoring"]) == 4 and len(res["decoders"]) == 2
+    for row in res["scoring"]:
+        assert row["same_top_k_scores"] and row["peak_memory_mb"] >= 0 and row["items_per_s"] > 0
+    assert "Whole-catalog scoring" in capsys.readouterr().out

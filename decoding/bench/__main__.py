@@ -272,8 +272,11 @@ def parse_args(argv=None):
     p.add_argument("--codes", type=int, default=256, help="codes per level")
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                    help="e2e suite: compare on transformers (default) or on a vLLM engine (needs the vllm extra)")
-    p.add_argument("--decoder", choices=["beam", "speculative"], default="beam",
-                   help="e2e suite: trie beam search vs baselines, or speculative vs target-only beam search")
+    p.add_argument("--decoder", choices=["beam", "speculative", "setid"], default="beam",
+                   help="e2e suite: trie beam search vs baselines, speculative vs target-only beam search, or "
+                        "set-identifier whole-catalog scoring (SETRec, RPG) vs materialise + topk and beam search")
+    p.add_argument("--catalog-sizes", default="1000000,10000000",
+                   help="setid: comma-separated catalog sizes")
     p.add_argument("--drafts", type=int, default=None, help="speculative: drafted beams N (default 2K)")
     p.add_argument("--draft-steps", type=int, default=3, help="speculative: drafted levels per round (gamma)")
     p.add_argument("--draft-layers", type=int, default=1, help="speculative: the draft keeps the target's first layers")
@@ -310,6 +313,15 @@ def parse_args(argv=None):
             p.error("--drafts must be at least --beams")
         if args.draft_steps < 1 or args.align_steps < 0 or not 1 <= args.draft_layers <= args.layers:
             p.error("--draft-steps must be positive, --align-steps non-negative, --draft-layers in 1..--layers")
+    if args.decoder == "setid":
+        if args.engine != "transformers":
+            p.error("--decoder setid runs on transformers models (--engine transformers)")
+        try:
+            sizes = [int(x) for x in args.catalog_sizes.split(",")]
+        except ValueError:
+            p.error("--catalog-sizes must be comma-separated integers")
+        if not sizes or min(sizes) < args.beams:
+            p.error("--catalog-sizes must each be at least --beams")
     if args.prompt_len < 2:
         p.error("--prompt-len must be at least 2")
     return args
@@ -329,6 +341,10 @@ def main(argv=None) -> int:
         from decoding.bench.speculative_bench import print_speculative, run_speculative
 
         runners["e2e"] = (lambda a, d: run_speculative(a, d, timed, log), print_speculative)
+    if args.decoder == "setid":
+        from decoding.bench.setid_bench import print_setid, run_setid
+
+        runners["e2e"] = (lambda a, d: run_setid(a, d, timed, log), print_setid)
     if args.engine == "vllm":
         from decoding.bench.vllm_bench import print_vllm, run_vllm
 

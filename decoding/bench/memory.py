@@ -44,8 +44,10 @@ def _warm_up():
     torch.einsum("ij,jk->ik", a, a).topk(5, dim=1)
 
 
-def _child(conn, fn, args, kwargs):
+def _child(conn, fn, args, kwargs, setup):
     try:
+        if setup is not None:  # inputs built in the child, before the count starts
+            args, kwargs = (setup(*args, **kwargs),), {}
         _warm_up()
         _reset_peak()
         before = _resident_bytes()
@@ -57,12 +59,13 @@ def _child(conn, fn, args, kwargs):
         conn.close()
 
 
-def peak_memory_bytes(fn, *args, **kwargs) -> int:
+def peak_memory_bytes(fn, *args, setup=None, **kwargs) -> int:
     """Bytes of resident memory ``fn(*args, **kwargs)`` added at its peak, measured in a child
-    process."""
+    process. With ``setup``, the child first builds the inputs, ``fn(setup(*args, **kwargs))``,
+    so large inputs are made there instead of being copied over."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, fn, args, kwargs))
+    proc = ctx.Process(target=_child, args=(child, fn, args, kwargs, setup))
     proc.start()
     child.close()
     try:
