@@ -153,6 +153,15 @@ void catalog_topk_codes(CArray<float> code_logprobs, uintptr_t codes, int code_d
                                    mask_stride, ex, X, num_threads, os, oi);
 }
 
+void compact_kv(uintptr_t keys, uintptr_t values, CArray<int64_t> index, uintptr_t out_keys, uintptr_t out_values,
+                int64_t rows, int64_t T, int64_t C, int64_t row_bytes, int num_threads) {
+  const int64_t* idx = index.data();
+  py::gil_scoped_release release;
+  decoding::compact_kv_cpu(reinterpret_cast<const char*>(keys), reinterpret_cast<const char*>(values), idx,
+                           reinterpret_cast<char*>(out_keys), reinterpret_cast<char*>(out_values), rows, T, C,
+                           row_bytes, num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -165,5 +174,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("tree_attention", &tree_attention);
   m.def("catalog_topk_embedding", &catalog_topk_embedding);
   m.def("catalog_topk_codes", &catalog_topk_codes);
+  m.def("compact_kv", &compact_kv);
   m.def("philox_uniform", &decoding::philox_uniform, py::arg("seed"), py::arg("counter"));
 }

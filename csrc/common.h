@@ -70,6 +70,10 @@ void catalog_topk_codes_cpu(const float* code_logprobs, const void* codes, int c
                             const int64_t* excluded, int64_t X, int num_threads, float* out_scores,
                             int64_t* out_items);
 
+// compact_kv (csrc/compact_kv.cpp): rows of row_bytes bytes, index [rows, C].
+void compact_kv_cpu(const char* keys, const char* values, const int64_t* index, char* out_keys, char* out_values,
+                    int64_t rows, int64_t T, int64_t C, int64_t row_bytes, int num_threads);
+
 // Tree attention (csrc/tree_attention.cpp); shapes as in decoding/ops/tree_attention.py.
 void tree_attention_cpu(const float* query, const float* key, const float* value, const bool* prefix_valid,
                         const bool* tree_visible, int64_t B, int64_t H, int64_t Hkv, int64_t M, int64_t S, int64_t D,

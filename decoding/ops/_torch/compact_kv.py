@@ -1,0 +1,8 @@
+"""Reference backend of compact_kv: one gather per tensor."""
+
+from __future__ import annotations
+
+
+def compact_kv_torch(keys, values, index):
+    idx = index[..., None].expand(-1, -1, -1, keys.shape[3])
+    return keys.gather(2, idx), values.gather(2, idx)

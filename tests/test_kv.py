@@ -1,0 +1,174 @@
+"""KV pruning: the compaction op per backend against the reference, and each policy's kept
+positions against a direct reimplementation (SnapKV's from a real model's own eager attention
+weights); StreamingLLM's resulting next-token logits against a full-cache forward that masks the
+dropped positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoding.kv import (EarnCut, SnapKV, StreamingLLM, earn_attention_mask, earn_keep, kv_bytes, prune_layer,
+                         snapkv_keep, streaming_keep)
+from decoding.ops import available_backends, compact_kv
+
+BACKENDS = available_backends("cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, C, per_head", [((2, 4, 30, 16), 7, True), ((3, 2, 50, 40), 50, False),
+                                                ((1, 1, 5, 8), 0, True)])
+def test_compact_kv_equals_reference(backend, dtype, shape, C, per_head):
+    g = torch.Generator().manual_seed(C)
+    k, v = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    B, H, T, D = shape
+    index = torch.randint(0, T, (B, H if per_head else 1, C), generator=g)
+    got = compact_kv(k, v, index, backend=backend)
+    ref = compact_kv(k, v, index, backend="torch")
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    full = index.expand(B, H, C)
+    for b in range(B):
+        for h in range(H):
+            for c in range(C):
+                assert torch.equal(got[0][b, h, c], k[b, h, full[b, h, c]])
+    with pytest.raises(ValueError, match="index: positions"):
+        compact_kv(k, v, torch.full((B, 1, 1), T), backend=backend)
+
+
+def left_mask(lengths, T):
+    return torch.stack([torch.arange(T) >= T - n for n in lengths]).long()
+
+
+def test_streaming_keep_equals_direct():
+    mask = left_mask([12, 5, 9], 12)
+    index, valid = streaming_keep(StreamingLLM(sink=2, recent=4), mask)
+    for b, n in enumerate([12, 5, 9]):
+        start = 12 - n
+        real = list(range(start, 12))
+        want = real if n <= 6 else real[:2] + real[-4:]
+        got = [int(i) for i, ok in zip(index[b, 0], valid[b, 0]) if ok]
+        assert got == want
+
+
+def test_earn_keep_and_mask():
+    mask = left_mask([8, 6], 8)
+    idx, valid = earn_keep(EarnCut(2, (0, 1, -1)), mask, layer=3)
+    assert idx[:, 0].tolist() == [[0, 1, 7], [2, 3, 7]] and bool(valid.all())
+    idx, valid = earn_keep(EarnCut(2, (0, 1, -1)), mask, layer=1)
+    assert idx.shape == (2, 1, 8) and valid[1, 0].tolist() == [False] * 2 + [True] * 6
+    masks = earn_attention_mask(mask, (0, 1, -1), num_layers=4, cut_layer=2)
+    lo, hi = masks[0][:, 0] == 0, masks[3][:, 0] == 0
+    assert bool(lo[0].tril().eq(lo[0]).all()) and bool(lo[0, 7].all())
+    # above the cut, the last query sees only the registers (0, 1 and itself)
+    assert hi[0, 7].nonzero().flatten().tolist() == [0, 1, 7]
+    assert hi[1, 7].nonzero().flatten().tolist() == [2, 3, 7]
+    # the cut at the number of layers is no pruning
+    assert all(torch.equal(m, masks[0]) for m in earn_attention_mask(mask, (0,), 4, cut_layer=4))
+    with pytest.raises(ValueError, match="registers"):
+        earn_keep(EarnCut(0, (6,)), mask, layer=0)
+
+
+def snapkv_direct(attn_probs, mask, policy):
+    """SnapKV from the model's own attention probabilities ``[B, Hq, T, T]``: loops over requests
+    and heads, as SnapKVCluster.update_kv does (per head: last-window votes, pooling, top-k)."""
+    B, Hq, T, _ = attn_probs.shape
+    W = policy.window
+    return torch.stack([attn_probs[b, :, T - W:, :].sum(1) for b in range(B)])  # [B, Hq, T]
+
+
+def test_snapkv_keep_equals_votes_from_the_models_own_attention():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, attn_implementation="eager")
+    model = LlamaForCausalLM(cfg).eval()
+    T = 40
+    ids = torch.randint(3, 60, (2, T))
+    mask = left_mask([40, 30], T)
+    policy = SnapKV(window=6, capacity=16, kernel=3)
+    captured = {}
+
+    # queries of the last window, rotary applied: recompute from the layer inputs via a hook
+    from transformers.models.llama import modeling_llama as ml
+
+    def hook(module, args, kwargs):
+        hidden = kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        shape = (*hidden.shape[:-1], -1, module.head_dim)
+        q = module.q_proj(hidden).view(shape).transpose(1, 2)
+        k = module.k_proj(hidden).view(shape).transpose(1, 2)
+        q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
+        captured[module.layer_idx] = (q[:, :, -policy.window:], k)
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    output_attentions=True)
+    for h in handles:
+        h.remove()
+    for layer in range(2):
+        q, k = captured[layer]
+        index, valid = snapkv_keep(policy, q, k, mask)
+        probs = out.attentions[layer]  # [B, Hq, T, T], the model's own softmax
+        votes = snapkv_direct(probs, mask, policy).view(2, 2, 2, T).mean(2)
+        pooled = torch.nn.functional.avg_pool1d(votes.reshape(4, 1, T), 3, stride=1, padding=1).view(2, 2, T)
+        for b, n in enumerate([40, 30]):
+            start = T - n
+            for h in range(2):
+                cand = [(float(pooled[b, h, t]), t) for t in range(start, T - policy.window)]
+                top = sorted(cand, key=lambda x: (-x[0], x[1]))[: policy.capacity - policy.window]
+                want = sorted([t for _, t in top] + list(range(T - policy.window, T)))
+                got = [int(i) for i, ok in zip(index[b, h], valid[b, h]) if ok]
+                assert got == want, (layer, b, h)
+    # compaction to the kept positions: the cache shrinks to capacity / T of its size
+    k_small, v_small = prune_layer(k, k, index)
+    assert k_small.shape == (2, 2, 16, 8) and kv_bytes([k_small]) * T == kv_bytes([k]) * 16
+
+
+def test_streaming_llm_logits_equal_a_masked_full_cache_forward():
+    """Decode one token after pruning the prefilled cache to StreamingLLM's positions; the logits
+    equal a full-cache forward whose attention mask hides the dropped positions."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    T = 30
+    ids = torch.randint(3, 60, (3, T))
+    mask = left_mask([30, 20, 8], T)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    nxt = torch.randint(3, 60, (3, 1))
+    nxt_pos = mask.sum(1, keepdim=True)
+    policy = StreamingLLM(sink=2, recent=8)
+    with torch.no_grad():
+        cache = DynamicCache(config=cfg)
+        model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+        index, valid = streaming_keep(policy, mask)
+        pruned = DynamicCache(config=cfg)
+        for layer_idx, layer in enumerate(cache.layers):
+            k, v = prune_layer(layer.keys, layer.values, index)
+            pruned.update(k, v, layer_idx)
+        got = model(nxt, attention_mask=torch.cat([valid[:, 0].long(), torch.ones(3, 1, dtype=torch.long)], 1),
+                    position_ids=nxt_pos, past_key_values=pruned).logits
+        slots = torch.where(valid[:, 0], index[:, 0], T)  # unused slots go to a spare column
+        kept = torch.zeros(3, T + 1, dtype=torch.long).scatter_(1, slots, 1)[:, :T] * mask
+        cache2 = DynamicCache(config=cfg)
+        model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache2)
+        want = model(nxt, attention_mask=torch.cat([kept, torch.ones(3, 1, dtype=torch.long)], 1),
+                     position_ids=nxt_pos, past_key_values=cache2).logits
+        full = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
+                     position_ids=nxt_pos, past_key_values=_prefilled(model, cfg, ids, mask, pos)).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got[0], full[0], atol=1e-4)  # request 0 really lost positions
+    assert torch.allclose(got[2], full[2], atol=1e-5)  # request 2 (8 tokens) kept everything
+
+
+def _prefilled(model, cfg, ids, mask, pos):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=cfg)
+    model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+    return cache
