@@ -33,11 +33,14 @@ class BeamSearchOutput:
         assistant term with D3); -inf in padded slots.
     sequences: int64 ``[B, K, L]`` identifier tokens, ``L = trie.depth``; -1 after an
         identifier's end and in padded slots.
+    kv_bytes: with the shared-prefix KV cache, the bytes it held at the end of the search,
+        ``{"prompt": ..., "generated": ...}`` (buffers' capacity); None otherwise.
     """
 
     items: torch.Tensor
     scores: torch.Tensor
     sequences: torch.Tensor
+    kv_bytes: dict | None = None
 
 
 def item_mass_prefix(trie, assistant_logprobs: torch.Tensor) -> torch.Tensor:
@@ -128,6 +131,7 @@ def beam_search(
     backend: str = "auto",
     layout: str = "default",
     tree_attention: str = "model",
+    kv_cache: str = "auto",
 ) -> BeamSearchOutput:
     """Trie-constrained beam search: the top ``num_beams`` catalog items for each request.
 
@@ -154,11 +158,16 @@ def beam_search(
         tree_attention: with ``layout="tree"``, how the tree rows attend: ``"model"`` (the
             model's own attention with a 4-D mask) or ``"op"`` (:func:`decoding.ops.tree_attention`,
             on ``backend``). Same results.
+        kv_cache: default layout, Hugging Face models: ``"shared"`` stores the prompt KV once
+            per request and only generated KV per beam (:mod:`decoding.search._shared_cache`);
+            ``"per_beam"`` keeps a prompt copy per beam; ``"auto"`` (default) is ``"shared"``
+            for decoder-only models on SDPA attention without sliding windows. Same results.
     """
     _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normalize, assistant_logprobs,
               assistant_weight)
     check_choice("layout", layout, {"default", "tree"})
     check_choice("tree_attention", tree_attention, {"model", "op"})
+    check_choice("kv_cache", kv_cache, {"auto", "shared", "per_beam"})
     if layout != "tree" and tree_attention != "model":
         raise ValueError("tree_attention: 'op' needs layout='tree'")
     if layout == "tree":
@@ -166,7 +175,7 @@ def beam_search(
 
         beam_model = TreeBeamModel(model, attention=tree_attention, backend=backend)
     else:
-        beam_model = as_beam_model(model)
+        beam_model = as_beam_model(model, kv_cache=kv_cache)
     vocab = model_vocab_size(model)
     if vocab is not None and vocab != trie.vocab_size:
         raise ValueError(f"trie: built for vocab_size {trie.vocab_size}, but the model's vocabulary is {vocab}")
@@ -250,4 +259,5 @@ def beam_search(
 
     fin_items = torch.where(fin_scores > NEG_INF, fin_items, -1)
     fin_tokens = torch.where((fin_scores > NEG_INF)[..., None], fin_tokens, -1)
-    return BeamSearchOutput(items=fin_items, scores=fin_scores, sequences=fin_tokens)
+    kv_bytes = beam_model.kv_bytes() if hasattr(beam_model, "kv_bytes") else None
+    return BeamSearchOutput(items=fin_items, scores=fin_scores, sequences=fin_tokens, kv_bytes=kv_bytes)

@@ -34,12 +34,12 @@ def _is_hf_model(model) -> bool:
     return hasattr(model, "config") and hasattr(model, "get_output_embeddings") and callable(model)
 
 
-def as_beam_model(model) -> BeamModel:
+def as_beam_model(model, kv_cache: str = "auto") -> BeamModel:
     """Return ``model`` if it implements :class:`BeamModel`, else wrap a Hugging Face model."""
     if isinstance(model, BeamModel):
         return model
     if _is_hf_model(model):
-        return HFBeamModel(model)
+        return HFBeamModel(model, kv_cache=kv_cache)
     raise TypeError(
         "model: expected a Hugging Face model or an object with prefill(input_ids, attention_mask) "
         f"and step(beam_index, tokens) (see decoding.search.model.BeamModel), got {type(model).__name__}"
@@ -55,6 +55,20 @@ def model_vocab_size(model) -> int | None:
     return getattr(model, "vocab_size", None)
 
 
+def shared_prefix_supported(model) -> bool:
+    """Whether the shared-prefix cache can serve ``model``: a transformers decoder-only model on
+    SDPA attention dispatched through ``AttentionInterface``, with full attention in every layer."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) or config._attn_implementation != "sdpa":
+        return False
+    if not getattr(model, "_supports_attention_backend", False):
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types is None or all(t == "full_attention" for t in layer_types)
+
+
 class HFBeamModel:
     """:class:`BeamModel` over a Hugging Face causal LM or encoder-decoder (T5 style).
 
@@ -64,10 +78,14 @@ class HFBeamModel:
     batches.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, kv_cache: str = "auto"):
         self.model = model
         self.config = model.config
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.shared_prefix = shared_prefix_supported(model) if kv_cache == "auto" else kv_cache == "shared"
+        if kv_cache == "shared" and not shared_prefix_supported(model):
+            raise ValueError("kv_cache: 'shared' needs a decoder-only model on SDPA attention through transformers' "
+                             "AttentionInterface, without sliding windows; use 'per_beam'")
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         self._cache = None
@@ -84,10 +102,20 @@ class HFBeamModel:
         return next(self.model.parameters()).device
 
     def _new_cache(self):
+        if self.shared_prefix:
+            from decoding.search._shared_cache import SharedPrefixCache, register_shared_prefix_attention
+
+            register_shared_prefix_attention()
+            self._fast_reorder = True
+            return SharedPrefixCache(config=self.config)
         from decoding.search._hf_cache import new_beam_cache  # lazy: kernels never import transformers
 
         cache, self._fast_reorder = new_beam_cache(self.config, self.is_encoder_decoder)
         return cache
+
+    def kv_bytes(self) -> dict | None:
+        """KV bytes the cache holds now (shared-prefix cache only): prompt and generated parts."""
+        return self._cache.kv_bytes() if self.shared_prefix and self._cache is not None else None
 
     def _reorder(self, beam_index: torch.Tensor) -> bool:
         """Reorder the cache; rows that stay within their request keep their shared prompt KV.
@@ -122,7 +150,15 @@ class HFBeamModel:
     def _forward(self, **kwargs) -> torch.Tensor:
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        out = self.model(**kwargs, past_key_values=self._cache, use_cache=True, return_dict=True)
+        if self.shared_prefix:  # the shared-prefix attention for this call only
+            previous = self.config._attn_implementation
+            self.config._attn_implementation = "decoding_shared_prefix"
+            try:
+                out = self.model(**kwargs, past_key_values=self._cache, use_cache=True, return_dict=True)
+            finally:
+                self.config._attn_implementation = previous
+        else:
+            out = self.model(**kwargs, past_key_values=self._cache, use_cache=True, return_dict=True)
         self._cache = out.past_key_values
         return out.logits[:, -1, :]
 

@@ -1,0 +1,210 @@
+"""A transformers KV cache whose beams share the prompt KV: stored once per request.
+
+transformers' beam search keeps the prompt KV once per beam (``K`` copies) and copies it at
+every reorder. :class:`SharedPrefixLayer` keeps the prompt's keys/values once per request
+(``[B, Hkv, P, D]``) and only the generated tokens per beam (``[R, Hkv, G, D]``, ``R`` beam
+rows), with ``row_request[r]`` saying whose prompt row ``r`` continues. A reorder is an index
+update of ``row_request`` plus a gather of the generated part; the prompt never moves.
+
+Attention over that layout is :func:`shared_prefix_attention` (registered with transformers'
+``AttentionInterface`` as ``"decoding_shared_prefix"``): the prompt part runs per request with
+all of its beams' queries at once (:func:`decoding.ops.tree_attention`, each prompt K/V tile
+read once for the request), the generated part per row, and the two are merged by log-sum-exp.
+The prefill itself runs transformers' SDPA. Imported lazily: only the Hugging Face adapter and
+users who pass the cache to ``generate`` use it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from decoding.ops._backend import resolve_backend
+from decoding.ops.tree_attention import run_tree_attention
+
+SHARED_PREFIX_ATTENTION = "decoding_shared_prefix"
+_current = threading.local()  # the layer whose update ran last in this thread
+
+
+class SharedPrefixLayer(DynamicLayer):
+    """One layer: prompt KV per request, generated KV per beam row."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+        self.prefix_keys = self.prefix_values = None
+        self.prefix_valid = None  # [B, P] bool, filled by the prefill's attention call
+        self._kbuf = self._vbuf = None
+        self._gen = 0
+        self.row_request = None
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    @property
+    def prefilling(self) -> bool:
+        return self._prefilling
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        _current.layer = self
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.prefix_keys is None:  # the prompt: stored once per request
+            self.prefix_keys, self.prefix_values = key_states, value_states
+            self.row_request = torch.arange(key_states.shape[0], device=key_states.device)
+            self._prefilling = True
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+        self._prefilling = False
+        R, H, M, D = key_states.shape
+        if self._kbuf is None or self._kbuf.shape[0] != R or self._gen + M > self._kbuf.shape[2]:
+            self._grow(R, self._gen + M + 8, key_states)
+        self._kbuf[:, :, self._gen: self._gen + M].copy_(key_states)
+        self._vbuf[:, :, self._gen: self._gen + M].copy_(value_states)
+        self._gen += M
+        self.keys, self.values = self._kbuf[:, :, : self._gen], self._vbuf[:, :, : self._gen]
+        return self.keys, self.values
+
+    def _grow(self, rows, capacity, like):
+        kb = like.new_empty((rows, like.shape[1], capacity, like.shape[3]))
+        vb = like.new_empty((rows, like.shape[1], capacity, like.shape[3]))
+        if self._gen and self._kbuf is not None:
+            kb[:, :, : self._gen].copy_(self._kbuf[:, :, : self._gen])
+            vb[:, :, : self._gen].copy_(self._vbuf[:, :, : self._gen])
+        self._kbuf, self._vbuf = kb, vb
+
+    def get_seq_length(self) -> int:
+        if self.prefix_keys is None:
+            return 0
+        return self.prefix_keys.shape[2] + self._gen
+
+    def reorder_rows(self, index: torch.Tensor, shared_length: int = 0) -> None:
+        """Row ``r`` becomes old row ``index[r]``: an index update; only generated KV moves."""
+        if self.row_request is None:
+            return
+        index = index.to(self.row_request.device)
+        self.row_request = self.row_request.index_select(0, index)
+        if self._gen:
+            self._kbuf = self._kbuf.index_select(0, index)
+            self._vbuf = self._vbuf.index_select(0, index)
+            self.keys, self.values = self._kbuf[:, :, : self._gen], self._vbuf[:, :, : self._gen]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.reorder_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.row_request is not None:
+            rows = torch.arange(self.row_request.shape[0], device=self.row_request.device)
+            self.reorder_rows(rows.repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.row_request is not None:
+            rows = torch.arange(self.row_request.shape[0], device=self.row_request.device)
+            self.reorder_rows(rows[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop: pass a negative number of tokens to remove")
+        self._gen = max(0, self._gen + tokens_to_remove)
+        if self._kbuf is not None:
+            self.keys, self.values = self._kbuf[:, :, : self._gen], self._vbuf[:, :, : self._gen]
+
+    def reset(self) -> None:
+        self.prefix_keys = self.prefix_values = self.prefix_valid = None
+        self._kbuf = self._vbuf = None
+        self._gen = 0
+        self.row_request = None
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def kv_bytes(self) -> dict:
+        """Bytes held: ``{"prompt": ..., "generated": ...}`` (buffers' full capacity)."""
+        def size(t):
+            return 0 if t is None else t.numel() * t.element_size()
+        return {"prompt": size(self.prefix_keys) + size(self.prefix_values),
+                "generated": size(self._kbuf) + size(self._vbuf)}
+
+
+class SharedPrefixCache(DynamicCache):
+    """A ``DynamicCache`` of :class:`SharedPrefixLayer`. Use it with a model whose attention
+    implementation is ``"decoding_shared_prefix"`` (see :func:`use_shared_prefix_attention`)."""
+
+    def __init__(self, config=None, backend: str = "auto", **kwargs):
+        super().__init__(config=config, **kwargs)
+        layers = len(self.layers) if self.layers else config.num_hidden_layers
+        self.layers = [SharedPrefixLayer(backend) for _ in range(layers)]
+        self.layer_class_to_replicate = None
+
+    def kv_bytes(self) -> dict:
+        total = {"prompt": 0, "generated": 0}
+        for layer in self.layers:
+            for k, v in layer.kv_bytes().items():
+                total[k] += v
+        return total
+
+
+def _prefix_validity(attention_mask, key):
+    """Valid prompt positions ``[B, P]`` from the prefill's mask (None: no padding)."""
+    B, P = key.shape[0], key.shape[2]
+    if attention_mask is None:
+        return torch.ones((B, P), dtype=torch.bool, device=key.device)
+    last = attention_mask[:, 0, -1, :P]
+    return last if last.dtype == torch.bool else last == 0
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function for :class:`SharedPrefixLayer` caches."""
+    layer = getattr(_current, "layer", None)
+    if not isinstance(layer, SharedPrefixLayer):
+        raise RuntimeError(f"attention implementation {SHARED_PREFIX_ATTENTION!r} needs a SharedPrefixCache")
+    if getattr(module, "sliding_window", None) or kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise NotImplementedError("shared-prefix attention: sliding windows and soft-capping are not supported")
+    if layer.prefilling:
+        layer.prefix_valid = _prefix_validity(attention_mask, key)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    R, H, M, D = query.shape
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(D)
+    backend = resolve_backend(layer.backend, query.device)
+    pk, pv = layer.prefix_keys, layer.prefix_values
+    B, P = pk.shape[0], pk.shape[2]
+    rows = layer.row_request
+    K = R // B if R % B == 0 else 0
+    grouped = K and bool((rows == torch.arange(B, device=rows.device).repeat_interleave(K)).all())
+    if grouped:  # every request's beams together: the prompt part reads each prompt once
+        q = query.view(B, K, H, M, D).permute(0, 2, 1, 3, 4).reshape(B, H, K * M, D)
+        empty = torch.zeros((B, K * M, 0), dtype=torch.bool, device=query.device)
+        out_p, lse_p = run_tree_attention(q, pk, pv, P, layer.prefix_valid, empty, scale, backend)
+        out_p = out_p.view(B, H, K, M, D).permute(0, 2, 1, 3, 4).reshape(R, H, M, D)
+        lse_p = lse_p.view(B, H, K, M).permute(0, 2, 1, 3).reshape(R, H, M)
+    else:  # rows out of request order: gather each row's prompt (correct, more memory)
+        empty = torch.zeros((R, M, 0), dtype=torch.bool, device=query.device)
+        out_p, lse_p = run_tree_attention(query, pk[rows], pv[rows], P, layer.prefix_valid[rows], empty, scale,
+                                          backend)
+    G = key.shape[2]
+    causal = torch.arange(G, device=query.device)[None, :] <= (G - M + torch.arange(M, device=query.device))[:, None]
+    no_prefix = torch.zeros((R, 0), dtype=torch.bool, device=query.device)
+    out_t, lse_t = run_tree_attention(query, key, value, 0, no_prefix, causal.expand(R, M, G).contiguous(), scale,
+                                      backend)
+    lse = torch.logaddexp(lse_p, lse_t)
+    out = (out_p.float() * torch.exp(lse_p - lse)[..., None] + out_t.float() * torch.exp(lse_t - lse)[..., None])
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def register_shared_prefix_attention() -> None:
+    AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
+    AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
+
+
+def use_shared_prefix_attention(model) -> None:
+    """Switch ``model`` (a transformers decoder-only model) to shared-prefix attention, e.g. to
+    pass a :class:`SharedPrefixCache` to ``model.generate(..., past_key_values=cache)``."""
+    register_shared_prefix_attention()
+    model.config._attn_implementation = SHARED_PREFIX_ATTENTION
