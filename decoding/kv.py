@@ -179,3 +179,28 @@ def prune_layer(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, *
 def kv_bytes(tensors) -> int:
     """Bytes held by the given tensors (a cache's keys and values)."""
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def apply_policy(cache, policy, attention_mask: torch.Tensor, *, backend: str = "auto") -> None:
+    """Prune a prefilled :class:`decoding.search._shared_cache.SharedPrefixCache` in place.
+
+    ``attention_mask [B, T]`` is the prompt's. SnapKV needs each layer's window queries, which
+    the cache records during the prefill when ``capture_window`` is set (``beam_search`` does).
+    """
+    num_layers = len(cache.layers)
+    if isinstance(policy, EarnCut) and policy.layer > num_layers:
+        raise ValueError(f"kv_policy: EarnCut.layer {policy.layer} is above the model's {num_layers} layers")
+    for layer_idx, layer in enumerate(cache.layers):
+        if isinstance(policy, StreamingLLM):
+            index, valid = streaming_keep(policy, attention_mask)
+        elif isinstance(policy, SnapKV):
+            if layer.window_queries is None:
+                raise RuntimeError("kv_policy: SnapKV needs the prefill's window queries (capture_window)")
+            if attention_mask.shape[1] <= policy.window:
+                raise ValueError(f"kv_policy: SnapKV window {policy.window} needs prompts longer than it")
+            index, valid = snapkv_keep(policy, layer.window_queries, layer.prefix_keys, attention_mask)
+        elif isinstance(policy, EarnCut):
+            index, valid = earn_keep(policy, attention_mask, layer_idx)
+        else:
+            raise TypeError(f"kv_policy: expected StreamingLLM, SnapKV or EarnCut, got {type(policy).__name__}")
+        layer.prune_prefix(index, valid, backend=backend)

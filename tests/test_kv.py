@@ -172,3 +172,119 @@ def _prefilled(model, cfg, ids, mask, pos):
     cache = DynamicCache(config=cfg)
     model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
     return cache
+
+
+# ---------------------------------------------------------------- policies inside beam search
+
+def _masked_attention_factory(visible_by_layer):
+    """A plain softmax attention that hides, per layer and KV head, the prompt positions a
+    policy dropped (the direct reimplementation: nothing is compacted, the full cache is read)."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        vis = visible_by_layer[module.layer_idx]  # [B, Hkv, T] bool over the prompt
+        B, H, M, D = query.shape
+        groups = H // key.shape[1]
+        k = key.repeat_interleave(groups, 1)
+        v = value.repeat_interleave(groups, 1)
+        S, T = k.shape[2], vis.shape[2]
+        prompt = vis.repeat_interleave(groups, 1)[:, :, None, :].expand(B, H, M, T)
+        generated = torch.ones(B, H, M, S - T, dtype=torch.bool)
+        allowed = torch.cat([prompt, generated], -1)
+        scores = (query @ k.transpose(-1, -2)) * (scaling or D ** -0.5)
+        weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+        return (weights @ v).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def _visible(index, valid, T):
+    B, H, C = index.shape
+    slots = torch.where(valid, index, T)
+    return torch.zeros(B, H, T + 1, dtype=torch.bool).scatter_(2, slots, True)[:, :, :T]
+
+
+@pytest.mark.parametrize("policy", [StreamingLLM(sink=3, recent=9), SnapKV(window=5, capacity=14, kernel=3),
+                                    EarnCut(layer=1, registers=(0, 1, -2, -1))], ids=["streaming", "snapkv", "earn"])
+def test_policy_logits_equal_a_masked_full_cache_decode(policy):
+    from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+    from transformers.masking_utils import sdpa_mask
+
+    from decoding.search.model import HFBeamModel
+
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    T = 32
+    ids = torch.randint(3, 60, (3, T))
+    mask = left_mask([32, 24, 16], T)
+    token = torch.randint(3, 60, (3,))
+    beams = HFBeamModel(model, kv_cache="shared", kv_policy=policy)
+    beams.prefill(ids, mask)
+    got = beams.step(torch.arange(3), token)
+    # the kept positions of every layer, then a decode over the unpruned cache with them masked
+    visible = {}
+    for layer_idx, layer in enumerate(beams._cache.layers):
+        if isinstance(policy, EarnCut):
+            index, valid = earn_keep(policy, mask, layer_idx)
+        elif isinstance(policy, StreamingLLM):
+            index, valid = streaming_keep(policy, mask)
+        else:
+            index = None
+        if index is not None:
+            visible[layer_idx] = _visible(index, valid, T).expand(3, 2, T) & mask.bool()[:, None, :]
+    if isinstance(policy, SnapKV):  # recompute the window queries through a plain prefill
+        captured = {}
+        from transformers.models.llama import modeling_llama as ml
+
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"]
+            cos, sin = kwargs["position_embeddings"]
+            shape = (*hidden.shape[:-1], -1, module.head_dim)
+            q = module.q_proj(hidden).view(shape).transpose(1, 2)
+            k = module.k_proj(hidden).view(shape).transpose(1, 2)
+            q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
+            captured[module.layer_idx] = (q[:, :, -policy.window:], k)
+
+        handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.layers]
+        with torch.no_grad():
+            model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        for h in handles:
+            h.remove()
+        for layer_idx, (q, k) in captured.items():
+            index, valid = snapkv_keep(policy, q, k, mask)
+            visible[layer_idx] = _visible(index, valid, T)
+    AttentionInterface.register("test_masked_prompt", _masked_attention_factory(visible))
+    AttentionMaskInterface.register("test_masked_prompt", sdpa_mask)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        cache = DynamicCache(config=cfg)
+        model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+        previous = model.config._attn_implementation
+        model.config._attn_implementation = "test_masked_prompt"
+        try:
+            want = model(token[:, None], attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
+                         position_ids=pos[:, -1:] + 1, past_key_values=cache).logits[:, -1]
+        finally:
+            model.config._attn_implementation = previous
+    assert torch.allclose(got, want, atol=1e-5)
+    report = beams.kv_bytes()
+    assert report["prompt"] < report["prompt_before_pruning"]
+
+
+def test_earn_cut_at_the_number_of_layers_is_no_pruning(sid_catalog, sid_models):
+    from conftest import SID_VOCAB, prompts
+    from decoding import beam_search
+
+    _, trie = sid_catalog
+    model = sid_models["llama"]
+    ids, mask = prompts(SID_VOCAB, batch=3, seed=2)
+    ref = beam_search(model, ids, mask, trie=trie, num_beams=5)
+    got = beam_search(model, ids, mask, trie=trie, num_beams=5,
+                      kv_policy=EarnCut(layer=model.config.num_hidden_layers, registers=(0,)))
+    assert torch.equal(got.items, ref.items) and torch.allclose(got.scores, ref.scores, atol=1e-6)
+    assert got.kv_bytes["prompt"] == got.kv_bytes["prompt_before_pruning"] == ref.kv_bytes["prompt"]
+    with pytest.raises(ValueError, match="kv_policy: EarnCut.layer"):
+        beam_search(model, ids, mask, trie=trie, num_beams=5, kv_policy=EarnCut(layer=99, registers=(0,)))
+    with pytest.raises(ValueError, match="kv_policy: pruning runs on the shared-prefix"):
+        beam_search(model, ids, mask, trie=trie, num_beams=5, kv_cache="per_beam", kv_policy=StreamingLLM())

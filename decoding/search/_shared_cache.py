@@ -43,6 +43,9 @@ class SharedPrefixLayer(DynamicLayer):
         self._kbuf = self._vbuf = None
         self._gen = 0
         self.row_request = None
+        self.capture_window = 0  # SnapKV: keep the prefill's last W queries of this layer
+        self.window_queries = None
+        self.prompt_bytes_before_pruning = None
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -124,6 +127,18 @@ class SharedPrefixLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
 
+    def prune_prefix(self, index: torch.Tensor, valid: torch.Tensor, backend: str = "auto") -> None:
+        """Keep only the prompt positions ``index [B, Hkv or 1, C]`` (``valid``: which slots are
+        real, the same for every head) of this layer, compacted (:func:`decoding.ops.compact_kv`)."""
+        from decoding.ops.compact_kv import compact_kv
+
+        before = self.kv_bytes()["prompt"]
+        self.prefix_keys, self.prefix_values = compact_kv(self.prefix_keys, self.prefix_values, index,
+                                                          backend=backend)
+        self.prefix_valid = valid[:, 0].contiguous()
+        self.prompt_bytes_before_pruning = before
+        self.window_queries = None
+
     def kv_bytes(self) -> dict:
         """Bytes held: ``{"prompt": ..., "generated": ...}`` (buffers' full capacity)."""
         def size(t):
@@ -143,10 +158,16 @@ class SharedPrefixCache(DynamicCache):
         self.layer_class_to_replicate = None
 
     def kv_bytes(self) -> dict:
+        """Bytes held by all layers; with a pruning policy applied, also the prompt's bytes
+        before it (``"prompt_before_pruning"``)."""
         total = {"prompt": 0, "generated": 0}
         for layer in self.layers:
             for k, v in layer.kv_bytes().items():
                 total[k] += v
+        if any(layer.prompt_bytes_before_pruning is not None for layer in self.layers):
+            total["prompt_before_pruning"] = sum(
+                layer.kv_bytes()["prompt"] if layer.prompt_bytes_before_pruning is None
+                else layer.prompt_bytes_before_pruning for layer in self.layers)
         return total
 
 
@@ -168,6 +189,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
         raise NotImplementedError("shared-prefix attention: sliding windows and soft-capping are not supported")
     if layer.prefilling:
         layer.prefix_valid = _prefix_validity(attention_mask, key)
+        if layer.capture_window:
+            layer.window_queries = query[:, :, -layer.capture_window:].detach()
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     R, H, M, D = query.shape

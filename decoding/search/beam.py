@@ -132,6 +132,7 @@ def beam_search(
     layout: str = "default",
     tree_attention: str = "model",
     kv_cache: str = "auto",
+    kv_policy=None,
 ) -> BeamSearchOutput:
     """Trie-constrained beam search: the top ``num_beams`` catalog items for each request.
 
@@ -162,6 +163,10 @@ def beam_search(
             per request and only generated KV per beam (:mod:`decoding.search._shared_cache`);
             ``"per_beam"`` keeps a prompt copy per beam; ``"auto"`` (default) is ``"shared"``
             for decoder-only models on SDPA attention without sliding windows. Same results.
+        kv_policy: prune the prompt KV after prefill (shared-prefix cache only):
+            :class:`decoding.kv.StreamingLLM`, :class:`decoding.kv.SnapKV` or
+            :class:`decoding.kv.EarnCut`. Results then follow the pruned cache (compare with an
+            unpruned run); ``out.kv_bytes["prompt_before_pruning"]`` is the memory report.
     """
     _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normalize, assistant_logprobs,
               assistant_weight)
@@ -170,12 +175,14 @@ def beam_search(
     check_choice("kv_cache", kv_cache, {"auto", "shared", "per_beam"})
     if layout != "tree" and tree_attention != "model":
         raise ValueError("tree_attention: 'op' needs layout='tree'")
+    if layout == "tree" and kv_policy is not None:
+        raise ValueError("kv_policy: applies to the default layout")
     if layout == "tree":
         from decoding.search.tree import TreeBeamModel
 
         beam_model = TreeBeamModel(model, attention=tree_attention, backend=backend)
     else:
-        beam_model = as_beam_model(model, kv_cache=kv_cache)
+        beam_model = as_beam_model(model, kv_cache=kv_cache, kv_policy=kv_policy)
     vocab = model_vocab_size(model)
     if vocab is not None and vocab != trie.vocab_size:
         raise ValueError(f"trie: built for vocab_size {trie.vocab_size}, but the model's vocabulary is {vocab}")

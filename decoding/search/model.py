@@ -34,12 +34,14 @@ def _is_hf_model(model) -> bool:
     return hasattr(model, "config") and hasattr(model, "get_output_embeddings") and callable(model)
 
 
-def as_beam_model(model, kv_cache: str = "auto") -> BeamModel:
+def as_beam_model(model, kv_cache: str = "auto", kv_policy=None) -> BeamModel:
     """Return ``model`` if it implements :class:`BeamModel`, else wrap a Hugging Face model."""
     if isinstance(model, BeamModel):
+        if kv_policy is not None:
+            raise ValueError("kv_policy: applies to Hugging Face models only")
         return model
     if _is_hf_model(model):
-        return HFBeamModel(model, kv_cache=kv_cache)
+        return HFBeamModel(model, kv_cache=kv_cache, kv_policy=kv_policy)
     raise TypeError(
         "model: expected a Hugging Face model or an object with prefill(input_ids, attention_mask) "
         f"and step(beam_index, tokens) (see decoding.search.model.BeamModel), got {type(model).__name__}"
@@ -78,11 +80,15 @@ class HFBeamModel:
     batches.
     """
 
-    def __init__(self, model, kv_cache: str = "auto"):
+    def __init__(self, model, kv_cache: str = "auto", kv_policy=None):
         self.model = model
+        self.kv_policy = kv_policy
         self.config = model.config
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.shared_prefix = shared_prefix_supported(model) if kv_cache == "auto" else kv_cache == "shared"
+        if kv_policy is not None and not self.shared_prefix:
+            raise ValueError("kv_policy: pruning runs on the shared-prefix KV cache (kv_cache='shared'), which this "
+                             "model cannot use (decoder-only, SDPA, no sliding windows)")
         if kv_cache == "shared" and not shared_prefix_supported(model):
             raise ValueError("kv_cache: 'shared' needs a decoder-only model on SDPA attention through transformers' "
                              "AttentionInterface, without sliding windows; use 'per_beam'")
@@ -107,7 +113,11 @@ class HFBeamModel:
 
             register_shared_prefix_attention()
             self._fast_reorder = True
-            return SharedPrefixCache(config=self.config)
+            cache = SharedPrefixCache(config=self.config)
+            window = getattr(self.kv_policy, "window", 0) if type(self.kv_policy).__name__ == "SnapKV" else 0
+            for layer in cache.layers:
+                layer.capture_window = window
+            return cache
         from decoding.search._hf_cache import new_beam_cache  # lazy: kernels never import transformers
 
         cache, self._fast_reorder = new_beam_cache(self.config, self.is_encoder_decoder)
@@ -180,7 +190,12 @@ class HFBeamModel:
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         self._mask = attention_mask
         self._next_pos = position_ids[:, -1] + 1
-        return self._forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        logits = self._forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if self.kv_policy is not None:
+            from decoding.kv import apply_policy
+
+            apply_policy(self._cache, self.kv_policy, attention_mask)
+        return logits
 
     @torch.inference_mode()
     def step(self, beam_index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
