@@ -38,6 +38,8 @@ def test_cli_small_run_writes_results(tmp_path, capsys):
     (["--decoder", "speculative", "--drafts", "5"], "--drafts must be at least --beams"),
     (["--decoder", "speculative", "--draft-layers", "9"], "--draft-layers in 1..--layers"),
     (["--decoder", "setid", "--catalog-sizes", "10,x"], "--catalog-sizes must be comma-separated integers"),
+    (["--kv", "--prompt-len", "100"], "--kv needs --prompt-len above 288"),
+    (["--kv", "--decoder", "speculative"], "--kv runs trie beam search"),
     (["--decoder", "setid", "--catalog-sizes", "10"], "--catalog-sizes must each be at least --beams"),
 ])
 def test_cli_rejects_bad_flags(argv, message, capsys):
@@ -95,3 +97,19 @@ def test_cli_setid_small_run(tmp_path, capsys):
     for row in res["scoring"]:
         assert row["same_top_k_scores"] and row["peak_memory_mb"] >= 0 and row["items_per_s"] > 0
     assert "Whole-catalog scoring" in capsys.readouterr().out
+
+
+def test_cli_kv_small_run(tmp_path, capsys):
+    """decoding-bench --kv: transformers vs prompt KV per beam vs shared vs each pruning policy."""
+    rc = main(["--kv", "--prompt-len", "320", "--batch", "2", "--beams", "4", "--items", "2000", "--hidden", "32",
+               "--layers", "3", "--heads", "2", "--repeats", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())["results"][0]
+    assert res["suite"] == "kv" and len(res["methods"]) == 6
+    by_name = {m["method"]: m for m in res["methods"]}
+    shared = by_name["decoding.beam_search, shared prompt KV"]
+    assert shared["top_k_agreement"] == 1.0 and by_name["decoding.beam_search, prompt KV per beam"]["top_k_agreement"] == 1.0
+    pruned = [m for m in res["methods"] if m["method"].startswith("shared + ")]
+    assert all(m["prompt_kv_mb"] < shared["prompt_kv_mb"] for m in pruned)
+    assert all(m["peak_memory_mb"] >= 0 for m in res["methods"])
+    assert "KV cache at long prompts" in capsys.readouterr().out

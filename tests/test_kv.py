@@ -77,6 +77,33 @@ def snapkv_direct(attn_probs, mask, policy):
     return torch.stack([attn_probs[b, :, T - W:, :].sum(1) for b in range(B)])  # [B, Hq, T]
 
 
+def window_queries_and_keys(model, ids, mask, window, attentions=False):
+    """Per layer, the last ``window`` prompt queries and all keys, rotary applied, recomputed
+    from each attention module's inputs during a plain prefill (independent of the cache)."""
+    from transformers.models.llama import modeling_llama as ml
+
+    captured = {}
+
+    def hook(module, args, kwargs):
+        hidden = kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        shape = (*hidden.shape[:-1], -1, module.head_dim)
+        q = module.q_proj(hidden).view(shape).transpose(1, 2)
+        k = module.k_proj(hidden).view(shape).transpose(1, 2)
+        q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
+        captured[module.layer_idx] = (q[:, :, -window:], k)
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        output_attentions=attentions)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, out
+
+
 def test_snapkv_keep_equals_votes_from_the_models_own_attention():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -88,26 +115,7 @@ def test_snapkv_keep_equals_votes_from_the_models_own_attention():
     ids = torch.randint(3, 60, (2, T))
     mask = left_mask([40, 30], T)
     policy = SnapKV(window=6, capacity=16, kernel=3)
-    captured = {}
-
-    # queries of the last window, rotary applied: recompute from the layer inputs via a hook
-    from transformers.models.llama import modeling_llama as ml
-
-    def hook(module, args, kwargs):
-        hidden = kwargs["hidden_states"]
-        cos, sin = kwargs["position_embeddings"]
-        shape = (*hidden.shape[:-1], -1, module.head_dim)
-        q = module.q_proj(hidden).view(shape).transpose(1, 2)
-        k = module.k_proj(hidden).view(shape).transpose(1, 2)
-        q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
-        captured[module.layer_idx] = (q[:, :, -policy.window:], k)
-
-    handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.layers]
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    output_attentions=True)
-    for h in handles:
-        h.remove()
+    captured, out = window_queries_and_keys(model, ids, mask, policy.window, attentions=True)
     for layer in range(2):
         q, k = captured[layer]
         index, valid = snapkv_keep(policy, q, k, mask)
@@ -234,23 +242,7 @@ def test_policy_logits_equal_a_masked_full_cache_decode(policy):
         if index is not None:
             visible[layer_idx] = _visible(index, valid, T).expand(3, 2, T) & mask.bool()[:, None, :]
     if isinstance(policy, SnapKV):  # recompute the window queries through a plain prefill
-        captured = {}
-        from transformers.models.llama import modeling_llama as ml
-
-        def hook(module, args, kwargs):
-            hidden = kwargs["hidden_states"]
-            cos, sin = kwargs["position_embeddings"]
-            shape = (*hidden.shape[:-1], -1, module.head_dim)
-            q = module.q_proj(hidden).view(shape).transpose(1, 2)
-            k = module.k_proj(hidden).view(shape).transpose(1, 2)
-            q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
-            captured[module.layer_idx] = (q[:, :, -policy.window:], k)
-
-        handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.layers]
-        with torch.no_grad():
-            model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-        for h in handles:
-            h.remove()
+        captured, _ = window_queries_and_keys(model, ids, mask, policy.window)
         for layer_idx, (q, k) in captured.items():
             index, valid = snapkv_keep(policy, q, k, mask)
             visible[layer_idx] = _visible(index, valid, T)

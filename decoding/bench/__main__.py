@@ -275,6 +275,9 @@ def parse_args(argv=None):
     p.add_argument("--decoder", choices=["beam", "speculative", "setid"], default="beam",
                    help="e2e suite: trie beam search vs baselines, speculative vs target-only beam search, or "
                         "set-identifier whole-catalog scoring (SETRec, RPG) vs materialise + topk and beam search")
+    p.add_argument("--kv", action="store_true",
+                   help="KV-cache memory and latency at long prompts: transformers vs shared prompt KV vs pruning "
+                        "(use with --prompt-len 1024)")
     p.add_argument("--catalog-sizes", default="1000000,10000000",
                    help="setid: comma-separated catalog sizes")
     p.add_argument("--drafts", type=int, default=None, help="speculative: drafted beams N (default 2K)")
@@ -313,6 +316,10 @@ def parse_args(argv=None):
             p.error("--drafts must be at least --beams")
         if args.draft_steps < 1 or args.align_steps < 0 or not 1 <= args.draft_layers <= args.layers:
             p.error("--draft-steps must be positive, --align-steps non-negative, --draft-layers in 1..--layers")
+    if args.kv and (args.decoder != "beam" or args.engine != "transformers"):
+        p.error("--kv runs trie beam search on transformers models (no --decoder, no --engine vllm)")
+    if args.kv and args.prompt_len <= 256 + 32:
+        p.error("--kv needs --prompt-len above 288 (the pruning policies keep 256 positions, SnapKV's window is 32)")
     if args.decoder == "setid":
         if args.engine != "transformers":
             p.error("--decoder setid runs on transformers models (--engine transformers)")
@@ -341,6 +348,10 @@ def main(argv=None) -> int:
         from decoding.bench.speculative_bench import print_speculative, run_speculative
 
         runners["e2e"] = (lambda a, d: run_speculative(a, d, timed, log), print_speculative)
+    if args.kv:
+        from decoding.bench.kv_bench import print_kv, run_kv
+
+        runners["e2e"] = (lambda a, d: run_kv(a, d, timed, log), print_kv)
     if args.decoder == "setid":
         from decoding.bench.setid_bench import print_setid, run_setid
 

@@ -19,22 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
+from decoding.ops._triton.trie_beam_step import _lower_bound
+
 NEG_INF = float("-inf")
 
 
 @triton.jit
 def _excluded(ex_ptr, X, b_idx, items, STEPS: tl.constexpr):
     """Whether each ``items [BLOCK_B, BLOCK_N]`` is in its request's sorted exclusion row."""
-    lo = tl.zeros(items.shape, dtype=tl.int64)
-    hi = tl.zeros(items.shape, dtype=tl.int64) + X
     row = ex_ptr + b_idx[:, None] * X
-    for _ in tl.static_range(STEPS):
-        open_ = lo < hi
-        mid = (lo + hi) // 2
-        v = tl.load(row + mid, mask=open_, other=0)
-        right = open_ & (v < items)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(open_ & ~right, mid, hi)
+    lo = _lower_bound(row, X, items, STEPS)
     found = tl.load(row + lo, mask=lo < X, other=-1)
     return (lo < X) & (found == items)
 
