@@ -27,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from decoding.ops._backend import resolve_backend
 from decoding.ops.tree_attention import run_tree_attention
+from decoding.search._attention import reject_unsupported_attention
 
 SHARED_PREFIX_ATTENTION = "decoding_shared_prefix"
 _current = threading.local()  # the layer whose update ran last in this thread
@@ -43,6 +44,7 @@ class SharedPrefixLayer(DynamicLayer):
         self._kbuf = self._vbuf = None
         self._gen = 0
         self.row_request = None
+        self._prefilling = False
         self.capture_window = 0  # SnapKV: keep the prefill's last W queries of this layer
         self.window_queries = None
         self.prompt_bytes_before_pruning = None
@@ -124,6 +126,7 @@ class SharedPrefixLayer(DynamicLayer):
         self._kbuf = self._vbuf = None
         self._gen = 0
         self.row_request = None
+        self._prefilling = False
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -185,8 +188,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     layer = getattr(_current, "layer", None)
     if not isinstance(layer, SharedPrefixLayer):
         raise RuntimeError(f"attention implementation {SHARED_PREFIX_ATTENTION!r} needs a SharedPrefixCache")
-    if getattr(module, "sliding_window", None) or kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise NotImplementedError("shared-prefix attention: sliding windows and soft-capping are not supported")
+    reject_unsupported_attention(module, kwargs, "shared-prefix attention", "use beam_search(..., kv_cache='per_beam')")
     if layer.prefilling:
         layer.prefix_valid = _prefix_validity(attention_mask, key)
         if layer.capture_window:

@@ -161,12 +161,10 @@ class HFBeamModel:
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         if self.shared_prefix:  # the shared-prefix attention for this call only
-            previous = self.config._attn_implementation
-            self.config._attn_implementation = "decoding_shared_prefix"
-            try:
+            from decoding.search._attention import attention_implementation
+
+            with attention_implementation(self.config, "decoding_shared_prefix"):
                 out = self.model(**kwargs, past_key_values=self._cache, use_cache=True, return_dict=True)
-            finally:
-                self.config._attn_implementation = previous
         else:
             out = self.model(**kwargs, past_key_values=self._cache, use_cache=True, return_dict=True)
         self._cache = out.past_key_values

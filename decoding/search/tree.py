@@ -28,6 +28,7 @@ import torch
 from decoding._validate import check_choice
 from decoding.ops._backend import resolve_backend
 from decoding.ops.tree_attention import run_tree_attention
+from decoding.search._attention import attention_implementation, reject_unsupported_attention
 from decoding.search.model import model_vocab_size
 
 TREE_ATTENTION = "decoding_tree"
@@ -54,10 +55,7 @@ def tree_attention_forward(module, query, key, value, attention_mask, scaling=No
     ctx = _active_context.get()
     if ctx is None:
         raise RuntimeError(f"attention implementation {TREE_ATTENTION!r} runs only inside TreeModel.run")
-    if (getattr(module, "sliding_window", None) or kwargs.get("sliding_window") or kwargs.get("softcap")
-            or getattr(module, "sinks", None) is not None):
-        raise NotImplementedError("tree attention op: sliding windows, soft-capping and attention sinks are not "
-                                  "supported; use TreeModel(model, attention='model')")
+    reject_unsupported_attention(module, kwargs, "tree attention op", "use TreeModel(model, attention='model')")
     if dropout and module.training:
         raise NotImplementedError("tree attention op: attention dropout is not supported (inference only)")
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
@@ -179,14 +177,11 @@ class TreeModel:
         ctx = _TreeAttentionContext(prefix_len=P, prefix_valid=self._visible[:, 0, :P].contiguous(),
                                     tree_visible=self._visible[:, start:end, P: P + end - 1].contiguous(),
                                     backend=self.backend)
-        config = self.model.config
-        previous = config._attn_implementation
         token = _active_context.set(ctx)
-        config._attn_implementation = TREE_ATTENTION
         try:
-            out = self.model(**kwargs)
+            with attention_implementation(self.model.config, TREE_ATTENTION):
+                out = self.model(**kwargs)
         finally:
-            config._attn_implementation = previous
             _active_context.reset(token)
         if ctx.calls == 0:
             raise RuntimeError(f"attention: {type(self.model).__name__} does not route attention through "
