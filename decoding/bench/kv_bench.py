@@ -21,7 +21,7 @@ from decoding.kv import EarnCut, SnapKV, StreamingLLM
 KEEP = 256  # prompt positions kept by each pruning policy
 
 
-def policies(prompt_len: int) -> dict:
+def policies() -> dict:
     return {
         "StreamingLLM (4 sinks + 252 recent)": StreamingLLM(sink=4, recent=KEEP - 4),
         "SnapKV (window 32, capacity 256)": SnapKV(window=32, capacity=KEEP),
@@ -53,7 +53,7 @@ def method_calls(args, seqs, trie, model, ids, mask) -> dict:
         "decoding.beam_search, shared prompt KV": lambda: beam_search(model, ids, mask, trie=trie, num_beams=K,
                                                                       kv_cache="shared"),
     }
-    for name, policy in policies(args.prompt_len).items():
+    for name, policy in policies().items():
         calls[f"shared + {name}"] = (lambda p: lambda: beam_search(model, ids, mask, trie=trie, num_beams=K,
                                                                    kv_policy=p))(policy)
     return calls
