@@ -28,8 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from decoding.ops.compact_kv import compact_kv
-
 
 @dataclass(frozen=True)
 class StreamingLLM:
@@ -169,16 +167,6 @@ def earn_attention_mask(attention_mask: torch.Tensor, registers, num_layers: int
         masks.append(torch.zeros(B, 1, T, T, dtype=dtype, device=device).masked_fill(~visible[:, None],
                                                                                      torch.finfo(dtype).min))
     return masks
-
-
-def prune_layer(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, *, backend: str = "auto"):
-    """Compact one layer's ``[B, Hkv, T, D]`` keys/values to the kept ``index [B, H or 1, C]``."""
-    return compact_kv(keys, values, index, backend=backend)
-
-
-def kv_bytes(tensors) -> int:
-    """Bytes held by the given tensors (a cache's keys and values)."""
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def apply_policy(cache, policy, attention_mask: torch.Tensor, *, backend: str = "auto") -> None:

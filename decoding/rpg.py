@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from decoding._validate import FLOAT_DTYPES, check_positive_int, check_tensor
+from decoding.ops._torch.catalog_topk import is_excluded, merge_topk
 from decoding.ops.catalog_topk import CODE_DTYPES, CatalogTopK, _exclusions, catalog_topk
 
 NEG_INF = float("-inf")
@@ -135,8 +136,7 @@ def graph_decode(code_logprobs: torch.Tensor, item_codes: torch.Tensor, neighbor
         scores = _score_items(code_logprobs, item_codes, cand.clamp(min=0))
         invalid = cand < 0
         if excluded is not None:
-            at = torch.searchsorted(excluded, cand.clamp(min=0).contiguous()).clamp(max=excluded.shape[1] - 1)
-            invalid |= excluded.gather(1, at) == cand
+            invalid |= is_excluded(excluded, cand)
         scored.append(torch.where(cand >= 0, cand, -1))
         scores = scores.masked_fill(invalid, NEG_INF)
         cand = cand.masked_fill(invalid, N)  # invalid slots sort after every real id on ties
@@ -210,12 +210,7 @@ def knn_graph(k: int, *, features: torch.Tensor | None = None, codebooks: torch.
             sims = rows @ block(c0, c1).T
             col_ids = torch.arange(c0, c1, device=device)
             sims = sims.masked_fill(row_ids[:, None] == col_ids[None, :], NEG_INF)
-            # columns come in id order and the running best (lower ids) first: a stable sort
-            # keeps ties on the lower id
-            s = torch.cat([best_s, sims], dim=1)
-            i = torch.cat([best_i, col_ids.expand(r1 - r0, -1)], dim=1)
-            order = s.sort(dim=1, descending=True, stable=True).indices[:, :k]
-            best_s, best_i = s.gather(1, order), i.gather(1, order)
+            best_s, best_i = merge_topk(best_s, best_i, sims, col_ids.expand(r1 - r0, -1), k)
         neighbors[r0:r1] = best_i
         similarity[r0:r1] = best_s * scale + shift
     return neighbors, similarity

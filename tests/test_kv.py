@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoding.kv import (EarnCut, SnapKV, StreamingLLM, earn_attention_mask, earn_keep, kv_bytes, prune_layer,
-                         snapkv_keep, streaming_keep)
+from decoding.kv import EarnCut, SnapKV, StreamingLLM, earn_attention_mask, earn_keep, snapkv_keep, streaming_keep
 from decoding.ops import available_backends, compact_kv
 
 BACKENDS = available_backends("cpu")
@@ -77,6 +76,24 @@ def snapkv_direct(attn_probs, mask, policy):
     return torch.stack([attn_probs[b, :, T - W:, :].sum(1) for b in range(B)])  # [B, Hq, T]
 
 
+def small_llama(layers: int, seed: int, **config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, **config)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def prefilled(model, ids, mask, pos):
+    """A plain transformers cache after the prompt's forward."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+    return cache
+
+
 def window_queries_and_keys(model, ids, mask, window, attentions=False):
     """Per layer, the last ``window`` prompt queries and all keys, rotary applied, recomputed
     from each attention module's inputs during a plain prefill (independent of the cache)."""
@@ -105,12 +122,7 @@ def window_queries_and_keys(model, ids, mask, window, attentions=False):
 
 
 def test_snapkv_keep_equals_votes_from_the_models_own_attention():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, attn_implementation="eager")
-    model = LlamaForCausalLM(cfg).eval()
+    model = small_llama(2, seed=0, attn_implementation="eager")
     T = 40
     ids = torch.randint(3, 60, (2, T))
     mask = left_mask([40, 30], T)
@@ -131,19 +143,16 @@ def test_snapkv_keep_equals_votes_from_the_models_own_attention():
                 got = [int(i) for i, ok in zip(index[b, h], valid[b, h]) if ok]
                 assert got == want, (layer, b, h)
     # compaction to the kept positions: the cache shrinks to capacity / T of its size
-    k_small, v_small = prune_layer(k, k, index)
-    assert k_small.shape == (2, 2, 16, 8) and kv_bytes([k_small]) * T == kv_bytes([k]) * 16
+    k_small, v_small = compact_kv(k, k, index)
+    assert k_small.shape == (2, 2, 16, 8) and k_small.numel() * T == k.numel() * 16
 
 
 def test_streaming_llm_logits_equal_a_masked_full_cache_forward():
     """Decode one token after pruning the prefilled cache to StreamingLLM's positions; the logits
     equal a full-cache forward whose attention mask hides the dropped positions."""
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+    from transformers import DynamicCache
 
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2)
-    model = LlamaForCausalLM(cfg).eval()
+    model = small_llama(2, seed=1)
     T = 30
     ids = torch.randint(3, 60, (3, T))
     mask = left_mask([30, 20, 8], T)
@@ -152,34 +161,22 @@ def test_streaming_llm_logits_equal_a_masked_full_cache_forward():
     nxt_pos = mask.sum(1, keepdim=True)
     policy = StreamingLLM(sink=2, recent=8)
     with torch.no_grad():
-        cache = DynamicCache(config=cfg)
-        model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
         index, valid = streaming_keep(policy, mask)
-        pruned = DynamicCache(config=cfg)
-        for layer_idx, layer in enumerate(cache.layers):
-            k, v = prune_layer(layer.keys, layer.values, index)
+        pruned = DynamicCache(config=model.config)
+        for layer_idx, layer in enumerate(prefilled(model, ids, mask, pos).layers):
+            k, v = compact_kv(layer.keys, layer.values, index)
             pruned.update(k, v, layer_idx)
         got = model(nxt, attention_mask=torch.cat([valid[:, 0].long(), torch.ones(3, 1, dtype=torch.long)], 1),
                     position_ids=nxt_pos, past_key_values=pruned).logits
         slots = torch.where(valid[:, 0], index[:, 0], T)  # unused slots go to a spare column
         kept = torch.zeros(3, T + 1, dtype=torch.long).scatter_(1, slots, 1)[:, :T] * mask
-        cache2 = DynamicCache(config=cfg)
-        model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache2)
         want = model(nxt, attention_mask=torch.cat([kept, torch.ones(3, 1, dtype=torch.long)], 1),
-                     position_ids=nxt_pos, past_key_values=cache2).logits
+                     position_ids=nxt_pos, past_key_values=prefilled(model, ids, mask, pos)).logits
         full = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
-                     position_ids=nxt_pos, past_key_values=_prefilled(model, cfg, ids, mask, pos)).logits
+                     position_ids=nxt_pos, past_key_values=prefilled(model, ids, mask, pos)).logits
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got[0], full[0], atol=1e-4)  # request 0 really lost positions
     assert torch.allclose(got[2], full[2], atol=1e-5)  # request 2 (8 tokens) kept everything
-
-
-def _prefilled(model, cfg, ids, mask, pos):
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=cfg)
-    model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
-    return cache
 
 
 # ---------------------------------------------------------------- policies inside beam search
@@ -214,15 +211,13 @@ def _visible(index, valid, T):
 @pytest.mark.parametrize("policy", [StreamingLLM(sink=3, recent=9), SnapKV(window=5, capacity=14, kernel=3),
                                     EarnCut(layer=1, registers=(0, 1, -2, -1))], ids=["streaming", "snapkv", "earn"])
 def test_policy_logits_equal_a_masked_full_cache_decode(policy):
-    from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+    from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
+    from decoding.search._attention import attention_implementation
     from decoding.search.model import HFBeamModel
 
-    torch.manual_seed(2)
-    cfg = LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2)
-    model = LlamaForCausalLM(cfg).eval()
+    model = small_llama(3, seed=2)
     T = 32
     ids = torch.randint(3, 60, (3, T))
     mask = left_mask([32, 24, 16], T)
@@ -250,15 +245,10 @@ def test_policy_logits_equal_a_masked_full_cache_decode(policy):
     AttentionMaskInterface.register("test_masked_prompt", sdpa_mask)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        cache = DynamicCache(config=cfg)
-        model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
-        previous = model.config._attn_implementation
-        model.config._attn_implementation = "test_masked_prompt"
-        try:
+        cache = prefilled(model, ids, mask, pos)
+        with attention_implementation(model.config, "test_masked_prompt"):
             want = model(token[:, None], attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
                          position_ids=pos[:, -1:] + 1, past_key_values=cache).logits[:, -1]
-        finally:
-            model.config._attn_implementation = previous
     assert torch.allclose(got, want, atol=1e-5)
     report = beams.kv_bytes()
     assert report["prompt"] < report["prompt_before_pruning"]

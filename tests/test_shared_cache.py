@@ -63,7 +63,8 @@ def test_prompt_kv_bytes_are_one_kth_of_transformers(sid_catalog, sid_models, nu
 def test_decode_logits_equal_the_plain_cache_for_every_backend(backend):
     from transformers import DynamicCache
 
-    from decoding.search._shared_cache import SharedPrefixCache, use_shared_prefix_attention
+    from decoding.search._attention import attention_implementation
+    from decoding.search._shared_cache import SHARED_PREFIX_ATTENTION, SharedPrefixCache, register_shared_prefix_attention
 
     V, K = 50, 4
     model = bm.tiny_llama(V, hidden_size=32, layers=2, heads=2, seed=1)
@@ -86,12 +87,9 @@ def test_decode_logits_equal_the_plain_cache_for_every_backend(backend):
         return logits
 
     ref = run(DynamicCache(config=model.config))
-    previous = model.config._attn_implementation
-    use_shared_prefix_attention(model)
-    try:
+    register_shared_prefix_attention()
+    with attention_implementation(model.config, SHARED_PREFIX_ATTENTION):
         got = run(SharedPrefixCache(config=model.config, backend=backend))
-    finally:
-        model.config._attn_implementation = previous
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, atol=1e-5)
 

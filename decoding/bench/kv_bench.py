@@ -15,7 +15,7 @@ import torch
 from decoding import BeamSearchOutput, ItemTrie, beam_search
 from decoding.bench import models as bm
 from decoding.bench.baselines import PythonTriePrefixFn, transformers_trie_beam_search
-from decoding.bench.memory import peak_memory_bytes
+from decoding.bench.memory import peak_memory_bytes, run_job
 from decoding.kv import EarnCut, SnapKV, StreamingLLM
 
 KEEP = 256  # prompt positions kept by each pruning policy
@@ -64,10 +64,6 @@ def _job(args, name):
     return method_calls(args, seqs, trie, model, ids, mask)[name]
 
 
-def _call(job):
-    job()
-
-
 def run_kv(args, device, timed, log) -> dict:
     log(f"[kv] {args.items:,} items, {args.batch} prompts of ~{args.prompt_len} tokens, K={args.beams}, model "
         f"hidden={args.hidden} layers={args.layers}")
@@ -77,7 +73,7 @@ def run_kv(args, device, timed, log) -> dict:
     for name, call in calls.items():
         t, runs, out = timed(call, torch.device("cpu"), args.repeats, name)
         log(f"  {name}: peak memory in a child process")
-        peak = peak_memory_bytes(_call, args, name, setup=_job)
+        peak = peak_memory_bytes(run_job, args, name, setup=_job)
         row = {"method": name, "latency_ms": t * 1e3, "runs_ms": [r * 1e3 for r in runs],
                "peak_memory_mb": peak / 2**20}
         ours = isinstance(out, BeamSearchOutput)

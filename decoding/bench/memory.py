@@ -78,3 +78,8 @@ def peak_memory_bytes(fn, *args, setup=None, **kwargs) -> int:
     if status != "ok":
         raise RuntimeError(f"peak_memory_bytes: the measured call failed: {value}")
     return value
+
+
+def run_job(job) -> None:
+    """The ``fn`` for :func:`peak_memory_bytes` when ``setup`` returns the call to measure."""
+    job()

@@ -18,7 +18,7 @@ import torch
 
 from decoding import ItemTrie, beam_search
 from decoding.bench import models as bm
-from decoding.bench.memory import peak_memory_bytes
+from decoding.bench.memory import peak_memory_bytes, run_job
 from decoding.ops import catalog_topk
 from decoding.setid import ORDINARY, SetIdCatalog, setid_generate
 
@@ -67,10 +67,6 @@ def _make_job(kind, N, B, seed, k, backend, method):
     return lambda: materialised_topk(k, inputs)
 
 
-def _call(job):
-    job()
-
-
 def scoring_rows(args, N, timed, log):
     B, k = args.batch, args.beams
     rows = []
@@ -84,8 +80,8 @@ def scoring_rows(args, N, timed, log):
         agree = bool(torch.allclose(got.scores, ref.values, atol=1e-3))
         inputs = None  # free the tables before the children build their own
         log(f"[setid] {kind}: peak memory, each in a child process")
-        mem_ours = peak_memory_bytes(_call, kind, N, B, args.seed, k, args.backend, "ours", setup=_make_job)
-        mem_base = peak_memory_bytes(_call, kind, N, B, args.seed, k, args.backend, "baseline", setup=_make_job)
+        mem_ours = peak_memory_bytes(run_job, kind, N, B, args.seed, k, args.backend, "ours", setup=_make_job)
+        mem_base = peak_memory_bytes(run_job, kind, N, B, args.seed, k, args.backend, "baseline", setup=_make_job)
         for method, t, runs, mem in ((f"{kind}: catalog_topk", t_ours, runs_ours, mem_ours),
                                      (f"{kind}: materialise [B, N] + torch.topk", t_base, runs_base, mem_base)):
             rows.append({"method": method, "items": N, "latency_ms": t * 1e3, "runs_ms": [r * 1e3 for r in runs],

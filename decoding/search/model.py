@@ -114,7 +114,9 @@ class HFBeamModel:
             register_shared_prefix_attention()
             self._fast_reorder = True
             cache = SharedPrefixCache(config=self.config)
-            window = getattr(self.kv_policy, "window", 0) if type(self.kv_policy).__name__ == "SnapKV" else 0
+            from decoding.kv import SnapKV
+
+            window = self.kv_policy.window if isinstance(self.kv_policy, SnapKV) else 0
             for layer in cache.layers:
                 layer.capture_window = window
             return cache

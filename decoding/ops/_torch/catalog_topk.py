@@ -9,6 +9,23 @@ NEG_INF = float("-inf")
 CHUNK = 65536
 
 
+def is_excluded(excluded: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """bool like ``ids [B, M]``: whether each id is in its row of the sorted ``excluded [B, X]``
+    (an id is excluded iff it equals the entry at its insertion point)."""
+    at = torch.searchsorted(excluded, ids.contiguous()).clamp(max=excluded.shape[1] - 1)
+    return excluded.gather(1, at) == ids
+
+
+def merge_topk(best_scores, best_ids, scores, ids, k):
+    """Running top-k: merge a new chunk ``scores/ids [R, n]`` into the best so far, keeping
+    ``k``. Ties go to the earlier entry, so with chunks in id order (the running best, all of
+    lower ids, first) ties go to the lower id."""
+    scores = torch.cat([best_scores, scores], dim=1)
+    ids = torch.cat([best_ids, ids], dim=1)
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), ids.gather(1, order)
+
+
 def _eligible(start, end, B, excluded, item_mask, device):
     """bool ``[B, end - start]``: items of the chunk a request may get."""
     ids = torch.arange(start, end, device=device)
@@ -16,9 +33,7 @@ def _eligible(start, end, B, excluded, item_mask, device):
     if item_mask is not None:
         ok &= item_mask[..., start:end] if item_mask.dim() == 2 else item_mask[start:end][None, :]
     if excluded is not None:
-        # sorted exclusions: an id is excluded iff it equals the entry at its insertion point
-        at = torch.searchsorted(excluded, ids.expand(B, -1).contiguous()).clamp(max=excluded.shape[1] - 1)
-        ok &= excluded.gather(1, at) != ids
+        ok &= ~is_excluded(excluded, ids.expand(B, -1))
     return ok
 
 
@@ -32,10 +47,7 @@ def _stream(score_chunk, N, B, k, excluded, item_mask, device):
         scores = score_chunk(start, end)
         scores = scores.masked_fill(scores.isnan() | ~_eligible(start, end, B, excluded, item_mask, device), NEG_INF)
         items = torch.arange(start, end, device=device).expand(B, -1)
-        scores = torch.cat([best_scores, scores], dim=1)
-        items = torch.cat([best_items, items], dim=1)
-        order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
-        best_scores, best_items = scores.gather(1, order), items.gather(1, order)
+        best_scores, best_items = merge_topk(best_scores, best_items, scores, items, k)
     best_items = torch.where(best_scores > NEG_INF, best_items, -1)
     return best_scores, best_items
 
