@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import threading
 
 import torch
 
@@ -12,11 +14,29 @@ from decoding._validate import check_choice
 BACKENDS = ("torch", "cpu", "triton")
 
 
+# Triton's interpreter (TRITON_INTERPRET=1, CPU tests) patches triton.language while it runs a
+# kernel, so two interpreted launches in different threads break each other; compiled launches
+# on a GPU do not share such state. Interpreted launches therefore run one at a time.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _one_interpreted_launch_at_a_time(fn):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def load_backend(op: str, backend: str, module: str | None = None):
     """The implementation ``decoding.ops._<backend>.<module>.<op>_<backend>`` (module defaults
     to the op's name)."""
     module = importlib.import_module(f"decoding.ops._{backend}.{module or op}")
-    return getattr(module, f"{op}_{backend}")
+    fn = getattr(module, f"{op}_{backend}")
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return _one_interpreted_launch_at_a_time(fn)
+    return fn
 
 
 def _triton_usable(device: torch.device) -> bool:

@@ -27,7 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from decoding.ops._backend import resolve_backend
 from decoding.ops.tree_attention import run_tree_attention
-from decoding.search._attention import reject_unsupported_attention
+from decoding.search._attention import register_once, reject_unsupported_attention
 
 SHARED_PREFIX_ATTENTION = "decoding_shared_prefix"
 _current = threading.local()  # the layer whose update ran last in this thread
@@ -223,9 +223,14 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def register_shared_prefix_attention() -> None:
+def _register() -> None:
     AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
     AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
+
+
+def register_shared_prefix_attention() -> None:
+    """Add ``"decoding_shared_prefix"`` to transformers' attention and mask registries (once per process)."""
+    register_once(_register)
 
 
 def use_shared_prefix_attention(model) -> None:

@@ -28,7 +28,7 @@ import torch
 from decoding._validate import check_choice
 from decoding.ops._backend import resolve_backend
 from decoding.ops.tree_attention import run_tree_attention
-from decoding.search._attention import attention_implementation, reject_unsupported_attention
+from decoding.search._attention import attention_implementation, register_once, reject_unsupported_attention
 from decoding.search.model import model_vocab_size
 
 TREE_ATTENTION = "decoding_tree"
@@ -65,10 +65,14 @@ def tree_attention_forward(module, query, key, value, attention_mask, scaling=No
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register_tree_attention():
+def _register():
     from transformers import AttentionInterface  # lazy: kernels never import transformers
 
     AttentionInterface.register(TREE_ATTENTION, tree_attention_forward)
+
+
+def _register_tree_attention():
+    register_once(_register)
 
 
 def _check_decoder_only(model, arg: str = "model"):
