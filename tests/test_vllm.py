@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -42,10 +44,11 @@ def catalog(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llm(model_dir):
-    # no logits_processors argument: the package's entry point registers the processor
+def llm(model_dir, catalog):
+    # no logits_processors argument: the package's entry point registers the processor; the
+    # operator registers the catalog by name
     return vllm.LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=256, enable_prefix_caching=True,
-                    max_logprobs=-1, seed=0)
+                    max_logprobs=-1, seed=0, additional_config={"decoding": {"catalogs": {"items": catalog[2]}}})
 
 
 def random_prompts(n, seed):
@@ -70,7 +73,7 @@ def test_opted_in_requests_only_produce_items_and_others_are_untouched(llm, cata
     def params(i, constrain):
         kw = dict(max_tokens=4, seed=100 + i, temperature=0.0 if i % 4 < 2 else 1.0)
         if constrain:
-            kw["extra_args"] = dv.trie_extra_args(path)
+            kw["extra_args"] = dv.trie_extra_args("items")
         return SamplingParams(**kw)
 
     mixed = run(llm, prompts, [params(i, opted[i]) for i in range(64)])
@@ -85,14 +88,15 @@ def test_opted_in_requests_only_produce_items_and_others_are_untouched(llm, cata
     assert int((trie.lookup(torch.tensor([plain[i] for i in range(64) if opted[i]])) >= 0).sum()) < 4
 
 
-def test_identifier_starting_inside_the_prompt_and_registered_names(llm, catalog):
+def test_identifier_starting_inside_the_prompt_and_in_process_names(llm, catalog):
     from vllm import SamplingParams
 
     seqs, trie, path = catalog
-    dv.register_catalog("items", trie)
+    dv.register_catalog("in-process", trie)
     prompts = [p + [int(t) for t in seqs[i][:2]] for i, p in enumerate(random_prompts(8, seed=2))]
     params = [SamplingParams(max_tokens=2, temperature=1.0, seed=i,
-                             extra_args=dv.trie_extra_args("items", offset=len(p) - 2)) for i, p in enumerate(prompts)]
+                             extra_args=dv.trie_extra_args("in-process", offset=len(p) - 2))
+              for i, p in enumerate(prompts)]
     outs = run(llm, prompts, params)
     full = torch.tensor([p[-2:] + o for p, o in zip(prompts, outs)])
     assert bool((trie.lookup(full) >= 0).all())
@@ -104,7 +108,7 @@ def test_complete_identifier_only_allows_eos(llm, catalog):
 
     _, trie, path = catalog
     outs = run(llm, random_prompts(4, seed=3), SamplingParams(max_tokens=6, temperature=1.0, seed=0,
-                                                               extra_args=dv.trie_extra_args(path)))
+                                                               extra_args=dv.trie_extra_args("items")))
     for out in outs:
         assert trie.lookup(torch.tensor([out[:4]])).item() >= 0
         assert out[4:] == [EOS]  # the engine stops at EOS
@@ -189,36 +193,38 @@ def test_engine_default_catalog_constrains_vllm_beam_search(model_dir, catalog):
     assert plain is not None, res.stderr[-3000:]
     assert int((trie.lookup(torch.tensor(plain)) >= 0).sum()) < len(plain) // 2  # unconstrained: mostly not items
     res, bad = _beam_search_in_fresh_engine(model_dir, path, "bad", prompts)
-    assert bad is None and "neither a registered catalog" in res.stderr
+    assert bad is None and 'additional_config["decoding"]["catalog"]: expected a registered catalog name' in res.stderr
 
 
 @pytest.mark.parametrize("extra, match", [
-    ({"decoding_catalog": "no-such-catalog"}, "neither a registered catalog"),
-    ({"decoding_catalog": "/nonexistent/items.trie"}, "neither a registered catalog"),
-    ({"decoding_catalog": "CORRUPT"}, "decoding_catalog: path"),
-    ({"decoding_catalog": "OTHER_VOCAB"}, "built for vocab_size 50"),
+    ({"decoding_catalog": "no-such-catalog"}, dv.UNKNOWN_CATALOG),
+    ({"decoding_catalog": "/nonexistent/items.trie"}, dv.UNKNOWN_CATALOG),
+    ({"decoding_catalog": "ITEMS_PATH"}, dv.UNKNOWN_CATALOG),  # a path, even of a registered file
+    ({"decoding_catalog": 5}, "decoding_catalog: expected the name of a catalog"),
+    ({"decoding_catalog": "broken"}, "decoding_catalog: catalog 'broken' cannot be loaded; the server log says why"),
+    ({"decoding_catalog": "other-vocab"}, "built for vocab_size 50"),
     ({"decoding_catalog": "items", "decoding_offset": 99}, "decoding_offset: 99 is beyond the prompt"),
     ({"decoding_catalog": "items", "decoding_offset": 0}, "do not start any identifier"),
     ({"decoding_catalog": "items", "decoding_offset": -3}, "decoding_offset: expected a non-negative int"),
     ({"decoding_offset": 2}, "decoding_offset: given without decoding_catalog"),
 ])
 def test_bad_extra_args_are_rejected_at_admission(llm, catalog, tmp_path, extra, match):
-    from vllm import SamplingParams
+    import re
 
-    _, trie, path = catalog
-    dv.register_catalog("items", trie)
-    if extra.get("decoding_catalog") == "CORRUPT":
-        bad = tmp_path / "bad.trie"
-        bad.write_bytes(b"garbage")
-        extra = {"decoding_catalog": str(bad)}
-    if extra.get("decoding_catalog") == "OTHER_VOCAB":
-        other = tmp_path / "other.trie"
-        ItemTrie.from_sequences([[1, 2]], vocab_size=50).save(other)
-        extra = {"decoding_catalog": str(other)}
+    from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
 
+    _, trie, path = catalog
+    bad = tmp_path / "bad.trie"
+    bad.write_bytes(b"garbage")
+    dv.register_catalog("broken", bad)
+    other = tmp_path / "other.trie"
+    ItemTrie.from_sequences([[1, 2]], vocab_size=50).save(other)
+    dv.register_catalog("other-vocab", other)
+    if extra.get("decoding_catalog") == "ITEMS_PATH":
+        extra = {"decoding_catalog": path}
     # vLLM converts the processor's ValueError into its validation error (HTTP 400 when serving)
-    with pytest.raises((VLLMValidationError, ValueError), match=match):
+    with pytest.raises((VLLMValidationError, ValueError), match=re.escape(match) if "'" in match else match):
         run(llm, random_prompts(1, seed=5), vllm.SamplingParams(max_tokens=2, extra_args=extra))
     # the engine is still serving
     assert len(run(llm, random_prompts(1, seed=5), SamplingParams(max_tokens=2))[0]) == 2
@@ -230,13 +236,15 @@ def test_import_without_vllm_names_the_extra():
     assert res.returncode != 0 and "genrec-decoding[vllm]" in res.stderr
 
 
-def test_untested_vllm_versions_are_refused():
-    from decoding.integrations.vllm import _check_version
+def test_untested_vllm_versions_are_named_and_the_driver_refuses_them():
+    from decoding.integrations.vllm._version import check_version, untested_message
 
-    _check_version("0.32.0+cpu")
-    for version in ("0.31.2", "0.33.0"):
-        with pytest.raises(ImportError, match="tested with vLLM >= 0.32.0, < 0.33.0"):
-            _check_version(version)
+    assert untested_message("0.32.0+cpu") is None and untested_message() is None
+    for version in ("0.31.2", "0.33.0", "0.33.1", "not-a-version"):
+        message = untested_message(version)
+        assert f"this server runs vLLM {version}" in message and "vLLM >= 0.32.0, < 0.33.0" in message
+        with pytest.raises(RuntimeError, match="tested with vLLM >= 0.32.0, < 0.33.0"):
+            check_version(version)
 
 
 # ---------------------------------------------------------------------------- MRV2 interface
@@ -246,10 +254,9 @@ class _Buffer:
 
 
 def _mrv2_processor(trie_path, slots=4, max_len=32):
-    from types import SimpleNamespace
-
     config = SimpleNamespace(model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB,
-                                                          hf_text_config=SimpleNamespace(eos_token_id=EOS)))
+                                                          hf_text_config=SimpleNamespace(eos_token_id=EOS)),
+                             additional_config={"decoding": {"catalogs": {"items": trie_path}}})
     req_states = SimpleNamespace(
         device=torch.device("cpu"), max_num_reqs=slots, vocab_size=VOCAB,
         all_token_ids=_Buffer(torch.zeros((slots, max_len), dtype=torch.int32)),
@@ -273,7 +280,7 @@ def test_mrv2_apply_masks_committed_and_drafted_rows(catalog):
     state.prompt_len.gpu[2], state.total_len.gpu[2] = 3, 4
     state.all_token_ids.gpu[0, :3] = torch.tensor(prompt)
     state.prompt_len.gpu[0], state.total_len.gpu[0] = 3, 3
-    assert proc.add_request(2, SamplingParams(extra_args=dv.trie_extra_args(path))) is True
+    assert proc.add_request(2, SamplingParams(extra_args=dv.trie_extra_args("items"))) is True
     assert proc.add_request(0, SamplingParams()) is False
     proc.apply_staged_writes()
     # rows: slot 0; slot 2 at its last committed token; slot 2 with one draft token (item[1])
@@ -303,7 +310,7 @@ def test_mrv2_finished_identifier_allows_only_eos(catalog):
     item = [int(t) for t in seqs[3]]
     state.all_token_ids.gpu[1, :6] = torch.tensor([9, 10] + item)
     state.prompt_len.gpu[1], state.total_len.gpu[1] = 2, 6
-    proc.add_request(1, SamplingParams(extra_args=dv.trie_extra_args(path)))
+    proc.add_request(1, SamplingParams(extra_args=dv.trie_extra_args("items")))
     proc.apply_staged_writes()
     ctx = LogitsContext(expanded_idx_mapping=torch.tensor([1]), idx_mapping=torch.tensor([1]),
                         idx_mapping_np=np.array([1]), expanded_local_pos=torch.tensor([0]),
@@ -330,3 +337,97 @@ def test_bench_cli_vllm_engine_small_run(tmp_path, capsys):
     assert res["engine_floor"]["latency_ms"] > 0
     printed = capsys.readouterr().out
     assert "vLLM beam_search, unconstrained + post-filter" in printed and "Model work alone" in printed
+
+
+def _mrv2_allowed(proc, state, slot, history, prompt_len, logits=None):
+    """Tokens the processor allows next for the request in ``slot`` with token ``history``."""
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
+
+    state.all_token_ids.gpu[slot, : len(history)] = torch.tensor(history)
+    state.prompt_len.gpu[slot], state.total_len.gpu[slot] = prompt_len, len(history)
+    ctx = LogitsContext(expanded_idx_mapping=torch.tensor([slot]), idx_mapping=torch.tensor([slot]),
+                        idx_mapping_np=np.array([slot]), expanded_local_pos=torch.tensor([0]),
+                        input_ids=torch.tensor([history[-1]]), pos=torch.tensor([len(history) - 1]),
+                        seq_lens_upper_bound_np=np.array([len(history)]))
+    out = proc.apply(torch.zeros(1, VOCAB) if logits is None else logits, ctx)
+    return set(torch.isfinite(out[0]).nonzero().flatten().tolist())
+
+
+def test_replaced_catalog_serves_new_requests_while_running_ones_keep_theirs(tmp_path):
+    """The operator replaces the registered file (write, then atomic rename): the next request is
+    constrained by the new catalog, a request that started before by the old one."""
+    from vllm import SamplingParams
+
+    old_items, new_items = [[10, 300, 600, 900]], [[20, 310, 610, 910]]
+    path = tmp_path / "items.trie"
+    ItemTrie.from_sequences(old_items, vocab_size=VOCAB).save(path)
+    proc, state = _mrv2_processor(str(path))
+    proc.add_request(0, SamplingParams(extra_args=dv.trie_extra_args("items")))
+    proc.apply_staged_writes()
+    staged = tmp_path / "items.trie.new"
+    ItemTrie.from_sequences(new_items, vocab_size=VOCAB).save(staged)
+    staged.replace(path)
+    proc.add_request(1, SamplingParams(extra_args=dv.trie_extra_args("items")))
+    proc.apply_staged_writes()
+    assert _mrv2_allowed(proc, state, 0, [9, 10], 1) == {300}  # running: the old catalog
+    assert _mrv2_allowed(proc, state, 1, [9], 1) == {20}  # new: the new one
+    assert dv.resolve_catalog("items", SimpleNamespace(additional_config={"decoding": {"catalogs": {
+        "items": str(path)}}})).walk(torch.tensor([new_items[0]])).item() > 0
+
+
+def test_request_that_slipped_past_admission_may_only_end(catalog):
+    """With plugins disabled nothing resolves the catalog at admission: the processor confines
+    an unknown catalog to EOS instead of leaving the request unconstrained."""
+    from vllm import SamplingParams
+
+    _, _, path = catalog
+    proc, state = _mrv2_processor(path)
+    assert proc.add_request(3, SamplingParams(extra_args=dv.trie_extra_args("/etc/passwd"))) is True
+    proc.apply_staged_writes()
+    assert _mrv2_allowed(proc, state, 3, [9, 10], 2, logits=torch.randn(1, VOCAB)) == {EOS}
+
+
+@pytest.mark.parametrize("catalog_name, budget, expect", [("a", 10**9, "loads"), ("a", 10, "too large")])
+def test_catalog_budget(tmp_path, catalog_name, budget, expect):
+    from decoding.integrations.vllm.catalogs import CatalogError, CatalogOptions, CatalogSet
+
+    paths = {}
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        paths[name] = str(tmp_path / f"{name}.trie")
+        ItemTrie.from_sequences(bm.random_semantic_ids(500, seed=seed), vocab_size=VOCAB).save(paths[name])
+    size = ItemTrie.load(paths["a"]).nbytes
+    if expect == "too large":
+        catalogs = CatalogSet(CatalogOptions(catalogs=tuple(paths.items()), max_catalog_bytes=budget))
+        with pytest.raises(CatalogError, match=f"needs {size} bytes, more than the server's max_catalog_bytes"):
+            catalogs.resolve(catalog_name)
+        return
+    # room for two of the three: the least recently used one is evicted, then loaded again
+    catalogs = CatalogSet(CatalogOptions(catalogs=tuple(paths.items()), max_catalog_bytes=2 * size + size // 2))
+    a = catalogs.resolve("a")
+    b = catalogs.resolve("b")
+    assert catalogs.resolve("a") is a  # cached, and now the most recently used
+    catalogs.resolve("c")  # evicts b
+    assert catalogs.files.nbytes <= 2 * size + size // 2
+    assert catalogs.resolve("a") is a and catalogs.resolve("b") is not b
+
+
+def test_catalog_dir_names_resolve_strictly_inside_it(tmp_path):
+    from decoding.integrations.vllm.catalogs import CatalogError, CatalogOptions, CatalogSet
+
+    inside, outside = tmp_path / "catalogs", tmp_path / "private"
+    inside.mkdir()
+    outside.mkdir()
+    ItemTrie.from_sequences([[10, 300, 600, 900]], vocab_size=VOCAB).save(inside / "items.trie")
+    ItemTrie.from_sequences([[20, 310, 610, 910]], vocab_size=VOCAB).save(outside / "secret.trie")
+    (inside / "link-out.trie").symlink_to(outside / "secret.trie")
+    (inside / "link-in.trie").symlink_to(inside / "items.trie")
+    (inside / "sub").mkdir()
+    ItemTrie.from_sequences([[30, 320, 620, 920]], vocab_size=VOCAB).save(inside / "sub" / "deep.trie")
+    catalogs = CatalogSet(CatalogOptions(catalog_dir=str(inside.resolve())))
+    assert catalogs.resolve("items.trie").num_items == 1
+    assert catalogs.resolve("link-in.trie") is catalogs.resolve("items.trie")
+    for name in ("link-out.trie", "../private/secret.trie", str(outside / "secret.trie"), "sub/deep.trie", "sub",
+                 "..", ".", "", "missing.trie", "items.trie/", "/etc/passwd", "..items.trie"):
+        with pytest.raises(CatalogError) as err:
+            catalogs.resolve(name)
+        assert str(err.value) == dv.UNKNOWN_CATALOG, name

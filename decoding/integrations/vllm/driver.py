@@ -12,8 +12,7 @@ Requests go straight to the engine core (``LLMEngine.engine_core``: the in-proce
 multiprocess client), skipping vLLM's front end: prompt rendering, per-request parameter
 validation and cloning, detokenisation and ``RequestOutput`` building, which the driver does not
 need because it builds already valid token-id requests and reads log-probs as arrays. This is an
-internal vLLM interface, which is why :mod:`decoding.integrations.vllm` refuses untested vLLM
-versions. The engine must be idle while the driver runs (it drains its own requests and aborts
+internal vLLM interface, which is why the driver refuses untested vLLM versions. The engine must be idle while the driver runs (it drains its own requests and aborts
 them on error).
 
 The top-K equals :func:`decoding.beam_search` on the same weights in transformers (float32), up
@@ -29,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from decoding.integrations.vllm._version import check_version
 from decoding.search.beam import BeamSearchOutput
 from decoding.search.beam import beam_search as _beam_search
 
@@ -120,6 +120,7 @@ class VLLMBeamModel:
     node has no children (finished or dead beams) send no request."""
 
     def __init__(self, llm, trie):
+        check_version()  # engine internals: refuse an untested vLLM instead of misreading it
         vocab = _engine_vocab_size(llm)
         if vocab != trie.vocab_size:
             raise ValueError(f"trie: built for vocab_size {trie.vocab_size}, the engine's model has {vocab}")
@@ -177,6 +178,7 @@ def beam_search(llm, prompts, *, trie, num_beams: int, length_penalty: float = 0
     Returns:
         :class:`decoding.BeamSearchOutput` (``items``, ``scores``, ``sequences``).
     """
+    check_version()
     if not prompts:
         raise ValueError("prompts: expected at least one prompt")
     vocab, max_len = _engine_vocab_size(llm), int(llm.llm_engine.model_config.max_model_len)
