@@ -10,6 +10,7 @@ import torch
 
 from decoding.kv import EarnCut, SnapKV, StreamingLLM, earn_attention_mask, earn_keep, snapkv_keep, streaming_keep
 from decoding.ops import available_backends, compact_kv
+from decoding.search.model import cache_argument
 
 BACKENDS = available_backends("cpu")
 
@@ -90,7 +91,7 @@ def prefilled(model, ids, mask, pos):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+    model(ids, attention_mask=mask, position_ids=pos, **{cache_argument(model): cache})
     return cache
 
 
@@ -167,13 +168,13 @@ def test_streaming_llm_logits_equal_a_masked_full_cache_forward():
             k, v = compact_kv(layer.keys, layer.values, index)
             pruned.update(k, v, layer_idx)
         got = model(nxt, attention_mask=torch.cat([valid[:, 0].long(), torch.ones(3, 1, dtype=torch.long)], 1),
-                    position_ids=nxt_pos, past_key_values=pruned).logits
+                    position_ids=nxt_pos, **{cache_argument(model): pruned}).logits
         slots = torch.where(valid[:, 0], index[:, 0], T)  # unused slots go to a spare column
         kept = torch.zeros(3, T + 1, dtype=torch.long).scatter_(1, slots, 1)[:, :T] * mask
         want = model(nxt, attention_mask=torch.cat([kept, torch.ones(3, 1, dtype=torch.long)], 1),
-                     position_ids=nxt_pos, past_key_values=prefilled(model, ids, mask, pos)).logits
+                     position_ids=nxt_pos, **{cache_argument(model): prefilled(model, ids, mask, pos)}).logits
         full = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
-                     position_ids=nxt_pos, past_key_values=prefilled(model, ids, mask, pos)).logits
+                     position_ids=nxt_pos, **{cache_argument(model): prefilled(model, ids, mask, pos)}).logits
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got[0], full[0], atol=1e-4)  # request 0 really lost positions
     assert torch.allclose(got[2], full[2], atol=1e-5)  # request 2 (8 tokens) kept everything
@@ -248,7 +249,7 @@ def test_policy_logits_equal_a_masked_full_cache_decode(policy):
         cache = prefilled(model, ids, mask, pos)
         with attention_implementation(model.config, "test_masked_prompt"):
             want = model(token[:, None], attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
-                         position_ids=pos[:, -1:] + 1, past_key_values=cache).logits[:, -1]
+                         position_ids=pos[:, -1:] + 1, **{cache_argument(model): cache}).logits[:, -1]
     assert torch.allclose(got, want, atol=1e-5)
     report = beams.kv_bytes()
     assert report["prompt"] < report["prompt_before_pruning"]

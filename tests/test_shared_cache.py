@@ -11,6 +11,7 @@ from conftest import SID_VOCAB, prompts
 from decoding import beam_search
 from decoding.bench import models as bm
 from decoding.ops import available_backends
+from decoding.search.model import cache_argument, returned_cache
 
 
 def qwen2(vocab, seed=3):
@@ -42,7 +43,7 @@ def prompt_bytes_of_transformers(model, ids, mask, K, L):
                          max_new_tokens=L, min_new_tokens=L, return_dict_in_generate=True, pad_token_id=0,
                          eos_token_id=None)
     T = ids.shape[1]
-    return sum(layer.keys[:, :, :T].numel() * layer.keys.element_size() * 2 for layer in out.past_key_values.layers)
+    return sum(layer.keys[:, :, :T].numel() * layer.keys.element_size() * 2 for layer in returned_cache(out).layers)
 
 
 @pytest.mark.parametrize("num_beams", [4, 20])
@@ -75,14 +76,14 @@ def test_decode_logits_equal_the_plain_cache_for_every_backend(backend):
 
     def run(cache):
         with torch.no_grad():
-            model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+            model(ids, attention_mask=mask, position_ids=pos, **{cache_argument(model): cache})
             cache.batch_repeat_interleave(K)
             m = mask.repeat_interleave(K, 0)
             p = pos[:, -1:].repeat_interleave(K, 0) + 1
             logits = []
             for i, tok in enumerate(steps):
                 m = torch.cat([m, torch.ones(3 * K, 1, dtype=torch.long)], 1)
-                logits.append(model(tok, attention_mask=m, position_ids=p + i, past_key_values=cache).logits)
+                logits.append(model(tok, attention_mask=m, position_ids=p + i, **{cache_argument(model): cache}).logits)
                 cache.reorder_cache(reorder)
         return logits
 
@@ -103,7 +104,7 @@ def test_transformers_generate_runs_on_the_shared_cache(sid_models):
                   pad_token_id=0, eos_token_id=None)
     ref = model.generate(**kwargs)
     use_shared_prefix_attention(model)
-    got = model.generate(**kwargs, past_key_values=SharedPrefixCache(config=model.config))
+    got = model.generate(**kwargs, **{cache_argument(model): SharedPrefixCache(config=model.config)})
     assert torch.equal(got, ref)
 
 

@@ -235,6 +235,7 @@ def register_shared_prefix_attention() -> None:
 
 def use_shared_prefix_attention(model) -> None:
     """Switch ``model`` (a transformers decoder-only model) to shared-prefix attention, e.g. to
-    pass a :class:`SharedPrefixCache` to ``model.generate(..., past_key_values=cache)``."""
+    pass a :class:`SharedPrefixCache` to ``model.generate(..., cache=cache)`` (``past_key_values=``
+    before transformers renamed it; :func:`decoding.search.model.cache_argument` says which)."""
     register_shared_prefix_attention()
     model.config._attn_implementation = SHARED_PREFIX_ATTENTION

@@ -57,6 +57,19 @@ def model_vocab_size(model) -> int | None:
     return getattr(model, "vocab_size", None)
 
 
+def cache_argument(model) -> str:
+    """The name under which ``model.forward`` takes the KV cache: ``"cache"`` on transformers
+    releases that deprecate ``past_key_values`` (5.24 warns it is removed in 5.40), else
+    ``"past_key_values"``. Read from the signature, so no deprecated name is ever passed."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a transformers forward returned, under either name (``ModelOutput`` keys)."""
+    cache = output.get("cache")
+    return output.get("past_key_values") if cache is None else cache
+
+
 def shared_prefix_supported(model) -> bool:
     """Whether the shared-prefix cache can serve ``model``: a transformers decoder-only model on
     SDPA attention dispatched through ``AttentionInterface``, with full attention in every layer."""
@@ -94,6 +107,7 @@ class HFBeamModel:
                              "AttentionInterface, without sliding windows; use 'per_beam'")
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
+        self._cache_argument = cache_argument(model)
         self._cache = None
         self._mask = None
         self._next_pos = None
@@ -162,14 +176,15 @@ class HFBeamModel:
     def _forward(self, **kwargs) -> torch.Tensor:
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
+        kwargs[self._cache_argument] = self._cache
         if self.shared_prefix:  # the shared-prefix attention for this call only
             from decoding.search._attention import attention_implementation
 
             with attention_implementation(self.config, "decoding_shared_prefix"):
-                out = self.model(**kwargs, past_key_values=self._cache, use_cache=True, return_dict=True)
+                out = self.model(**kwargs, use_cache=True, return_dict=True)
         else:
-            out = self.model(**kwargs, past_key_values=self._cache, use_cache=True, return_dict=True)
-        self._cache = out.past_key_values
+            out = self.model(**kwargs, use_cache=True, return_dict=True)
+        self._cache = returned_cache(out)
         return out.logits[:, -1, :]
 
     @torch.inference_mode()

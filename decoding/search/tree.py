@@ -29,7 +29,7 @@ from decoding._validate import check_choice
 from decoding.ops._backend import resolve_backend
 from decoding.ops.tree_attention import run_tree_attention
 from decoding.search._attention import attention_implementation, register_once, reject_unsupported_attention
-from decoding.search.model import model_vocab_size
+from decoding.search.model import cache_argument, model_vocab_size, returned_cache
 
 TREE_ATTENTION = "decoding_tree"
 ATTENTION_MODES = ("model", "op")
@@ -119,9 +119,9 @@ class TreeModel:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
         position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         self._cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=self._cache, use_cache=True, return_dict=True)
-        self._cache = out.past_key_values
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                         return_dict=True, **{cache_argument(self.model): self._cache})
+        self._cache = returned_cache(out)
         self._prompt_len = input_ids.shape[1]
         B = input_ids.shape[0]
         # per row: visibility over cache positions (bool [B, R, S]), depth, and token (the input of run)
@@ -165,12 +165,13 @@ class TreeModel:
         position_ids = self._last_prompt_pos[:, None] + self._depth[:, start:end]
         assert self._cache.get_seq_length() == cached
         kwargs = dict(input_ids=self._tokens[:, start:end].clamp(min=0), attention_mask=mask,
-                      position_ids=position_ids, past_key_values=self._cache, use_cache=True, return_dict=True)
+                      position_ids=position_ids, use_cache=True, return_dict=True,
+                      **{cache_argument(self.model): self._cache})
         if self.attention == "op":
             out = self._run_with_op(start, end, kwargs)
         else:
             out = self.model(**kwargs)
-        self._cache = out.past_key_values
+        self._cache = returned_cache(out)
         self._computed = end
         return out.logits
 
