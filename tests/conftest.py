@@ -71,6 +71,14 @@ def title_models(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session")
+def served_model_dir(tmp_path_factory):
+    """A random Llama-style model over the semantic-ID vocabulary and a word-level tokenizer,
+    saved for a serving engine (vLLM)."""
+    path = tmp_path_factory.mktemp("served_model")
+    return bm.save_for_serving(bm.tiny_llama(SID_VOCAB, hidden_size=64, layers=2, heads=2, seed=11), path)
+
+
 def prompts(vocab, batch=5, seed=0):
     """Left-padded prompts of unequal lengths."""
     return bm.left_padded_prompts(batch, vocab, 3, 11, seed=seed)

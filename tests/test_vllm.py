@@ -28,13 +28,6 @@ EOS = 2
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A random Llama-style model and a word-level tokenizer, saved with save_pretrained."""
-    path = tmp_path_factory.mktemp("vllm_model")
-    return bm.save_for_serving(bm.tiny_llama(VOCAB, hidden_size=64, layers=2, heads=2, seed=11), path)
-
-
-@pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
     seqs = bm.random_semantic_ids(12_000, seed=12)
     trie = ItemTrie.from_sequences(seqs, vocab_size=VOCAB)
@@ -44,11 +37,12 @@ def catalog(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llm(model_dir, catalog):
+def llm(served_model_dir, catalog):
     # no logits_processors argument: the package's entry point registers the processor; the
     # operator registers the catalog by name
-    return vllm.LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=256, enable_prefix_caching=True,
-                    max_logprobs=-1, seed=0, additional_config={"decoding": {"catalogs": {"items": catalog[2]}}})
+    return vllm.LLM(served_model_dir, dtype="float32", enforce_eager=True, max_model_len=256,
+                    enable_prefix_caching=True, max_logprobs=-1, seed=0,
+                    additional_config={"decoding": {"catalogs": {"items": catalog[2]}}})
 
 
 def random_prompts(n, seed):
@@ -115,7 +109,8 @@ def test_complete_identifier_only_allows_eos(llm, catalog):
 
 
 @pytest.mark.parametrize("full_vocab", [True, False], ids=["wide-nodes-full-vocab", "wide-nodes-split"])
-def test_driver_matches_decoding_beam_search_on_the_same_weights(llm, model_dir, catalog, monkeypatch, full_vocab):
+def test_driver_matches_decoding_beam_search_on_the_same_weights(llm, served_model_dir, catalog, monkeypatch,
+                                                                 full_vocab):
     from transformers import AutoModelForCausalLM
 
     from decoding.integrations.vllm import driver
@@ -126,7 +121,7 @@ def test_driver_matches_decoding_beam_search_on_the_same_weights(llm, model_dir,
     assert trie.max_branch_at(0) > driver.MAX_TOKEN_IDS_PER_REQUEST
     prompts = random_prompts(6, seed=4)
     got = dv.beam_search(llm, prompts, trie=trie, num_beams=5)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    hf = AutoModelForCausalLM.from_pretrained(served_model_dir).eval()
     width = max(len(p) for p in prompts)
     ids = torch.zeros((6, width), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -158,41 +153,42 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 import vllm
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import BeamSearchParams
-model_dir, path, mode, prompts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+served_model_dir, path, mode, prompts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 kwargs = dict(dtype="float32", enforce_eager=True, max_model_len=256, max_logprobs=64)
 if mode == "constrained":
     kwargs.update(logprobs_mode="processed_logprobs", additional_config={"decoding": {"catalog": path, "offset": 4}})
 if mode == "bad":
     kwargs.update(additional_config={"decoding": {"catalog": "no-such-catalog"}})
-engine = vllm.LLM(model_dir, **kwargs)
+engine = vllm.LLM(served_model_dir, **kwargs)
 outs = engine.beam_search([TokensPrompt(prompt_token_ids=p) for p in prompts],
                           BeamSearchParams(beam_width=4, max_tokens=4, ignore_eos=True))
 print("RESULT" + json.dumps([s.tokens[4:8] for o in outs for s in o.sequences]))
 """
 
 
-def _beam_search_in_fresh_engine(model_dir, path, mode, prompts):
+def _beam_search_in_fresh_engine(served_model_dir, path, mode, prompts):
     # one engine per process: vLLM keeps process-global parallel state per engine
     import json
 
-    res = subprocess.run([sys.executable, "-c", ENGINE_DEFAULT_SCRIPT, model_dir, path, mode, json.dumps(prompts)],
+    res = subprocess.run([sys.executable, "-c", ENGINE_DEFAULT_SCRIPT, served_model_dir, path, mode,
+                          json.dumps(prompts)],
                          capture_output=True, text=True, timeout=300)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")]
     return res, (json.loads(lines[0][len("RESULT"):]) if lines else None)
 
 
-def test_engine_default_catalog_constrains_vllm_beam_search(model_dir, catalog):
+def test_engine_default_catalog_constrains_vllm_beam_search(served_model_dir, catalog):
     """vLLM's own beam search sends per-step requests without extra_args: an engine-wide catalog
     constrains them (prompts of one length, offset = that length)."""
     _, trie, path = catalog
     prompts = [p[:4] for p in random_prompts(6, seed=6)]
-    res, constrained = _beam_search_in_fresh_engine(model_dir, path, "constrained", prompts)
+    res, constrained = _beam_search_in_fresh_engine(served_model_dir, path, "constrained", prompts)
     assert constrained is not None, res.stderr[-3000:]
     assert bool((trie.lookup(torch.tensor(constrained)) >= 0).all())
-    res, plain = _beam_search_in_fresh_engine(model_dir, path, "plain", prompts)
+    res, plain = _beam_search_in_fresh_engine(served_model_dir, path, "plain", prompts)
     assert plain is not None, res.stderr[-3000:]
     assert int((trie.lookup(torch.tensor(plain)) >= 0).sum()) < len(plain) // 2  # unconstrained: mostly not items
-    res, bad = _beam_search_in_fresh_engine(model_dir, path, "bad", prompts)
+    res, bad = _beam_search_in_fresh_engine(served_model_dir, path, "bad", prompts)
     assert bad is None and 'additional_config["decoding"]["catalog"]: expected a registered catalog name' in res.stderr
 
 

@@ -12,8 +12,8 @@ Requests go straight to the engine core (``LLMEngine.engine_core``: the in-proce
 multiprocess client), skipping vLLM's front end: prompt rendering, per-request parameter
 validation and cloning, detokenisation and ``RequestOutput`` building, which the driver does not
 need because it builds already valid token-id requests and reads log-probs as arrays. This is an
-internal vLLM interface, which is why the driver refuses untested vLLM versions. The engine must be idle while the driver runs (it drains its own requests and aborts
-them on error).
+internal vLLM interface, which is why the driver refuses untested vLLM versions. The engine must
+be idle while the driver runs (it drains its own requests and aborts them on error).
 
 The top-K equals :func:`decoding.beam_search` on the same weights in transformers (float32), up
 to float rounding between the two engines.

@@ -103,7 +103,7 @@ def _request_args(params) -> tuple[str, int | None] | None:
     offset = extra.get(OFFSET_KEY)
     if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
         raise ValueError(f"{OFFSET_KEY}: expected a non-negative int (a token index), got {offset!r}")
-    if not isinstance(extra[CATALOG_KEY], str) or not extra[CATALOG_KEY]:
+    if not isinstance(extra[CATALOG_KEY], str):
         raise CatalogError(f"{CATALOG_KEY}: expected the name of a catalog (a string), got {extra[CATALOG_KEY]!r}")
     return extra[CATALOG_KEY], offset
 
