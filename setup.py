@@ -1,6 +1,6 @@
-"""Build script: one C++ extension (pybind11, OpenMP) always; CUDA sources only when a CUDA
-toolkit and a CUDA build of torch are present. A failed build fails the install: there is no
-pure-Python stand-in for the compiled path."""
+"""Build script: one C++ extension (pybind11, OpenMP), the CPU backend of every op. A failed
+build fails the install: there is no pure-Python stand-in for the compiled path. GPU kernels are
+Triton (compiled at run time), so nothing here needs a CUDA toolkit."""
 
 import glob
 import os
@@ -38,29 +38,4 @@ def cpu_extension():
     )
 
 
-def cuda_extensions():
-    """CUDA kernels (csrc/cuda/*.cu) build only with a CUDA toolkit and a CUDA build of torch."""
-    cu_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    if not cu_sources or os.environ.get("DECODING_SKIP_CUDA") == "1":
-        return [], {}
-    try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except ImportError:
-        return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None:
-        return [], {}
-    ext = CUDAExtension("decoding._cuda", cu_sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
-    return [ext], {"build_ext": BuildExtension}
-
-
-cuda_exts, cuda_cmdclass = cuda_extensions()
-cmdclass = {"build_ext": BuildExtWithClearErrors}
-if cuda_cmdclass:
-    # torch's BuildExtension knows nvcc; keep the clear-error wrapper around it.
-    class _Build(cuda_cmdclass["build_ext"], BuildExtWithClearErrors):
-        pass
-
-    cmdclass["build_ext"] = _Build
-
-setup(ext_modules=[cpu_extension(), *cuda_exts], cmdclass=cmdclass)
+setup(ext_modules=[cpu_extension()], cmdclass={"build_ext": BuildExtWithClearErrors})

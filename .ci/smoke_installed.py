@@ -10,7 +10,7 @@ import torch
 
 import decoding
 from decoding import ItemTrie, beam_search
-from decoding.bench import models as bm
+from decoding import testing as bm
 
 here = pathlib.Path(decoding.__file__).resolve()
 assert "site-packages" in here.parts, f"imported the source tree, not the installed package: {here}"

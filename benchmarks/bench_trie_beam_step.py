@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from decoding import ItemTrie
-from decoding.bench import models as bm
+from decoding import testing as bm
 from decoding.ops import available_backends, trie_beam_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -175,5 +175,4 @@ PYBIND11_MODULE(_C, m) {
   m.def("catalog_topk_embedding", &catalog_topk_embedding);
   m.def("catalog_topk_codes", &catalog_topk_codes);
   m.def("compact_kv", &compact_kv);
-  m.def("philox_uniform", &decoding::philox_uniform, py::arg("seed"), py::arg("counter"));
 }

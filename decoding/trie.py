@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from decoding._ext import _C
-from decoding._validate import check_choice, check_positive_int
+from decoding._validate import check_choice, check_positive_int, exclusion_ids
 
 _FORMAT = "decoding.ItemTrie"
 _VERSION = 1
@@ -169,16 +169,6 @@ class ItemTrie:
     def nbytes(self) -> int:
         return sum(int(t.numel() * t.element_size()) for t in self._arrays.values())
 
-    @property
-    def child_token(self) -> torch.Tensor:
-        """CSR edge tokens ``[E]`` (a view): ``child_token[e]`` is the token of edge ``e``."""
-        return self.node_token[1:]
-
-    @property
-    def child_node(self) -> torch.Tensor:
-        """CSR edge targets ``[E]``: edge ``e`` leads to node ``e + 1``."""
-        return torch.arange(1, self.num_nodes, device=self.device, dtype=torch.int32)
-
     def max_branch_at(self, level: int) -> int:
         """Most children of any node at ``level`` (0 = root); 0 past the deepest level."""
         return self._max_branch_host[level] if 0 <= level < len(self._max_branch_host) else 0
@@ -290,29 +280,9 @@ class ItemTrie:
         """Per-request item ids to exclude -> sorted unique ranks ``[B, X]`` int64, padded with
         ``num_items`` (past every range). Accepts a list of ``B`` id lists or an int tensor
         ``[B, X]`` padded with -1. Returns None when nothing is excluded."""
-        if exclude_items is None:
+        ids = exclusion_ids(exclude_items, batch_size, self.num_ids, self.device)
+        if ids is None:
             return None
-        if isinstance(exclude_items, torch.Tensor):
-            if exclude_items.dim() != 2 or exclude_items.shape[0] != batch_size:
-                raise ValueError(
-                    f"exclude_items: expected shape [{batch_size}, X] (-1 padded), got {tuple(exclude_items.shape)}"
-                )
-            if exclude_items.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"exclude_items: expected an integer tensor, got {exclude_items.dtype}")
-            ids = exclude_items.to(self.device).long()
-        else:
-            if len(exclude_items) != batch_size:
-                raise ValueError(f"exclude_items: expected {batch_size} lists (one per request), got {len(exclude_items)}")
-            width = max((len(x) for x in exclude_items), default=0)
-            grid = torch.full((batch_size, max(width, 1)), -1, dtype=torch.long)
-            for b, row in enumerate(exclude_items):
-                if len(row):
-                    grid[b, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
-            ids = grid.to(self.device)
-        if ids.numel() == 0 or bool((ids < 0).all()):
-            return None
-        if bool(((ids < -1) | (ids >= self.num_ids)).any()):
-            raise ValueError(f"exclude_items: item ids must be in [0, {self.num_ids}) (or -1 for padding)")
         sentinel = self.num_items
         ranks = torch.where(ids >= 0, self.rank_of_item[ids.clamp(min=0)], torch.full_like(ids, sentinel))
         ranks, _ = ranks.sort(dim=1)

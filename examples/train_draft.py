@@ -7,21 +7,18 @@ Random models stand in for a trained recommender; swap in your own target (a Hug
 decoder-only model), its catalog and real user prompts.
 """
 
-import copy
 
 import torch
 
 from decoding import ItemTrie, beam_search, speculative_beam_search
-from decoding.bench import models as bm
+from decoding import testing as bm
 from decoding.speculative import align_draft
 
 V = bm.sid_vocab_size(4, 256)
 trie = ItemTrie.from_sequences(bm.random_semantic_ids(20_000, 4, 256, seed=0), vocab_size=V)
 target = bm.tiny_llama(V, hidden_size=128, layers=4, heads=4, seed=0)
 
-draft = copy.deepcopy(target)  # a cheap draft: the target's first layer
-draft.model.layers = draft.model.layers[:1]
-draft.config.num_hidden_layers = 1
+draft = bm.layer_draft(target, 1)  # a cheap draft: the target's first layer
 
 train_ids, train_mask = bm.left_padded_prompts(16, V, 16, 32, seed=1)
 before, after = align_draft(draft, target, trie, train_ids, train_mask, num_beams=10, steps=20)
@@ -36,9 +33,7 @@ print(f"same items as the target's beam search; {s.rounds} rounds, {s.acceptance
       f"accepted, {s.target_forwards} target forwards (beam search: {trie.depth})")
 
 # relaxed mode: a draft aligned with the total-variation loss, sampled beams (seeded)
-relaxed_draft = copy.deepcopy(target)
-relaxed_draft.model.layers = relaxed_draft.model.layers[:1]
-relaxed_draft.config.num_hidden_layers = 1
+relaxed_draft = bm.layer_draft(target, 1)
 before, after = align_draft(relaxed_draft, target, trie, train_ids, train_mask, num_beams=10, steps=20,
                             loss="relaxed")
 print(f"relaxed alignment loss: {before:.4f} -> {after:.4f}")

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from decoding import ItemTrie
-from decoding.bench import models as bm
+from decoding import testing as bm
 
 EOS = 2
 

@@ -14,8 +14,8 @@ from transformers import LogitsProcessor
 
 from conftest import SID_VOCAB, TITLE_VOCAB, hf_items_and_scores, prompts
 from decoding import ItemTrie, beam_search
-from decoding.bench.baselines import PythonTriePrefixFn, transformers_trie_beam_search
 from decoding.ops import available_backends
+from decoding.testing.baselines import PythonTriePrefixFn, transformers_trie_beam_search
 
 
 def run_hf(model, trie, seqs, ids, mask, K, **kwargs):
@@ -144,7 +144,7 @@ class D3Processor(LogitsProcessor):
 
 
 def test_d3_assistant_mixing_matches_transformers_with_a_python_processor(sid_models):
-    from decoding.bench.models import random_semantic_ids
+    from decoding.testing import random_semantic_ids
 
     seqs = random_semantic_ids(400, seed=9)
     trie = ItemTrie.from_sequences(seqs, vocab_size=SID_VOCAB)
@@ -202,7 +202,8 @@ def test_protocol_model_exhaustive_search_equals_brute_force():
             state = model.run(prompt[b : b + 1].expand(len(seqs), -1), None)
             total = torch.zeros(len(seqs))
             for t in range(3):
-                total += torch.log_softmax(model.head(state), -1).gather(1, torch.as_tensor(seqs[:, t : t + 1])).squeeze(1)
+                step = torch.log_softmax(model.head(state), -1)
+                total += step.gather(1, torch.as_tensor(seqs[:, t : t + 1])).squeeze(1)
                 state = model.cell(model.emb(torch.as_tensor(seqs[:, t])), state)
             expected = torch.sort(total, descending=True)
             assert torch.equal(out.items[b], expected.indices)
@@ -251,7 +252,8 @@ def test_num_beams_larger_than_valid_items_pads_with_minus_one(sid_models):
         (dict(trie="catalog"), TypeError, "trie: expected a decoding.ItemTrie"),
         (dict(normalize="softmax"), ValueError, "normalize"),
         (dict(assistant_weight=0.5), ValueError, "assistant_weight: is non-zero but assistant_logprobs"),
-        (dict(assistant_logprobs=torch.zeros(2, 7), assistant_weight=0.5), ValueError, "assistant_logprobs: expected shape"),
+        (dict(assistant_logprobs=torch.zeros(2, 7), assistant_weight=0.5), ValueError,
+         "assistant_logprobs: expected shape"),
         (dict(exclude_items=[[1]]), ValueError, "exclude_items: expected 2 lists"),
         (dict(exclude_items=[[10**7], []]), ValueError, "exclude_items: item ids must be in"),
         (dict(model=object()), TypeError, "model: expected a Hugging Face model"),

@@ -31,6 +31,13 @@ def test_cli_small_run_writes_results(tmp_path, capsys):
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
+def test_without_the_bench_extra_the_run_completes_without_a_chart(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a missing package looks like to import
+    rc = main(["--suite", "build", "--build-sizes", "2000", "--out", str(tmp_path)])
+    assert rc == 0 and (tmp_path / "results.json").exists() and not (tmp_path / "results.png").exists()
+    assert "pip install 'genrec-decoding[bench]'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--beams", "0"], "--beams must be positive"),
     (["--items", "10", "--beams", "20"], "--beams must not exceed --items"),
@@ -108,7 +115,8 @@ def test_cli_kv_small_run(tmp_path, capsys):
     assert res["suite"] == "kv" and len(res["methods"]) == 6
     by_name = {m["method"]: m for m in res["methods"]}
     shared = by_name["decoding.beam_search, shared prompt KV"]
-    assert shared["top_k_agreement"] == 1.0 and by_name["decoding.beam_search, prompt KV per beam"]["top_k_agreement"] == 1.0
+    assert shared["top_k_agreement"] == 1.0
+    assert by_name["decoding.beam_search, prompt KV per beam"]["top_k_agreement"] == 1.0
     pruned = [m for m in res["methods"] if m["method"].startswith("shared + ")]
     assert all(m["prompt_kv_mb"] < shared["prompt_kv_mb"] for m in pruned)
     assert all(m["peak_memory_mb"] >= 0 for m in res["methods"])

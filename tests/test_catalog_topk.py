@@ -26,7 +26,8 @@ def materialised(mode, inputs):
 def make_inputs(mode, dtype, B, N, seed, S=3, d=20, C=37):
     g = torch.Generator().manual_seed(seed)
     if mode == "embedding":
-        return {"hidden": torch.randn(B, S, d, generator=g), "item_embeddings": torch.randn(S, N, d, generator=g).to(dtype),
+        return {"hidden": torch.randn(B, S, d, generator=g),
+                "item_embeddings": torch.randn(S, N, d, generator=g).to(dtype),
                 "slot_weights": torch.rand(S, generator=g) + 0.1}
     return {"code_logprobs": torch.log_softmax(torch.randn(B, S, C, generator=g) * 2, -1),
             "item_codes": torch.randint(0, C, (N, S), generator=g).to(dtype)}
@@ -114,7 +115,7 @@ def test_arguments_are_checked():
         catalog_topk(1)
     with pytest.raises(ValueError, match="item_embeddings: expected shape"):
         catalog_topk(1, hidden=inputs["hidden"], item_embeddings=inputs["item_embeddings"][:2])
-    with pytest.raises(ValueError, match="exclude_items: item ids must be < 10"):
+    with pytest.raises(ValueError, match=r"exclude_items: item ids must be in \[0, 10\)"):
         catalog_topk(1, exclude_items=[[10], []], **inputs)
     with pytest.raises(ValueError, match="exclude_items: expected 2 lists"):
         catalog_topk(1, exclude_items=[[1]], **inputs)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import SID_VOCAB, prompts
 from decoding import beam_search, setid_generate, speculative_beam_search
-from decoding.bench import models as bm
+from decoding import testing as bm
 from decoding.integrations import hf
 from decoding.kv import SnapKV, StreamingLLM
 from decoding.setid import SetIdCatalog
@@ -123,7 +123,7 @@ def test_concurrent_calls_equal_sequential_calls(sid_catalog, sid_models, draft,
 
 
 def test_attention_switch_is_seen_only_by_the_calling_thread(sid_models):
-    from decoding.search._attention import attention_implementation
+    from decoding._hf import attention_implementation
 
     config = sid_models["llama"].config
     inside, seen_elsewhere = threading.Event(), []

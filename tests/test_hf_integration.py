@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import SID_VOCAB, TITLE_VOCAB, prompts
-from decoding.bench.baselines import transformers_trie_beam_search
 from decoding.integrations import hf
+from decoding.testing.baselines import transformers_trie_beam_search
 
 
 def prompt_length(model, ids):
@@ -88,7 +88,7 @@ def test_mask_to_children_childless_rows_never_index_the_trie():
     """Rows without children (finished, dead, or a trie for a larger vocabulary) must not gather
     at trie token ids, which can lie past the scores' width."""
     from decoding import ItemTrie
-    from decoding.search.constrain import mask_to_children
+    from decoding.integrations._constrain import mask_to_children
 
     wide = ItemTrie.from_sequences([[40, 41], [40, 42]], vocab_size=50)
     out = mask_to_children(torch.zeros(2, 10), wide, torch.tensor([-1, -1]), fallback_token=3)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoding.bench.memory import peak_memory_bytes
-from decoding.rpg import (cosine_digit_logits, digit_logprobs, graph_decode, knn_graph, knn_graph_materialised,
-                          rpg_item_features, rpg_topk)
+from decoding.setid import cosine_digit_logits, digit_logprobs, graph_decode, knn_graph, rpg_item_features, rpg_topk
+from decoding.testing.baselines import knn_graph_materialised
+from decoding.testing.memory import peak_memory_bytes
 
 
 def catalog(N=400, S=6, C=16, B=3, seed=0):
@@ -43,7 +43,8 @@ def graph_decode_loop(lp, codes, neighbors, start, W, steps, k, exclude):
             cand = set(beam) | {int(n) for i in beam if i >= 0 for n in neighbors[i] if n >= 0}
             cand.discard(-1)
             seen |= cand
-            scores = {i: sum(float(lp[b, s, int(codes[i, s])]) for s in range(S)) / S for i in cand if i not in exclude[b]}
+            scores = {i: sum(float(lp[b, s, int(codes[i, s])]) for s in range(S)) / S
+                      for i in cand if i not in exclude[b]}
             scored = sorted(scores.items(), key=lambda t: (-t[1], t[0]))[:W]
             beam = [i for i, _ in scored] + [-1] * (W - len(scored))
         top = scored[:k]

@@ -7,8 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoding.setid import (ORDINARY, QUERY, SetIdCatalog, query_hidden_states, setid_attention_mask,
-                            setid_generate, setid_position_ids, setid_visibility)
+from decoding.setid import (
+    ORDINARY,
+    QUERY,
+    SetIdCatalog,
+    query_hidden_states,
+    setid_attention_mask,
+    setid_generate,
+    setid_position_ids,
+    setid_visibility,
+)
 
 D = 32
 

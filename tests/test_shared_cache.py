@@ -9,9 +9,9 @@ import torch
 
 from conftest import SID_VOCAB, prompts
 from decoding import beam_search
-from decoding.bench import models as bm
+from decoding import testing as bm
+from decoding._hf import cache_argument, returned_cache
 from decoding.ops import available_backends
-from decoding.search.model import cache_argument, returned_cache
 
 
 def qwen2(vocab, seed=3):
@@ -64,8 +64,8 @@ def test_prompt_kv_bytes_are_one_kth_of_transformers(sid_catalog, sid_models, nu
 def test_decode_logits_equal_the_plain_cache_for_every_backend(backend):
     from transformers import DynamicCache
 
-    from decoding.search._attention import attention_implementation
-    from decoding.search._shared_cache import SHARED_PREFIX_ATTENTION, SharedPrefixCache, register_shared_prefix_attention
+    from decoding._hf import attention_implementation
+    from decoding.kv.shared_prefix import SHARED_PREFIX_ATTENTION, SharedPrefixCache, register_shared_prefix_attention
 
     V, K = 50, 4
     model = bm.tiny_llama(V, hidden_size=32, layers=2, heads=2, seed=1)
@@ -96,7 +96,7 @@ def test_decode_logits_equal_the_plain_cache_for_every_backend(backend):
 
 
 def test_transformers_generate_runs_on_the_shared_cache(sid_models):
-    from decoding.search._shared_cache import SharedPrefixCache, use_shared_prefix_attention
+    from decoding.kv.shared_prefix import SharedPrefixCache, use_shared_prefix_attention
 
     model = bm.tiny_llama(SID_VOCAB, hidden_size=32, layers=2, heads=2, seed=4)
     ids, mask = prompts(SID_VOCAB, batch=2, seed=3)

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from test_verify import chi_square_p_value
 
 from conftest import SID_VOCAB, TITLE_VOCAB, prompts
 from decoding import ItemTrie, beam_search, speculative_beam_search
-from decoding.bench import models as bm
-from decoding.search.speculative import is_fixed_length
-from test_verify import chi_square_p_value
+from decoding import testing as bm
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +79,6 @@ def test_strict_mode_with_excluded_items_and_tiny_catalog(sid_models, drafts):
     assert torch.equal(got.items, ref.items)  # the third request has only 10 items left: -1 padded
     assert (got.items[2] == -1).sum() == 2
     assert torch.allclose(got.scores[got.scores > float("-inf")], ref.scores[ref.scores > float("-inf")], atol=1e-4)
-
-
-def test_fixed_length_check(sid_catalog, title_catalog):
-    assert is_fixed_length(sid_catalog[1])
-    assert not is_fixed_length(title_catalog[1])
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -8,7 +8,7 @@ import torch
 
 from conftest import SID_VOCAB, TITLE_VOCAB, prompts
 from decoding import beam_search
-from decoding.bench import models as bm
+from decoding import testing as bm
 from decoding.ops import available_backends
 from decoding.search.tree import TreeModel
 

@@ -95,7 +95,7 @@ def test_reference_matches_brute_force(normalize, seed, eos):
     trie = random_trie(seed, eos=eos)
     logits, scores, nodes = random_inputs(trie, seed)
     excluded = trie.excluded_ranks([[0, 1, 2, 3], [], list(range(0, trie.num_ids, 3))], 3)
-    C = max(trie._max_branch_host)
+    C = int(trie.max_branch.max())
     bias = -torch.rand(3, 4, C)
     for kwargs in ({}, dict(excluded_ranks=excluded), dict(child_bias=bias, logprob_weight=0.7)):
         res = trie_beam_step(logits, scores, nodes, trie, 7, normalize=normalize, backend="torch", **kwargs)
@@ -114,7 +114,7 @@ def test_backends_match_reference_randomised(backend, normalize, seed):
     logits, scores, nodes = random_inputs(trie, seed, B=B, W=W, dead=B > 1 and W > 1)
     ids = [list(rng.choice(trie.num_ids, size=int(rng.integers(0, trie.num_ids)), replace=False)) for _ in range(B)]
     excluded = trie.excluded_ranks(ids, B)
-    C = max(trie._max_branch_host)
+    C = int(trie.max_branch.max())
     bias = torch.randn(B, W, C + 2)
     for kwargs in ({}, dict(excluded_ranks=excluded), dict(child_bias=bias, logprob_weight=0.5)):
         ref = trie_beam_step(logits, scores, nodes, trie, K, normalize=normalize, backend="torch", **kwargs)
@@ -276,7 +276,7 @@ def test_trie_on_another_device_raises():
 @pytest.mark.gpu
 @pytest.mark.parametrize("normalize", ["full", "valid", "none"])
 def test_triton_on_gpu_matches_reference_at_serving_shapes(normalize):
-    from decoding.bench.models import random_semantic_ids, sid_vocab_size
+    from decoding.testing import random_semantic_ids, sid_vocab_size
 
     V = sid_vocab_size(4, 256)
     trie = ItemTrie.from_sequences(random_semantic_ids(100_000), vocab_size=V).to("cuda")

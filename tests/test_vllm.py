@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +19,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this p
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 from decoding import ItemTrie, beam_search  # noqa: E402
-from decoding.bench import models as bm  # noqa: E402
+from decoding import testing as bm  # noqa: E402
 from decoding.integrations import vllm as dv  # noqa: E402
 
 VOCAB = bm.sid_vocab_size(4, 256)

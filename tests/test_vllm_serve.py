@@ -19,7 +19,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vl
 httpx = pytest.importorskip("httpx")
 
 from decoding import ItemTrie  # noqa: E402
-from decoding.bench import models as bm  # noqa: E402
+from decoding import testing as bm  # noqa: E402
 from decoding.integrations.vllm import UNKNOWN_CATALOG  # noqa: E402
 
 VOCAB = bm.sid_vocab_size(4, 256)

@@ -1,1 +1,2 @@
-"""The benchmark CLI (`decoding-bench`) and the baselines it compares against."""
+"""The benchmark CLI (`decoding-bench`): one module per suite, registered in `__main__.SUITES`,
+and `_common` for what they share. Nothing outside the bench imports it."""

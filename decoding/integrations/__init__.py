@@ -1,1 +1,2 @@
-"""Thin adapters to serving stacks: transformers (hf) now, vLLM later."""
+"""Thin adapters to serving stacks: transformers (:mod:`decoding.integrations.hf`) and vLLM
+(:mod:`decoding.integrations.vllm`)."""

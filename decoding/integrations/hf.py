@@ -16,8 +16,8 @@ import torch
 from transformers import LogitsProcessor
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateBeamEncoderDecoderOutput
 
+from decoding.integrations._constrain import mask_to_children
 from decoding.search.beam import beam_search
-from decoding.search.constrain import mask_to_children
 from decoding.search.model import HFBeamModel
 
 __all__ = ["TrieLogitsProcessor", "generate"]
@@ -45,7 +45,8 @@ class TrieLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if scores.shape[-1] != self.trie.vocab_size:
             raise ValueError(
-                f"scores: vocabulary size {scores.shape[-1]} does not match the trie's vocab_size {self.trie.vocab_size}"
+                f"scores: vocabulary size {scores.shape[-1]} does not match the trie's vocab_size "
+                f"{self.trie.vocab_size}"
             )
         if input_ids.shape[1] < self.prompt_length:
             raise ValueError(f"input_ids: {input_ids.shape[1]} tokens, fewer than prompt_length={self.prompt_length}")

@@ -1,9 +1,12 @@
-"""Backend choice shared by every op: ``torch`` (reference), ``cpu`` (C++), ``triton``."""
+"""Backend choice shared by every op: ``torch`` (reference), ``cpu`` (C++), ``triton``.
+
+Each op module picks its backend function itself, in an explicit ``if``/``elif`` over these
+names (so every call site of a backend can be found by name), and calls it with keywords."""
 
 from __future__ import annotations
 
 import functools
-import importlib
+import importlib.util
 import os
 import threading
 
@@ -20,23 +23,18 @@ BACKENDS = ("torch", "cpu", "triton")
 _INTERPRETER_LOCK = threading.Lock()
 
 
-def _one_interpreted_launch_at_a_time(fn):
+def triton_launcher(fn):
+    """``fn`` (a Triton backend function) as the op calls it: under the interpreter, one launch
+    at a time."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return fn
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
         with _INTERPRETER_LOCK:
             return fn(*args, **kwargs)
 
     return run
-
-
-def load_backend(op: str, backend: str, module: str | None = None):
-    """The implementation ``decoding.ops._<backend>.<module>.<op>_<backend>`` (module defaults
-    to the op's name)."""
-    module = importlib.import_module(f"decoding.ops._{backend}.{module or op}")
-    fn = getattr(module, f"{op}_{backend}")
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        return _one_interpreted_launch_at_a_time(fn)
-    return fn
 
 
 def _triton_usable(device: torch.device) -> bool:

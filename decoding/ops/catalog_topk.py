@@ -1,7 +1,7 @@
 """catalog_topk: the best ``k`` catalog items per request under a per-item score, streamed over
 the catalog without materialising the ``[B, N]`` score matrix.
 
-Two scoring modes (set identifiers, ``../shared/reference/algorithms.md`` §2 and §4):
+Two scoring modes (set identifiers):
 
 * embedding slots (SETRec): ``score(i) = Σ_s w_s · <h_s, E_s[i]>`` for query vectors
   ``h [B, S, d]``, per-slot item tables ``E [S, N, d]`` and slot weights ``w [S]``;
@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 
 from decoding._validate import check_positive_int, check_shape, check_tensor
-from decoding.ops._backend import load_backend, resolve_backend
+from decoding.ops._backend import resolve_backend, triton_launcher
+from decoding.ops._helpers import sorted_exclusions
 
 EMBEDDING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CODE_DTYPES = (torch.uint8, torch.int16, torch.int32)
@@ -33,32 +34,6 @@ class CatalogTopK(NamedTuple):
 
     scores: torch.Tensor
     items: torch.Tensor
-
-
-def _exclusions(exclude_items, B, N, device) -> torch.Tensor | None:
-    """``[B, X]`` int64 sorted item ids, padded with ``N`` (past every id), or None."""
-    if exclude_items is None:
-        return None
-    if isinstance(exclude_items, torch.Tensor):
-        check_tensor("exclude_items", exclude_items, ndim=2, dtypes=(torch.int32, torch.int64))
-        if exclude_items.shape[0] != B:
-            raise ValueError(f"exclude_items: expected {B} rows, got {exclude_items.shape[0]}")
-        ids = exclude_items.to(device=device, dtype=torch.long)
-    else:
-        rows = list(exclude_items)
-        if len(rows) != B:
-            raise ValueError(f"exclude_items: expected {B} lists (one per request), got {len(rows)}")
-        width = max((len(r) for r in rows), default=0)
-        ids = torch.full((B, width), -1, dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        ids = ids.to(device)
-    if ids.numel() and bool((ids >= N).any()):
-        raise ValueError(f"exclude_items: item ids must be < {N} (the catalog size); pad with -1")
-    if ids.numel() and bool((ids < -1).any()):
-        raise ValueError("exclude_items: item ids must be >= 0 (-1 pads)")
-    ids = torch.where(ids < 0, N, ids).sort(dim=1).values
-    return ids if ids.shape[1] else None
 
 
 def catalog_topk(
@@ -131,12 +106,38 @@ def catalog_topk(
         if tuple(item_mask.shape) not in ((N,), (B, N)):
             raise ValueError(f"item_mask: expected shape [{N}] or [{B}, {N}], got {tuple(item_mask.shape)}")
         item_mask = item_mask.contiguous()
-    excluded = _exclusions(exclude_items, B, N, device)
+    excluded = sorted_exclusions(exclude_items, B, N, device)
     name = resolve_backend(backend, device)
     if embedding_mode:
         # the slot weights fold into the queries: score = <w_s h_s, E_s[i]> summed over slots
         queries = (hidden.float() * slot_weights[None, :, None]).contiguous()
-        fn = load_backend("catalog_topk_embedding", name, "catalog_topk")
-        return CatalogTopK(*fn(queries, item_embeddings.contiguous(), k, excluded, item_mask))
-    fn = load_backend("catalog_topk_codes", name, "catalog_topk")
-    return CatalogTopK(*fn(code_logprobs.contiguous(), item_codes.contiguous(), k, excluded, item_mask))
+        return run_catalog_topk_embedding(queries, item_embeddings, k, excluded, item_mask, name)
+    return run_catalog_topk_codes(code_logprobs, item_codes, k, excluded, item_mask, name)
+
+
+def run_catalog_topk_embedding(queries, item_embeddings, k, excluded, item_mask, backend) -> CatalogTopK:
+    """Dispatch without validation: slot-weighted ``queries [B, S, d]`` float32, sorted exclusions."""
+    if backend == "torch":
+        from decoding.ops._torch.catalog_topk import catalog_topk_embedding_torch as impl
+    elif backend == "cpu":
+        from decoding.ops._cpu.catalog_topk import catalog_topk_embedding_cpu as impl
+    else:
+        from decoding.ops._triton.catalog_topk import catalog_topk_embedding_triton
+
+        impl = triton_launcher(catalog_topk_embedding_triton)
+    return CatalogTopK(*impl(queries=queries.contiguous(), item_embeddings=item_embeddings.contiguous(), k=k,
+                             excluded=excluded, item_mask=item_mask))
+
+
+def run_catalog_topk_codes(code_logprobs, item_codes, k, excluded, item_mask, backend) -> CatalogTopK:
+    """Dispatch without validation: ``code_logprobs [B, S, C]`` float32, sorted exclusions."""
+    if backend == "torch":
+        from decoding.ops._torch.catalog_topk import catalog_topk_codes_torch as impl
+    elif backend == "cpu":
+        from decoding.ops._cpu.catalog_topk import catalog_topk_codes_cpu as impl
+    else:
+        from decoding.ops._triton.catalog_topk import catalog_topk_codes_triton
+
+        impl = triton_launcher(catalog_topk_codes_triton)
+    return CatalogTopK(*impl(code_logprobs=code_logprobs.contiguous(), item_codes=item_codes.contiguous(), k=k,
+                             excluded=excluded, item_mask=item_mask))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from decoding._validate import check_tensor
-from decoding.ops._backend import load_backend, resolve_backend
+from decoding.ops._backend import resolve_backend, triton_launcher
 
 KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -38,5 +38,17 @@ def compact_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, *,
     if index.numel() and bool(((index < 0) | (index >= T)).any()):
         raise ValueError(f"index: positions must be in [0, {T})")
     index = index.expand(B, H, index.shape[2]).contiguous()
-    name = resolve_backend(backend, keys.device)
-    return load_backend("compact_kv", name)(keys.contiguous(), values.contiguous(), index)
+    return run_compact_kv(keys, values, index, resolve_backend(backend, keys.device))
+
+
+def run_compact_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, backend: str):
+    """Dispatch without validation: ``index [B, H, C]`` (heads expanded), a resolved backend."""
+    if backend == "torch":
+        from decoding.ops._torch.compact_kv import compact_kv_torch as impl
+    elif backend == "cpu":
+        from decoding.ops._cpu.compact_kv import compact_kv_cpu as impl
+    else:
+        from decoding.ops._triton.compact_kv import compact_kv_triton
+
+        impl = triton_launcher(compact_kv_triton)
+    return impl(keys=keys.contiguous(), values=values.contiguous(), index=index.contiguous())

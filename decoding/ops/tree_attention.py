@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from decoding._validate import check_shape, check_tensor
-from decoding.ops._backend import load_backend, resolve_backend
+from decoding.ops._backend import resolve_backend, triton_launcher
 
 ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -88,7 +88,14 @@ def tree_attention(
 
 def run_tree_attention(query, key, value, prefix_len, prefix_valid, tree_visible, scale, backend):
     """Dispatch without validation (the attention hook of the tree layout validates once)."""
-    fn = load_backend("tree_attention", backend)
-    out, lse = fn(query.contiguous(), key.contiguous(), value.contiguous(), prefix_len,
-                  prefix_valid.contiguous(), tree_visible.contiguous(), scale)
+    if backend == "torch":
+        from decoding.ops._torch.tree_attention import tree_attention_torch as impl
+    elif backend == "cpu":
+        from decoding.ops._cpu.tree_attention import tree_attention_cpu as impl
+    else:
+        from decoding.ops._triton.tree_attention import tree_attention_triton
+
+        impl = triton_launcher(tree_attention_triton)
+    out, lse = impl(query=query.contiguous(), key=key.contiguous(), value=value.contiguous(), prefix_len=prefix_len,
+                    prefix_valid=prefix_valid.contiguous(), tree_visible=tree_visible.contiguous(), scale=scale)
     return TreeAttentionOutput(out, lse)

@@ -13,9 +13,8 @@ from typing import NamedTuple
 import torch
 
 from decoding._validate import FLOAT_DTYPES, INT_DTYPES, check_choice, check_positive_int, check_shape, check_tensor
-from decoding.ops._backend import load_backend, resolve_backend
-
-NORMALIZE_MODES = ("full", "valid", "none")
+from decoding.ops._backend import resolve_backend, triton_launcher
+from decoding.ops._helpers import NORMALIZE_MODES
 
 
 class BeamStepOutput(NamedTuple):
@@ -47,9 +46,17 @@ def run_trie_beam_step(logits, beam_scores, beam_nodes, trie, num_out, *, normal
             torch.full((B, num_out), float("-inf"), device=dev),
             *(torch.full((B, num_out), -1, dtype=torch.long, device=dev) for _ in range(3)),
         )
-    fn = load_backend("trie_beam_step", backend)
-    return BeamStepOutput(*fn(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks,
-                              child_bias, max_children, logprob_weight))
+    if backend == "torch":
+        from decoding.ops._torch.trie_beam_step import trie_beam_step_torch as impl
+    elif backend == "cpu":
+        from decoding.ops._cpu.trie_beam_step import trie_beam_step_cpu as impl
+    else:
+        from decoding.ops._triton.trie_beam_step import trie_beam_step_triton
+
+        impl = triton_launcher(trie_beam_step_triton)
+    return BeamStepOutput(*impl(logits=logits, beam_scores=beam_scores, beam_nodes=beam_nodes, trie=trie,
+                                num_out=num_out, normalize=normalize, excluded_ranks=excluded_ranks,
+                                child_bias=child_bias, max_children=max_children, logprob_weight=logprob_weight))
 
 
 def trie_beam_step(

@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import torch
 
-from decoding._validate import check_positive_int, check_shape, check_tensor
-from decoding.ops._backend import load_backend, resolve_backend
+from decoding._validate import check_positive_int, check_seed, check_shape, check_tensor
+from decoding.ops._backend import resolve_backend, triton_launcher
 
 
 class RelaxedVerifyOutput(NamedTuple):
@@ -35,19 +35,12 @@ class RelaxedVerifyOutput(NamedTuple):
     level_accepted: torch.Tensor
 
 
-def _check_seed(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if not 0 <= value < 2**63:
-        raise ValueError(f"{name}: expected an int in [0, 2**63), got {value}")
-
-
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """Uniform floats in (0, 1) for int64 counters ``offsets`` (any shape) under ``seed``:
     the first word of Philox-4x32-10 on counter ``(lo32, hi32, 0, 0)`` and key ``(seed lo32,
     seed hi32)``, mapped to ``(2 * (x >> 9) + 1) / 2**24`` (exact in float32). The same numbers
     as every backend of :func:`verify_relaxed` draws."""
-    _check_seed("seed", seed)
+    check_seed("seed", seed)
     check_tensor("offsets", offsets, dtypes=(torch.int64,))
     from decoding.ops._torch.verify import philox_uniform as reference
 
@@ -76,7 +69,15 @@ def run_match_keys(queries, keys, backend):
     """Dispatch without validation (decoders validate once)."""
     if queries.shape[1] == 0 or keys.shape[1] == 0:
         return torch.full(queries.shape, -1, dtype=torch.long, device=queries.device)
-    return load_backend("match_keys", backend, "verify")(queries.contiguous(), keys.contiguous())
+    if backend == "torch":
+        from decoding.ops._torch.verify import match_keys_torch as impl
+    elif backend == "cpu":
+        from decoding.ops._cpu.verify import match_keys_cpu as impl
+    else:
+        from decoding.ops._triton.verify import match_keys_triton
+
+        impl = triton_launcher(match_keys_triton)
+    return impl(queries=queries.contiguous(), keys=keys.contiguous())
 
 
 def verify_strict(target_keys: torch.Tensor, draft_keys: torch.Tensor, *, backend: str = "auto"):
@@ -140,8 +141,8 @@ def verify_relaxed(
     check_tensor("draft_cand", draft_cand, ndim=2, dtypes=(torch.int64,), device=device)
     check_shape("draft_cand", draft_cand, (B, N))
     check_positive_int("num_keep", num_keep)
-    _check_seed("seed", seed)
-    _check_seed("offset", offset)
+    check_seed("seed", seed)
+    check_seed("offset", offset)
     if draft_cand.numel() and bool(((draft_cand < -1) | (draft_cand >= M)).any()):
         raise ValueError(f"draft_cand: indices must be in [-1, {M})")
     for name, t in (("p_cand", p_cand), ("q_cand", q_cand), ("q_draft", q_draft)):
@@ -153,7 +154,14 @@ def verify_relaxed(
 
 def run_verify_relaxed(p_cand, q_cand, q_draft, draft_cand, num_keep, seed, offset, backend):
     """Dispatch without validation (decoders validate once)."""
-    fn = load_backend("verify_relaxed", backend, "verify")
-    kept, num_accepted = fn(p_cand.contiguous(), q_cand.contiguous(), q_draft.contiguous(),
-                            draft_cand.contiguous(), num_keep, seed, offset)
+    if backend == "torch":
+        from decoding.ops._torch.verify import verify_relaxed_torch as impl
+    elif backend == "cpu":
+        from decoding.ops._cpu.verify import verify_relaxed_cpu as impl
+    else:
+        from decoding.ops._triton.verify import verify_relaxed_triton
+
+        impl = triton_launcher(verify_relaxed_triton)
+    kept, num_accepted = impl(p_cand=p_cand.contiguous(), q_cand=q_cand.contiguous(), q_draft=q_draft.contiguous(),
+                              draft_cand=draft_cand.contiguous(), num_keep=num_keep, seed=seed, offset=offset)
     return RelaxedVerifyOutput(kept, num_accepted, num_accepted >= num_keep)

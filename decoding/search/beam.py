@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from decoding._validate import FLOAT_DTYPES, INT_DTYPES, check_choice, check_positive_int, check_tensor
-from decoding.ops._torch.trie_beam_step import gather_children
-from decoding.ops.trie_beam_step import NORMALIZE_MODES, resolve_backend, run_trie_beam_step
+from decoding.ops import resolve_backend
+from decoding.ops._helpers import NEG_INF, NORMALIZE_MODES, gather_children
+from decoding.ops.trie_beam_step import run_trie_beam_step
 from decoding.search.model import as_beam_model, model_vocab_size
-
-NEG_INF = float("-inf")
+from decoding.search.tree import TreeBeamModel
+from decoding.trie import ItemTrie
 
 
 @dataclass
@@ -91,16 +92,22 @@ def validate_prompts(input_ids, attention_mask) -> None:
             raise ValueError("attention_mask: a request has no unmasked prompt token")
 
 
-def _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normalize, assistant_logprobs,
-              assistant_weight):
+def validate_search(input_ids, attention_mask, trie, num_beams) -> None:
+    """Checks shared by the trie decoders: the prompts, the catalog, the beam count, and prompt
+    tokens inside the catalog's vocabulary."""
     validate_prompts(input_ids, attention_mask)
-    from decoding.trie import ItemTrie
-
     if not isinstance(trie, ItemTrie):
         raise TypeError(f"trie: expected a decoding.ItemTrie, got {type(trie).__name__}")
     check_positive_int("num_beams", num_beams)
     if num_beams > trie.num_items:
         raise ValueError(f"num_beams: {num_beams} is larger than the catalog ({trie.num_items} items)")
+    if bool((input_ids < 0).any()) or bool((input_ids >= trie.vocab_size).any()):
+        raise ValueError(f"input_ids: token ids must be in [0, {trie.vocab_size}) (the trie's vocabulary)")
+
+
+def _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normalize, assistant_logprobs,
+              assistant_weight):
+    validate_search(input_ids, attention_mask, trie, num_beams)
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
         raise TypeError(f"length_penalty: expected a float, got {type(length_penalty).__name__}")
     check_choice("normalize", normalize, set(NORMALIZE_MODES))
@@ -160,7 +167,7 @@ def beam_search(
             model's own attention with a 4-D mask) or ``"op"`` (:func:`decoding.ops.tree_attention`,
             on ``backend``). Same results.
         kv_cache: default layout, Hugging Face models: ``"shared"`` stores the prompt KV once
-            per request and only generated KV per beam (:mod:`decoding.search._shared_cache`);
+            per request and only generated KV per beam (:mod:`decoding.kv.shared_prefix`);
             ``"per_beam"`` keeps a prompt copy per beam; ``"auto"`` (default) is ``"shared"``
             for decoder-only models on SDPA attention without sliding windows. Same results.
         kv_policy: prune the prompt KV after prefill (shared-prefix cache only):
@@ -178,16 +185,12 @@ def beam_search(
     if layout == "tree" and kv_policy is not None:
         raise ValueError("kv_policy: applies to the default layout")
     if layout == "tree":
-        from decoding.search.tree import TreeBeamModel
-
         beam_model = TreeBeamModel(model, attention=tree_attention, backend=backend)
     else:
         beam_model = as_beam_model(model, kv_cache=kv_cache, kv_policy=kv_policy)
     vocab = model_vocab_size(model)
     if vocab is not None and vocab != trie.vocab_size:
         raise ValueError(f"trie: built for vocab_size {trie.vocab_size}, but the model's vocabulary is {vocab}")
-    if bool((input_ids < 0).any()) or bool((input_ids >= trie.vocab_size).any()):
-        raise ValueError(f"input_ids: token ids must be in [0, {trie.vocab_size}) (the trie's vocabulary)")
 
     B, K, L = input_ids.shape[0], num_beams, trie.depth
     logits = beam_model.prefill(input_ids, attention_mask)

@@ -22,6 +22,15 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from decoding._hf import (
+    attention_implementation,
+    cache_argument,
+    is_hf_model,
+    left_padded_positions,
+    returned_cache,
+)
+from decoding.kv import KVPolicy
+
 
 @runtime_checkable
 class BeamModel(Protocol):
@@ -30,17 +39,13 @@ class BeamModel(Protocol):
     def step(self, beam_index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor: ...
 
 
-def _is_hf_model(model) -> bool:
-    return hasattr(model, "config") and hasattr(model, "get_output_embeddings") and callable(model)
-
-
 def as_beam_model(model, kv_cache: str = "auto", kv_policy=None) -> BeamModel:
     """Return ``model`` if it implements :class:`BeamModel`, else wrap a Hugging Face model."""
     if isinstance(model, BeamModel):
         if kv_policy is not None:
             raise ValueError("kv_policy: applies to Hugging Face models only")
         return model
-    if _is_hf_model(model):
+    if is_hf_model(model):
         return HFBeamModel(model, kv_cache=kv_cache, kv_policy=kv_policy)
     raise TypeError(
         "model: expected a Hugging Face model or an object with prefill(input_ids, attention_mask) "
@@ -55,19 +60,6 @@ def model_vocab_size(model) -> int | None:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         return getattr(text, "vocab_size", None)
     return getattr(model, "vocab_size", None)
-
-
-def cache_argument(model) -> str:
-    """The name under which ``model.forward`` takes the KV cache: ``"cache"`` on transformers
-    releases that deprecate ``past_key_values`` (5.24 warns it is removed in 5.40), else
-    ``"past_key_values"``. Read from the signature, so no deprecated name is ever passed."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def returned_cache(output):
-    """The KV cache a transformers forward returned, under either name (``ModelOutput`` keys)."""
-    cache = output.get("cache")
-    return output.get("past_key_values") if cache is None else cache
 
 
 def shared_prefix_supported(model) -> bool:
@@ -87,14 +79,18 @@ def shared_prefix_supported(model) -> bool:
 class HFBeamModel:
     """:class:`BeamModel` over a Hugging Face causal LM or encoder-decoder (T5 style).
 
-    The prompt runs once per request; the KV cache is fanned out to the beams once, then reordered
-    by parent index moving only generated positions (beams of a request share the prompt KV; see
-    ``decoding.search._hf_cache``). Positions follow transformers' ``generate`` for left-padded
+    The prompt runs once per request. By default (decoder-only models on SDPA) the prompt KV is
+    stored once per request and only generated KV per beam (:class:`decoding.kv.SharedPrefixCache`);
+    otherwise a row per beam whose reorders move only generated positions
+    (:mod:`decoding.kv.per_beam`). Positions follow transformers' ``generate`` for left-padded
     batches.
     """
 
     def __init__(self, model, kv_cache: str = "auto", kv_policy=None):
         self.model = model
+        if kv_policy is not None and not isinstance(kv_policy, KVPolicy):
+            raise TypeError(f"kv_policy: expected a decoding.kv.KVPolicy (StreamingLLM, SnapKV, EarnCut, ...), "
+                            f"got {type(kv_policy).__name__}")
         self.kv_policy = kv_policy
         self.config = model.config
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -122,19 +118,15 @@ class HFBeamModel:
         return next(self.model.parameters()).device
 
     def _new_cache(self):
+        # lazy: the caches import transformers, which a plain BeamModel user need not have
         if self.shared_prefix:
-            from decoding.search._shared_cache import SharedPrefixCache, register_shared_prefix_attention
+            from decoding.kv.shared_prefix import SharedPrefixCache, register_shared_prefix_attention
 
             register_shared_prefix_attention()
             self._fast_reorder = True
-            cache = SharedPrefixCache(config=self.config)
-            from decoding.kv import SnapKV
-
-            window = self.kv_policy.window if isinstance(self.kv_policy, SnapKV) else 0
-            for layer in cache.layers:
-                layer.capture_window = window
-            return cache
-        from decoding.search._hf_cache import new_beam_cache  # lazy: kernels never import transformers
+            window = self.kv_policy.capture_window if self.kv_policy is not None else 0
+            return SharedPrefixCache(config=self.config, capture_window=window)
+        from decoding.kv.per_beam import new_beam_cache
 
         cache, self._fast_reorder = new_beam_cache(self.config, self.is_encoder_decoder)
         return cache
@@ -151,7 +143,7 @@ class HFBeamModel:
         )
         self._row_request = self._row_request.index_select(0, beam_index)
         if self._fast_reorder:
-            from decoding.search._hf_cache import reorder_beams
+            from decoding.kv.per_beam import reorder_beams
 
             reorder_beams(self._cache, beam_index, within, self._shared_length)
         else:
@@ -171,15 +163,14 @@ class HFBeamModel:
         if start is None:
             raise ValueError("model: config.decoder_start_token_id is not set for this encoder-decoder model")
         decoder_ids = torch.full((batch, 1), int(start), dtype=torch.long, device=device)
-        return self._forward(decoder_input_ids=decoder_ids, encoder_outputs=(encoder_states,), attention_mask=attention_mask)
+        return self._forward(decoder_input_ids=decoder_ids, encoder_outputs=(encoder_states,),
+                             attention_mask=attention_mask)
 
     def _forward(self, **kwargs) -> torch.Tensor:
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         kwargs[self._cache_argument] = self._cache
         if self.shared_prefix:  # the shared-prefix attention for this call only
-            from decoding.search._attention import attention_implementation
-
             with attention_implementation(self.config, "decoding_shared_prefix"):
                 out = self.model(**kwargs, use_cache=True, return_dict=True)
         else:
@@ -201,15 +192,12 @@ class HFBeamModel:
         self._cache = self._new_cache()
         self._row_request = torch.arange(input_ids.shape[0], device=device)
         self._shared_length = input_ids.shape[1]  # the prompt: shared by every beam of a request
-        # left padding: positions count real tokens only, as transformers' generate does
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        position_ids = left_padded_positions(attention_mask)
         self._mask = attention_mask
         self._next_pos = position_ids[:, -1] + 1
         logits = self._forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         if self.kv_policy is not None:
-            from decoding.kv import apply_policy
-
-            apply_policy(self._cache, self.kv_policy, attention_mask)
+            self._cache.prune_prompt(self.kv_policy, attention_mask)
         return logits
 
     @torch.inference_mode()

@@ -25,11 +25,20 @@ from dataclasses import dataclass
 
 import torch
 
+from decoding._hf import (
+    additive_mask,
+    attention_implementation,
+    cache_argument,
+    check_decoder_only,
+    left_padded_positions,
+    register_once,
+    reject_unsupported_attention,
+    returned_cache,
+)
 from decoding._validate import check_choice
-from decoding.ops._backend import resolve_backend
+from decoding.ops import resolve_backend
 from decoding.ops.tree_attention import run_tree_attention
-from decoding.search._attention import attention_implementation, register_once, reject_unsupported_attention
-from decoding.search.model import cache_argument, model_vocab_size, returned_cache
+from decoding.search.model import model_vocab_size
 
 TREE_ATTENTION = "decoding_tree"
 ATTENTION_MODES = ("model", "op")
@@ -75,14 +84,6 @@ def _register_tree_attention():
     register_once(_register)
 
 
-def _check_decoder_only(model, arg: str = "model"):
-    if not (hasattr(model, "config") and hasattr(model, "get_output_embeddings") and callable(model)):
-        raise TypeError(f"{arg}: the tree layout needs a Hugging Face decoder-only model, got {type(model).__name__}")
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(f"{arg}: the tree layout supports decoder-only models; "
-                         f"{type(model).__name__} is an encoder-decoder")
-
-
 class TreeModel:
     """A Hugging Face decoder-only model run over the tree layout.
 
@@ -92,7 +93,7 @@ class TreeModel:
     """
 
     def __init__(self, model, attention: str = "model", backend: str = "auto"):
-        _check_decoder_only(model)
+        check_decoder_only(model)
         check_choice("attention", attention, set(ATTENTION_MODES))
         self.model = model
         self.vocab_size = model_vocab_size(model)
@@ -117,7 +118,7 @@ class TreeModel:
         device = self.device
         input_ids = input_ids.to(device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
-        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        position_ids = left_padded_positions(mask)
         self._cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                          return_dict=True, **{cache_argument(self.model): self._cache})
@@ -160,8 +161,7 @@ class TreeModel:
         visible = self._visible[:, start:end, : self._prompt_len + end - 1]
         dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
         # additive 4-D mask [B, 1, M, S]: transformers passes a 4-D mask to attention as it is
-        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-        mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+        mask = additive_mask(visible, dtype)[:, None]
         position_ids = self._last_prompt_pos[:, None] + self._depth[:, start:end]
         assert self._cache.get_seq_length() == cached
         kwargs = dict(input_ids=self._tokens[:, start:end].clamp(min=0), attention_mask=mask,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from decoding.search.beam import beam_search
+from decoding._hf import left_padded_positions
 from decoding._validate import check_choice
+from decoding.search.beam import beam_search
 from decoding.speculative.losses import relaxed_alignment_loss, strict_alignment_loss
 
 
@@ -23,7 +24,7 @@ def align_draft(draft, target, trie, prompts, mask, *, num_beams: int, steps: in
     B, K, L = teacher.sequences.shape
     seqs = torch.cat([prompts.repeat_interleave(K, 0), teacher.sequences.reshape(B * K, L).clamp(min=0)], dim=1)
     full_mask = torch.cat([mask.repeat_interleave(K, 0), torch.ones((B * K, L), dtype=mask.dtype)], dim=1)
-    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = left_padded_positions(full_mask)
     span = slice(prompts.shape[1] - 1, prompts.shape[1] + L - 1)  # logits that predict identifier tokens
     with torch.no_grad():
         target_logits = target(input_ids=seqs, attention_mask=full_mask, position_ids=positions).logits[:, span]

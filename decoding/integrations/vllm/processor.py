@@ -46,9 +46,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from decoding.integrations._constrain import mask_to_children
 from decoding.integrations.vllm._version import untested_message, warn_if_untested
 from decoding.integrations.vllm.catalogs import CATALOG_KEY, CatalogError, catalogs_for
-from decoding.search.constrain import mask_to_children
 
 logger = logging.getLogger("decoding.integrations.vllm")
 

@@ -20,7 +20,9 @@ def _common(B, k, item_mask, excluded):
     return scores, items, mask, stride, ex, X
 
 
-def catalog_topk_embedding_cpu(queries, item_embeddings, k, excluded, item_mask):
+def catalog_topk_embedding_cpu(*, queries: torch.Tensor, item_embeddings: torch.Tensor, k: int,
+                               excluded: torch.Tensor | None,
+                               item_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     B, S, d = queries.shape
     N = item_embeddings.shape[1]
     scores, items, mask, stride, ex, X = _common(B, k, item_mask, excluded)
@@ -30,7 +32,9 @@ def catalog_topk_embedding_cpu(queries, item_embeddings, k, excluded, item_mask)
     return scores, items
 
 
-def catalog_topk_codes_cpu(code_logprobs, item_codes, k, excluded, item_mask):
+def catalog_topk_codes_cpu(*, code_logprobs: torch.Tensor, item_codes: torch.Tensor, k: int,
+                           excluded: torch.Tensor | None,
+                           item_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     B, S, C = code_logprobs.shape
     N = item_codes.shape[0]
     scores, items, mask, stride, ex, X = _common(B, k, item_mask, excluded)

@@ -7,7 +7,8 @@ import torch
 from decoding._ext import _C
 
 
-def compact_kv_cpu(keys, values, index):
+def compact_kv_cpu(*, keys: torch.Tensor, values: torch.Tensor,
+                   index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, D = keys.shape
     C = index.shape[2]
     out_k = torch.empty((B, H, C, D), dtype=keys.dtype)

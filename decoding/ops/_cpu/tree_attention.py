@@ -7,7 +7,9 @@ import torch
 from decoding._ext import _C
 
 
-def tree_attention_cpu(query, key, value, prefix_len, prefix_valid, tree_visible, scale):
+def tree_attention_cpu(*, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_len: int,
+                       prefix_valid: torch.Tensor, tree_visible: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, M, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     q, k, v = (t.float().contiguous() for t in (query, key, value))

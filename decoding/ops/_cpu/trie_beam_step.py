@@ -1,15 +1,22 @@
-"""C++ backend of trie_beam_step (csrc/beam_step.cpp), called on NumPy views of CPU tensors."""
+"""C++ backend of trie_beam_step (csrc/trie_beam_step.cpp), called on NumPy views of CPU tensors."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    from decoding.trie import ItemTrie
+
 from decoding._ext import _C
+from decoding.ops._helpers import NORMALIZE_CODES
 
-NORMALIZE_CODES = {"full": 0, "valid": 1, "none": 2}
 
-
-def trie_beam_step_cpu(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks, child_bias, max_children, logprob_weight):
+def trie_beam_step_cpu(*, logits: torch.Tensor, beam_scores: torch.Tensor, beam_nodes: torch.Tensor, trie: ItemTrie,
+                       num_out: int, normalize: str, excluded_ranks: torch.Tensor | None,
+                       child_bias: torch.Tensor | None, max_children: int,
+                       logprob_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, W, V = logits.shape
     logits = logits.float().contiguous()
     scores_in = beam_scores.float().contiguous()

@@ -7,14 +7,15 @@ import torch
 from decoding._ext import _C
 
 
-def match_keys_cpu(queries, keys):
+def match_keys_cpu(*, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     B, Q = queries.shape
     out = torch.empty((B, Q), dtype=torch.long)
     _C.match_keys(queries.numpy(), keys.numpy(), B, Q, keys.shape[1], torch.get_num_threads(), out.numpy())
     return out
 
 
-def verify_relaxed_cpu(p_cand, q_cand, q_draft, draft_cand, num_keep, seed, offset):
+def verify_relaxed_cpu(*, p_cand: torch.Tensor, q_cand: torch.Tensor, q_draft: torch.Tensor, draft_cand: torch.Tensor,
+                       num_keep: int, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, M = p_cand.shape
     kept = torch.empty((B, num_keep), dtype=torch.long)
     num_accepted = torch.empty(B, dtype=torch.long)

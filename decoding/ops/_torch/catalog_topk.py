@@ -5,25 +5,9 @@ from __future__ import annotations
 
 import torch
 
-NEG_INF = float("-inf")
+from decoding.ops._helpers import NEG_INF, is_excluded, merge_topk
+
 CHUNK = 65536
-
-
-def is_excluded(excluded: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """bool like ``ids [B, M]``: whether each id is in its row of the sorted ``excluded [B, X]``
-    (an id is excluded iff it equals the entry at its insertion point)."""
-    at = torch.searchsorted(excluded, ids.contiguous()).clamp(max=excluded.shape[1] - 1)
-    return excluded.gather(1, at) == ids
-
-
-def merge_topk(best_scores, best_ids, scores, ids, k):
-    """Running top-k: merge a new chunk ``scores/ids [R, n]`` into the best so far, keeping
-    ``k``. Ties go to the earlier entry, so with chunks in id order (the running best, all of
-    lower ids, first) ties go to the lower id."""
-    scores = torch.cat([best_scores, scores], dim=1)
-    ids = torch.cat([best_ids, ids], dim=1)
-    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
-    return scores.gather(1, order), ids.gather(1, order)
 
 
 def _eligible(start, end, B, excluded, item_mask, device):
@@ -52,7 +36,9 @@ def _stream(score_chunk, N, B, k, excluded, item_mask, device):
     return best_scores, best_items
 
 
-def catalog_topk_embedding_torch(queries, item_embeddings, k, excluded, item_mask):
+def catalog_topk_embedding_torch(*, queries: torch.Tensor, item_embeddings: torch.Tensor, k: int,
+                                 excluded: torch.Tensor | None,
+                                 item_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     B, S, d = queries.shape
     N = item_embeddings.shape[1]
 
@@ -63,7 +49,9 @@ def catalog_topk_embedding_torch(queries, item_embeddings, k, excluded, item_mas
     return _stream(score_chunk, N, B, k, excluded, item_mask, queries.device)
 
 
-def catalog_topk_codes_torch(code_logprobs, item_codes, k, excluded, item_mask):
+def catalog_topk_codes_torch(*, code_logprobs: torch.Tensor, item_codes: torch.Tensor, k: int,
+                             excluded: torch.Tensor | None,
+                             item_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     B, S, C = code_logprobs.shape
     N = item_codes.shape[0]
     slot = torch.arange(S, device=code_logprobs.device)

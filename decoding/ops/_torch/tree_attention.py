@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 
-def tree_attention_torch(query, key, value, prefix_len, prefix_valid, tree_visible, scale):
+def tree_attention_torch(*, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_len: int,
+                         prefix_valid: torch.Tensor, tree_visible: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, M, D = query.shape
     groups = H // key.shape[1]
     k = key.repeat_interleave(groups, dim=1).float()

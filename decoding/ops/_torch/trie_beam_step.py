@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-NEG_INF = float("-inf")
+from decoding.ops._helpers import NEG_INF, count_excluded, gather_children
 
+if TYPE_CHECKING:
+    from decoding.trie import ItemTrie
 
-def gather_children(trie, beam_nodes: torch.Tensor, beam_alive: torch.Tensor, max_children: int):
-    """The children of each beam's node, padded to ``max_children``.
-
-    Returns ``child [B, W, C]`` node ids (clamped, only meaningful where ``in_node``),
-    ``token [B, W, C]`` int64 and ``in_node [B, W, C]`` bool.
-    """
-    C = max(int(max_children), 1)
-    node = beam_nodes.clamp(min=0).long()
-    start = trie.indptr[node].long()
-    count = (trie.indptr[node + 1].long() - start) * beam_alive
-    j = torch.arange(C, device=beam_nodes.device)
-    in_node = j < count[..., None]
-    child = (start[..., None] + j + 1).clamp(max=trie.num_nodes - 1)
-    token = trie.node_token[child].long().clamp(min=0)
-    return child, token, in_node
-
-
-def count_excluded(excluded_ranks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Excluded ranks of each request inside ``[lo, hi)``; ``lo, hi [B, ...]``."""
-    B = lo.shape[0]
-    flat_lo = lo.reshape(B, -1).contiguous().long()
-    flat_hi = hi.reshape(B, -1).contiguous().long()
-    n = torch.searchsorted(excluded_ranks, flat_hi) - torch.searchsorted(excluded_ranks, flat_lo)
-    return n.reshape(lo.shape)
-
-
-def trie_beam_step_torch(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks, child_bias, max_children, logprob_weight):
+def trie_beam_step_torch(*, logits: torch.Tensor, beam_scores: torch.Tensor, beam_nodes: torch.Tensor, trie: ItemTrie,
+                         num_out: int, normalize: str, excluded_ranks: torch.Tensor | None,
+                         child_bias: torch.Tensor | None, max_children: int,
+                         logprob_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, W, V = logits.shape
     logits = logits.float()
     alive = (beam_nodes >= 0) & (beam_scores > NEG_INF)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-NEG_INF = float("-inf")
+from decoding.ops._helpers import NEG_INF
+
 MASK32 = 0xFFFFFFFF
 # Philox-4x32 constants (Salmon et al. 2011), as in triton.language.random
 ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -38,7 +39,7 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     return ((c0 >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
 
 
-def match_keys_torch(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def match_keys_torch(*, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     N = keys.shape[1]
     eq = (queries[:, :, None] == keys[:, None, :]) & (keys >= 0)[:, None, :] & (queries >= 0)[:, :, None]
     position = torch.arange(N, device=keys.device).expand_as(eq)
@@ -46,7 +47,8 @@ def match_keys_torch(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.where(first < N, first, -1)
 
 
-def verify_relaxed_torch(p_cand, q_cand, q_draft, draft_cand, num_keep, seed, offset):
+def verify_relaxed_torch(*, p_cand: torch.Tensor, q_cand: torch.Tensor, q_draft: torch.Tensor, draft_cand: torch.Tensor,
+                         num_keep: int, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, M = p_cand.shape
     N = q_draft.shape[1]
     K = num_keep

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from decoding.ops._triton.trie_beam_step import _lower_bound
+from decoding.ops._triton._lib import _lower_bound
 
 NEG_INF = float("-inf")
 
@@ -107,11 +107,15 @@ def _run(a, table, k, excluded, item_mask, *, code_mode, S, D, C, N):
     return scores, torch.where(scores > NEG_INF, items, -1)
 
 
-def catalog_topk_embedding_triton(queries, item_embeddings, k, excluded, item_mask):
+def catalog_topk_embedding_triton(*, queries: torch.Tensor, item_embeddings: torch.Tensor, k: int,
+                                  excluded: torch.Tensor | None,
+                                  item_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     S, N, D = item_embeddings.shape
     return _run(queries, item_embeddings, k, excluded, item_mask, code_mode=False, S=S, D=D, C=0, N=N)
 
 
-def catalog_topk_codes_triton(code_logprobs, item_codes, k, excluded, item_mask):
+def catalog_topk_codes_triton(*, code_logprobs: torch.Tensor, item_codes: torch.Tensor, k: int,
+                              excluded: torch.Tensor | None,
+                              item_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     B, S, C = code_logprobs.shape
     return _run(code_logprobs, item_codes, k, excluded, item_mask, code_mode=True, S=S, D=0, C=C, N=item_codes.shape[0])

@@ -22,7 +22,8 @@ def _compact_kernel(k_ptr, v_ptr, idx_ptr, ok_ptr, ov_ptr, T, C, D, BLOCK_C: tl.
         tl.store(ov_ptr + dst, tl.load(v_ptr + src, mask=m), mask=m)
 
 
-def compact_kv_triton(keys, values, index):
+def compact_kv_triton(*, keys: torch.Tensor, values: torch.Tensor,
+                      index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, D = keys.shape
     C = index.shape[2]
     out_k = torch.empty((B, H, C, D), dtype=keys.dtype, device=keys.device)

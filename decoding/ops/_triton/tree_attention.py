@@ -11,15 +11,14 @@ fp16/bf16 on a GPU).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from decoding.ops._triton._lib import INTERPRET
+
 # The interpreter's tl.dot on bfloat16 operands returns garbage (numpy has no bfloat16): there,
 # bfloat16 tiles are multiplied in float32. Compiled kernels use the native dtype.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -106,7 +105,9 @@ def _tree_attention_kernel(q_ptr, k_ptr, v_ptr, pv_ptr, tv_ptr, out_ptr, lse_ptr
     tl.store(lse_ptr + bh * M + rows, tl.where(sees, total, float("-inf")), mask=row_ok)
 
 
-def tree_attention_triton(query, key, value, prefix_len, prefix_valid, tree_visible, scale):
+def tree_attention_triton(*, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_len: int,
+                          prefix_valid: torch.Tensor, tree_visible: torch.Tensor,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, M, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     out = torch.empty_like(query)
@@ -114,6 +115,7 @@ def tree_attention_triton(query, key, value, prefix_len, prefix_valid, tree_visi
     BLOCK_M = 16 if M <= 16 else (32 if M <= 32 else 64)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     _tree_attention_kernel[(B * H, triton.cdiv(M, BLOCK_M))](
-        query, key, value, prefix_valid.view(torch.uint8), tree_visible.view(torch.uint8), out, lse, H, Hkv, M, S, prefix_len, D, scale,
+        query, key, value, prefix_valid.view(torch.uint8), tree_visible.view(torch.uint8), out, lse,
+        H, Hkv, M, S, prefix_len, D, scale,
         BLOCK_M=BLOCK_M, BLOCK_N=32, BLOCK_D=BLOCK_D, UPCAST=INTERPRET and query.dtype == torch.bfloat16)
     return out, lse

@@ -16,39 +16,17 @@ among equal scores, lower (beam, child) indices, the reference's stable order.
 
 from __future__ import annotations
 
-import os
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from decoding.ops._cpu.trie_beam_step import NORMALIZE_CODES
+if TYPE_CHECKING:
+    from decoding.trie import ItemTrie
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _lower_bound(row_ptr, n, target, STEPS: tl.constexpr):
-    """Vectorised lower_bound of ``target`` in the sorted int64 array ``row_ptr[0:n]``."""
-    lo = tl.zeros(target.shape, dtype=tl.int64)
-    hi = tl.zeros(target.shape, dtype=tl.int64) + n
-    for _ in tl.static_range(STEPS):
-        open_ = lo < hi
-        mid = (lo + hi) // 2
-        v = tl.load(row_ptr + mid, mask=open_, other=0)
-        go_right = open_ & (v < target)
-        lo = tl.where(go_right, mid + 1, lo)
-        hi = tl.where(open_ & ~go_right, mid, hi)
-    return lo
-
-
-@triton.jit
-def _lse_update(m, s, x):
-    """One block of an online log-sum-exp: running max ``m`` and sum ``s`` of exp(x - m)."""
-    new_m = tl.maximum(m, tl.max(x, axis=0))
-    shift = tl.where(new_m == float("-inf"), 0.0, new_m)
-    s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
-    return new_m, s
+from decoding.ops._helpers import NORMALIZE_CODES
+from decoding.ops._triton._lib import INTERPRET, _lower_bound, _lse_update
 
 
 @triton.jit
@@ -191,7 +169,10 @@ def _pow2(n: int, cap: int | None = None) -> int:
     return min(p, cap) if cap else p
 
 
-def trie_beam_step_triton(logits, beam_scores, beam_nodes, trie, num_out, normalize, excluded_ranks, child_bias, max_children, logprob_weight):
+def trie_beam_step_triton(*, logits: torch.Tensor, beam_scores: torch.Tensor, beam_nodes: torch.Tensor, trie: ItemTrie,
+                          num_out: int, normalize: str, excluded_ranks: torch.Tensor | None,
+                          child_bias: torch.Tensor | None, max_children: int,
+                          logprob_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, W, V = logits.shape
     device = logits.device
     C = max(int(max_children), 1)

@@ -38,7 +38,7 @@ def _match_kernel(q_ptr, k_ptr, out_ptr, Q, N, BLOCK_Q: tl.constexpr, BLOCK_N: t
     tl.store(out_ptr + b * Q + qi, tl.where(best < N, best, -1), mask=qi < Q)
 
 
-def match_keys_triton(queries, keys):
+def match_keys_triton(*, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     B, Q = queries.shape
     N = keys.shape[1]
     out = torch.empty((B, Q), dtype=torch.long, device=queries.device)
@@ -98,7 +98,9 @@ def _relaxed_kernel(p_ptr, q_ptr, qd_ptr, dc_ptr, mark_ptr, kept_ptr, nacc_ptr, 
             key2 = tl.where((m == arg2).to(tl.int32) * (1 - from1) != 0, float("-inf"), key2)
 
 
-def verify_relaxed_triton(p_cand, q_cand, q_draft, draft_cand, num_keep, seed, offset):
+def verify_relaxed_triton(*, p_cand: torch.Tensor, q_cand: torch.Tensor, q_draft: torch.Tensor,
+                          draft_cand: torch.Tensor, num_keep: int, seed: int,
+                          offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, M = p_cand.shape
     N = q_draft.shape[1]
     device = p_cand.device

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -27,7 +29,7 @@ def random_semantic_ids(num_items: int, levels: int = 4, codes: int = 256, seed:
         draws = rng.integers(0, capacity, size=need, dtype=np.int64)
         picked = np.unique(np.concatenate([picked, draws]))
     picked = rng.permutation(picked)[:num_items]
-    digits = np.stack([(picked // codes ** (levels - 1 - l)) % codes for l in range(levels)], axis=1)
+    digits = np.stack([(picked // codes ** (levels - 1 - lv)) % codes for lv in range(levels)], axis=1)
     return digits + SPECIAL_TOKENS + np.arange(levels) * codes
 
 
@@ -97,3 +99,11 @@ def save_for_serving(model, path) -> str:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
                             eos_token="t2").save_pretrained(path)
     return str(path)
+
+
+def layer_draft(target, layers: int):
+    """The target's first ``layers`` decoder layers with its embeddings, norm and head."""
+    draft = copy.deepcopy(target)
+    draft.model.layers = draft.model.layers[:layers]
+    draft.config.num_hidden_layers = layers
+    return draft.eval()

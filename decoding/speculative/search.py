@@ -26,18 +26,19 @@ hypotheses, which N-to-K verification of running beams does not cover.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from decoding._validate import check_choice, check_positive_int
-from decoding.ops._backend import resolve_backend
+from decoding._hf import check_decoder_only
+from decoding._validate import check_choice, check_positive_int, check_seed, seeded_generator
+from decoding.ops import resolve_backend
+from decoding.ops._helpers import NEG_INF
 from decoding.ops.trie_beam_step import run_trie_beam_step
 from decoding.ops.verify import run_match_keys, run_verify_relaxed
-from decoding.search.beam import BeamSearchOutput, validate_prompts
+from decoding.search.beam import BeamSearchOutput, validate_search
 from decoding.search.model import model_vocab_size
-from decoding.search.tree import TreeModel, _check_decoder_only
-
-NEG_INF = float("-inf")
+from decoding.search.tree import TreeModel
 
 
 @dataclass
@@ -60,6 +61,28 @@ class SpeculativeStats:
         return acc / drafted if drafted else 0.0
 
 
+class DraftLevel(NamedTuple):
+    """One drafted level of a round, ``[B, n]`` each: the drafted sequences' tree rows and keys
+    (-1: empty slot); relaxed mode adds the draft's probability of each drafted sequence
+    (``q_draft``) and of every candidate it drew from (``cand_keys``, ``q_all``)."""
+
+    rows: torch.Tensor
+    keys: torch.Tensor
+    q_draft: torch.Tensor | None = None
+    cand_keys: torch.Tensor | None = None
+    q_all: torch.Tensor | None = None
+
+
+class _LevelBeams(NamedTuple):
+    """The target's beams at a verified level, ``[B, K]`` (history ``[B, K, L]``)."""
+
+    parent_rows: torch.Tensor
+    tokens: torch.Tensor
+    scores: torch.Tensor
+    nodes: torch.Tensor
+    history: torch.Tensor
+
+
 @dataclass
 class SpeculativeOutput(BeamSearchOutput):
     """:class:`decoding.BeamSearchOutput` plus ``stats`` (:class:`SpeculativeStats`)."""
@@ -67,39 +90,24 @@ class SpeculativeOutput(BeamSearchOutput):
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
 
 
-def is_fixed_length(trie) -> bool:
-    """Whether every item has exactly ``trie.depth`` tokens: ItemTrie requires an EOS for
-    variable-length identifiers, so this is the tries without one."""
-    return trie.eos_token_id is None
-
-
 def _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_drafts, draft_steps, mode, seed):
-    from decoding.trie import ItemTrie
-
-    _check_decoder_only(target, "target")
-    _check_decoder_only(draft, "draft")
-    validate_prompts(input_ids, attention_mask)
-    if not isinstance(trie, ItemTrie):
-        raise TypeError(f"trie: expected a decoding.ItemTrie, got {type(trie).__name__}")
-    if not is_fixed_length(trie):
+    check_decoder_only(target, "target")
+    check_decoder_only(draft, "draft")
+    validate_search(input_ids, attention_mask, trie, num_beams)
+    if trie.eos_token_id is not None:  # ItemTrie needs an EOS exactly for variable-length identifiers
         raise ValueError("trie: speculative_beam_search needs fixed-length identifiers (every item has "
                          f"trie.depth={trie.depth} tokens, no EOS)")
     for name, model in (("target", target), ("draft", draft)):
         vocab = model_vocab_size(model)
         if vocab != trie.vocab_size:
             raise ValueError(f"{name}: vocabulary {vocab} differs from the trie's {trie.vocab_size}")
-    check_positive_int("num_beams", num_beams)
     check_positive_int("num_drafts", num_drafts)
     check_positive_int("draft_steps", draft_steps)
-    if num_beams > trie.num_items:
-        raise ValueError(f"num_beams: {num_beams} is larger than the catalog ({trie.num_items} items)")
     if num_drafts < num_beams:
         raise ValueError(f"num_drafts: must be at least num_beams ({num_beams}), got {num_drafts}")
     check_choice("mode", mode, {"strict", "relaxed"})
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
-    if bool((input_ids < 0).any()) or bool((input_ids >= trie.vocab_size).any()):
-        raise ValueError(f"input_ids: token ids must be in [0, {trie.vocab_size}) (the trie's vocabulary)")
+    if seed is not None:
+        check_seed("seed", seed)
 
 
 def _append_token(history: torch.Tensor, parent: torch.Tensor, token: torch.Tensor, column: torch.Tensor):
@@ -160,7 +168,7 @@ class _Search:
             ok = (out.node >= 0) & (rnd.gamma >= j)[:, None]
             keys, parent_rows = self.keys(rows, out)
             rows = self.add_rows(parent_rows, out.token, ok)
-            rnd.drafted.append({"rows": rows, "keys": torch.where(ok, keys, -1)})
+            rnd.drafted.append(DraftLevel(rows, torch.where(ok, keys, -1)))
             scores, nodes = torch.where(ok, out.scores, NEG_INF), torch.where(ok, out.node, -1)
             if j < rnd.G:
                 logits = self.run_draft(self.N)
@@ -172,7 +180,7 @@ class _Search:
         if i == rnd.G:
             return out, torch.zeros_like(stopped), None
         keys, _ = self.keys(rows, out)
-        index = run_match_keys(keys, rnd.drafted[i]["keys"], self.backend)
+        index = run_match_keys(keys, rnd.drafted[i].keys, self.backend)
         accept = ((index >= 0) | (keys < 0)).all(dim=1) & ~stopped & (rnd.gamma > i)
         return out, accept, index
 
@@ -193,8 +201,7 @@ class _Search:
             new_rows = self.add_rows(parent_rows.gather(1, sel), out.token.gather(1, sel), ok)
             keys = torch.where(ok, cand_keys.gather(1, sel), -1)
             q_draft = torch.where(ok, q_all.gather(1, sel), 0.0)
-            rnd.drafted.append({"rows": new_rows, "keys": keys, "q_draft": q_draft,
-                                "cand_keys": cand_keys, "q_all": q_all})
+            rnd.drafted.append(DraftLevel(new_rows, keys, q_draft, cand_keys, q_all))
             if j < rnd.G:
                 logits = self.run_draft(n)[:, : self.K]
                 rows = new_rows[:, : self.K]
@@ -211,10 +218,10 @@ class _Search:
         if i < rnd.G:
             d = rnd.drafted[i]
             active = ~stopped & (rnd.gamma > i)
-            in_draft = run_match_keys(keys, d["cand_keys"], self.backend)
-            q_cand = torch.where((in_draft >= 0) & active[:, None], d["q_all"].gather(1, in_draft.clamp(min=0)), 0.0)
-            draft_cand = torch.where(active[:, None], run_match_keys(d["keys"], keys, self.backend), -1)
-            q_draft = d["q_draft"]
+            in_draft = run_match_keys(keys, d.cand_keys, self.backend)
+            q_cand = torch.where((in_draft >= 0) & active[:, None], d.q_all.gather(1, in_draft.clamp(min=0)), 0.0)
+            draft_cand = torch.where(active[:, None], run_match_keys(d.keys, keys, self.backend), -1)
+            q_draft = d.q_draft
         else:  # the round's own target level: K draws from p
             active = torch.zeros_like(stopped)
             q_cand = torch.zeros_like(p_all)
@@ -234,7 +241,7 @@ class _Search:
         index = None
         if i < rnd.G:
             picked_keys = torch.where(alive, keys.gather(1, kept), -1)
-            index = run_match_keys(picked_keys, rnd.drafted[i]["keys"], self.backend)
+            index = run_match_keys(picked_keys, rnd.drafted[i].keys, self.backend)
         return picked, accept, index
 
 
@@ -293,10 +300,7 @@ def speculative_beam_search(
     stats.draft_forwards += 1
     device = target_level0.device
     trie = trie.to(device)
-    generator = None
-    if mode == "relaxed":
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(torch.randint(0, 2**62, (1,))) if seed is None else seed)
+    generator = seeded_generator(seed, device) if mode == "relaxed" else None
     search = _Search(tgt, drf, trie, trie.excluded_ranks(exclude_items, B), resolve_backend(backend, device),
                      stats, K, N, trie.vocab_size, generator)
     draft_phase = search.draft_strict if mode == "strict" else search.draft_relaxed
@@ -333,7 +337,7 @@ def speculative_beam_search(
                 level_logits.append(logits[:, :pending_beams])
             start = pending_beams
             for level in rnd.drafted:
-                width = level["rows"].shape[1]
+                width = level.rows.shape[1]
                 level_logits.append(logits[:, start: start + width])
                 start += width
 
@@ -343,21 +347,19 @@ def speculative_beam_search(
         p_logits = level_logits[0]
         stopped = done.clone()
         accepted = torch.zeros(B, dtype=torch.long, device=device)
-        new = {}
+        new = None
         for i in range(rnd.G + 1):
             out, accept, index = verify_phase(rnd, i, p_rows, p_scores, p_nodes, p_logits, stopped)
             valid = out.node >= 0
             parent = out.parent.clamp(min=0)
-            cand = {"parent_rows": p_rows.gather(1, parent), "tokens": out.token.clamp(min=0),
-                    "scores": out.scores, "nodes": out.node,
-                    "history": _append_token(p_tokens, parent, out.token.clamp(min=0), depth + i)}
+            cand = _LevelBeams(p_rows.gather(1, parent), out.token.clamp(min=0), out.scores, out.node,
+                               _append_token(p_tokens, parent, out.token.clamp(min=0), depth + i))
             stop_now = ~stopped & ~accept
             if i == 0:
                 new = cand
             else:
-                for name, value in cand.items():
-                    sel = stop_now.view(-1, *([1] * (value.dim() - 1)))
-                    new[name] = torch.where(sel, value, new[name])
+                new = _LevelBeams(*(torch.where(stop_now.view(-1, *([1] * (c.dim() - 1))), c, n)
+                                    for c, n in zip(cand, new)))
             accepted = torch.where(stop_now, i, accepted)
             stopped |= stop_now
             if i == rnd.G or bool(stopped.all()):
@@ -365,10 +367,10 @@ def speculative_beam_search(
             # accepted requests continue from the matched drafted rows
             index = index.clamp(min=0)  # position among the level's drafted rows
             a = accept[:, None]
-            p_rows = torch.where(a, rnd.drafted[i]["rows"].gather(1, index), 0)
+            p_rows = torch.where(a, rnd.drafted[i].rows.gather(1, index), 0)
             p_scores = torch.where(a & valid, out.scores, NEG_INF)
             p_nodes = torch.where(a & valid, out.node, -1)
-            p_tokens = cand["history"]
+            p_tokens = cand.history
             p_logits = level_logits[i + 1].gather(1, index[..., None].expand(-1, -1, search.V))
 
         stats.accepted_levels.append(torch.where(done, -1, accepted).tolist())
@@ -377,9 +379,9 @@ def speculative_beam_search(
         finishing = ~done & (depth >= L)
         if bool(finishing.any()):
             f = finishing[:, None]
-            out_items = torch.where(f, trie.leaf_items(new["nodes"]), out_items)
-            out_scores = torch.where(f, new["scores"], out_scores)
-            out_tokens = torch.where(f[..., None], new["history"], out_tokens)
+            out_items = torch.where(f, trie.leaf_items(new.nodes), out_items)
+            out_scores = torch.where(f, new.scores, out_scores)
+            out_tokens = torch.where(f[..., None], new.history, out_tokens)
         done |= finishing
         if bool(done.all()):
             break
@@ -387,13 +389,13 @@ def speculative_beam_search(
         # 4. cut rows no live request needs, then add the new beams to both trees
         live = ~done[:, None]
         # rows are added after their ancestors, so the highest parent row bounds every row needed
-        needed = int(torch.where(live, new["parent_rows"], 0).max()) + 1
+        needed = int(torch.where(live, new.parent_rows, 0).max()) + 1
         tgt.truncate(needed)
         drf.truncate(needed)
-        beam_rows = search.add_rows(new["parent_rows"], new["tokens"], live.expand(-1, K))
-        beam_scores = torch.where(live, new["scores"], NEG_INF)
-        beam_nodes = torch.where(live, new["nodes"], -1)
-        beam_tokens = new["history"]
+        beam_rows = search.add_rows(new.parent_rows, new.tokens, live.expand(-1, K))
+        beam_scores = torch.where(live, new.scores, NEG_INF)
+        beam_nodes = torch.where(live, new.nodes, -1)
+        beam_tokens = new.history
         pending_beams = K
 
     if mode == "relaxed":  # sampled beams come in draw order

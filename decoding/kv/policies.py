@@ -1,9 +1,11 @@
-"""KV-cache pruning after prefill (``../shared/reference/algorithms.md`` §3): which prompt
-positions each layer and KV head keeps, and the compaction of a prefilled cache to them.
+"""KV-cache pruning after prefill: which prompt positions each layer and KV head keeps.
 
-Policies (each gives, per layer, int64 ``[B, H or 1, C]`` kept positions of the left-padded
-prompt and a bool ``[B, H or 1, C]`` saying which slots are real; requests with fewer real
-positions than ``C`` fill the rest with unused slots):
+A policy is one :class:`KVPolicy` subclass: ``keep(layer_idx, layer, attention_mask)`` gives,
+per layer, int64 ``[B, H or 1, C]`` kept positions of the left-padded prompt and a bool
+``[B, H or 1, C]`` saying which slots are real (requests with fewer real positions than ``C``
+fill the rest with unused slots); ``capture_window`` asks the prefill to record each layer's
+last queries; ``check`` rejects a policy that does not fit the model or the prompts.
+:meth:`decoding.kv.SharedPrefixCache.prune_prompt` applies it (``beam_search(kv_policy=...)``).
 
 * :class:`StreamingLLM`: the first ``sink`` and the last ``recent`` real prompt positions, the
   same for every layer and head.
@@ -28,9 +30,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from decoding._hf import additive_mask
+
+
+class KVPolicy:
+    """The interface of a pruning policy (subclass it; a new policy needs nothing else)."""
+
+    @property
+    def capture_window(self) -> int:
+        """How many of the prefill's last queries each layer must record (``layer.window_queries``)."""
+        return 0
+
+    def check(self, num_layers: int, attention_mask: torch.Tensor) -> None:
+        """Raise ValueError if the policy cannot prune this model's cache for these prompts."""
+
+    def keep(self, layer_idx: int, layer, attention_mask: torch.Tensor):
+        """``(index [B, H or 1, C] int64, valid [B, H or 1, C] bool)`` for one layer: ``layer``
+        has ``prefix_keys [B, Hkv, T, D]`` and, if asked for, ``window_queries``."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
-class StreamingLLM:
+class StreamingLLM(KVPolicy):
+    """The first ``sink`` and the last ``recent`` real prompt positions, in every layer."""
+
     sink: int = 4
     recent: int = 512
 
@@ -38,9 +61,14 @@ class StreamingLLM:
         if self.sink < 0 or self.recent < 1:
             raise ValueError(f"StreamingLLM: sink must be >= 0 and recent >= 1, got {self.sink}, {self.recent}")
 
+    def keep(self, layer_idx, layer, attention_mask):
+        return streaming_keep(self, attention_mask)
+
 
 @dataclass(frozen=True)
-class SnapKV:
+class SnapKV(KVPolicy):
+    """Per layer and KV head, the prompt positions most attended by the last ``window`` queries."""
+
     window: int = 32
     capacity: int = 2048
     kernel: int = 5
@@ -55,9 +83,24 @@ class SnapKV:
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"SnapKV: pooling must be 'avg' or 'max', got {self.pooling!r}")
 
+    @property
+    def capture_window(self) -> int:
+        return self.window
+
+    def check(self, num_layers, attention_mask):
+        if attention_mask.shape[1] <= self.window:
+            raise ValueError(f"kv_policy: SnapKV window {self.window} needs prompts longer than it")
+
+    def keep(self, layer_idx, layer, attention_mask):
+        if layer.window_queries is None:
+            raise RuntimeError("kv_policy: SnapKV needs the prefill's window queries (capture_window)")
+        return snapkv_keep(self, layer.window_queries, layer.prefix_keys, attention_mask)
+
 
 @dataclass(frozen=True)
-class EarnCut:
+class EarnCut(KVPolicy):
+    """Every position below ``layer``; only the ``registers`` from ``layer`` up."""
+
     layer: int
     registers: tuple  # positions in the real prompt (0 = its first token; negative from its end)
 
@@ -66,6 +109,13 @@ class EarnCut:
             raise ValueError(f"EarnCut: layer must be >= 0, got {self.layer}")
         if not self.registers:
             raise ValueError("EarnCut: registers must name at least one prompt position")
+
+    def check(self, num_layers, attention_mask):
+        if self.layer > num_layers:
+            raise ValueError(f"kv_policy: EarnCut.layer {self.layer} is above the model's {num_layers} layers")
+
+    def keep(self, layer_idx, layer, attention_mask):
+        return earn_keep(self, attention_mask, layer_idx)
 
 
 def _real_bounds(attention_mask: torch.Tensor):
@@ -164,31 +214,5 @@ def earn_attention_mask(attention_mask: torch.Tensor, registers, num_layers: int
     masks = []
     for layer in range(num_layers):
         visible = (base if layer < cut_layer else upper) | torch.eye(T, dtype=torch.bool, device=device)[None]
-        masks.append(torch.zeros(B, 1, T, T, dtype=dtype, device=device).masked_fill(~visible[:, None],
-                                                                                     torch.finfo(dtype).min))
+        masks.append(additive_mask(visible[:, None], dtype))
     return masks
-
-
-def apply_policy(cache, policy, attention_mask: torch.Tensor, *, backend: str = "auto") -> None:
-    """Prune a prefilled :class:`decoding.search._shared_cache.SharedPrefixCache` in place.
-
-    ``attention_mask [B, T]`` is the prompt's. SnapKV needs each layer's window queries, which
-    the cache records during the prefill when ``capture_window`` is set (``beam_search`` does).
-    """
-    num_layers = len(cache.layers)
-    if isinstance(policy, EarnCut) and policy.layer > num_layers:
-        raise ValueError(f"kv_policy: EarnCut.layer {policy.layer} is above the model's {num_layers} layers")
-    for layer_idx, layer in enumerate(cache.layers):
-        if isinstance(policy, StreamingLLM):
-            index, valid = streaming_keep(policy, attention_mask)
-        elif isinstance(policy, SnapKV):
-            if layer.window_queries is None:
-                raise RuntimeError("kv_policy: SnapKV needs the prefill's window queries (capture_window)")
-            if attention_mask.shape[1] <= policy.window:
-                raise ValueError(f"kv_policy: SnapKV window {policy.window} needs prompts longer than it")
-            index, valid = snapkv_keep(policy, layer.window_queries, layer.prefix_keys, attention_mask)
-        elif isinstance(policy, EarnCut):
-            index, valid = earn_keep(policy, attention_mask, layer_idx)
-        else:
-            raise TypeError(f"kv_policy: expected StreamingLLM, SnapKV or EarnCut, got {type(policy).__name__}")
-        layer.prune_prefix(index, valid, backend=backend)

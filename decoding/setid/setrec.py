@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from decoding._hf import additive_mask
 from decoding._validate import INT_DTYPES, check_positive_int, check_shape, check_tensor
 from decoding.ops.catalog_topk import EMBEDDING_DTYPES, catalog_topk
 from decoding.search.beam import BeamSearchOutput
@@ -66,9 +67,7 @@ def setid_attention_mask(group_ids: torch.Tensor, attention_mask: torch.Tensor |
                          causal: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Additive 4-D mask ``[B, 1, T, T]`` of ``dtype`` (0 visible, ``finfo.min`` hidden) from
     :func:`setid_visibility`, in the form transformers passes to attention as it is."""
-    visible = setid_visibility(group_ids, attention_mask, causal=causal)
-    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-    return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+    return additive_mask(setid_visibility(group_ids, attention_mask, causal=causal), dtype)[:, None]
 
 
 def setid_position_ids(group_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,8 +123,7 @@ def query_hidden_states(model, inputs_embeds, group_ids, queries, attention_mask
     if getattr(model.config, "is_encoder_decoder", False):
         enc_mask = setid_attention_mask(group_ids, mask, causal=False, dtype=dtype)
         encoded = model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=enc_mask).last_hidden_state
-        own_only = torch.full((B, 1, S, S), torch.finfo(dtype).min, dtype=dtype, device=device)
-        own_only[:, :, torch.arange(S), torch.arange(S)] = 0
+        own_only = additive_mask(torch.eye(S, dtype=torch.bool, device=device), dtype).expand(B, 1, S, S)
         decoded = model.get_decoder()(inputs_embeds=queries, attention_mask=own_only, encoder_hidden_states=encoded,
                                       encoder_attention_mask=mask)
         return decoded.last_hidden_state

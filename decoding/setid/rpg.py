@@ -1,5 +1,4 @@
-"""RPG decoding (long, unordered semantic IDs generated in parallel; ``../shared/reference/
-algorithms.md`` §4).
+"""RPG decoding: long, unordered semantic IDs whose digits are generated in parallel.
 
 One forward gives, for each of the ``S`` digits, logits over that digit's codebook of ``C``
 codes. An item's score is its mean per-digit log-probability, ``(1/S) Σ_s LP[s, code[i, s]]``.
@@ -18,11 +17,9 @@ from typing import NamedTuple
 
 import torch
 
-from decoding._validate import FLOAT_DTYPES, check_positive_int, check_tensor
-from decoding.ops._torch.catalog_topk import is_excluded, merge_topk
-from decoding.ops.catalog_topk import CODE_DTYPES, CatalogTopK, _exclusions, catalog_topk
-
-NEG_INF = float("-inf")
+from decoding._validate import FLOAT_DTYPES, check_positive_int, check_tensor, seeded_generator
+from decoding.ops._helpers import NEG_INF, is_excluded, merge_topk, sorted_exclusions
+from decoding.ops.catalog_topk import CODE_DTYPES, CatalogTopK, catalog_topk
 
 
 def digit_logprobs(digit_logits: torch.Tensor) -> torch.Tensor:
@@ -116,14 +113,13 @@ def graph_decode(code_logprobs: torch.Tensor, item_codes: torch.Tensor, neighbor
     if k > num_beams:
         raise ValueError(f"k: must be at most num_beams ({num_beams}), got {k}")
     if start_items is None:
-        g = torch.Generator(device=device)
-        g.manual_seed(int(torch.randint(0, 2**62, (1,))) if seed is None else seed)
+        g = seeded_generator(seed, device)
         start_items = torch.randint(0, N, (B, num_beams), generator=g, device=device)
     else:
         check_tensor("start_items", start_items, ndim=2, dtypes=(torch.int64,), device=device)
         if start_items.shape != (B, num_beams) or bool(((start_items < 0) | (start_items >= N)).any()):
             raise ValueError(f"start_items: expected ids in [0, {N}) of shape [{B}, {num_beams}]")
-    excluded = _exclusions(exclude_items, B, N, device)
+    excluded = sorted_exclusions(exclude_items, B, N, device)
 
     beam = start_items
     scored = []
@@ -214,13 +210,3 @@ def knn_graph(k: int, *, features: torch.Tensor | None = None, codebooks: torch.
         neighbors[r0:r1] = best_i
         similarity[r0:r1] = best_s * scale + shift
     return neighbors, similarity
-
-
-def knn_graph_materialised(k: int, features: torch.Tensor):
-    """Baseline: the ``N x N`` similarity matrix, then ``topk`` (what RPG's released code does, in
-    one piece): ``O(N²)`` memory. Same results as :func:`knn_graph` up to ties."""
-    with torch.no_grad():
-        sims = features.float() @ features.float().T
-        sims.fill_diagonal_(NEG_INF)
-        top = sims.topk(k, dim=1)
-    return top.indices, top.values

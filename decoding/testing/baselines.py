@@ -2,7 +2,9 @@
 
 ``PythonTriePrefixFn``: a nested-dict trie queried per beam per step through transformers'
 ``prefix_allowed_tokens_fn`` (MiniOneRec keys a dict on the generated prefix; LETTER-TIGER walks a
-nested dict); ``transformers_trie_beam_search`` runs ``generate`` with it.
+nested dict); ``transformers_trie_beam_search`` runs ``generate`` with it: the tests' oracle for
+exactness and the bench's baseline. ``knn_graph_materialised``: RPG's item graph built the way
+its released code does (``N x N``), for the memory comparison.
 """
 
 from __future__ import annotations
@@ -61,3 +63,13 @@ def transformers_trie_beam_search(model, input_ids, attention_mask, seqs, *, num
         kwargs["eos_token_id"] = eos_token_id
     with torch.inference_mode():
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def knn_graph_materialised(k: int, features: torch.Tensor):
+    """Baseline: the ``N x N`` similarity matrix, then ``topk`` (what RPG's released code does, in
+    one piece): ``O(N²)`` memory. Same results as :func:`knn_graph` up to ties."""
+    with torch.no_grad():
+        sims = features.float() @ features.float().T
+        sims.fill_diagonal_(float("-inf"))
+        top = sims.topk(k, dim=1)
+    return top.indices, top.values

@@ -6,7 +6,8 @@ every beam twice. Beams of one request share their prompt KV exactly (it was fan
 one prefill row), so a reorder that keeps every row inside its request only needs to move the
 generated positions. ``BeamKVLayer`` keeps keys/values in a preallocated buffer (appends write in
 place) and reorders only past ``shared_length``; any other reorder copies everything, so results
-never depend on the shortcut. Imported lazily: only the Hugging Face adapter uses it.
+never depend on the shortcut. Imported lazily: only the Hugging Face adapter uses it (with
+``beam_search(..., kv_cache="per_beam")``, and for encoder-decoders).
 """
 
 from __future__ import annotations
@@ -14,47 +15,24 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
+from decoding.kv._layer import BufferedLayer
 
-class BeamKVLayer(DynamicLayer):
-    """``DynamicLayer`` with in-place appends and prompt-sharing reorders.
 
-    ``keys``/``values`` are views ``[rows, heads, length, head_dim]`` of buffers with spare
-    capacity along the sequence dimension.
-    """
+class BeamKVLayer(BufferedLayer):
+    """``DynamicLayer`` with in-place appends and prompt-sharing reorders: the buffers hold every
+    position of every row."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self._kbuf = self._vbuf = None
-        self._len = 0
-
-    def _views(self) -> None:
-        self.keys = self._kbuf[:, :, : self._len]
-        self.values = self._vbuf[:, :, : self._len]
-
-    def _grow(self, capacity: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
-        kb = like_k.new_empty((like_k.shape[0], like_k.shape[1], capacity, like_k.shape[3]))
-        vb = like_v.new_empty((like_v.shape[0], like_v.shape[1], capacity, like_v.shape[3]))
-        if self._len:
-            kb[:, :, : self._len].copy_(self._kbuf[:, :, : self._len])
-            vb[:, :, : self._len].copy_(self._vbuf[:, :, : self._len])
-        self._kbuf, self._vbuf = kb, vb
+        self._init_buffers()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self._len + key_states.shape[-2]
-        if self._kbuf is None or end > self._kbuf.shape[2] or self._kbuf.shape[0] != key_states.shape[0]:
-            self._grow(end + max(16, end // 4), key_states, value_states)
-        self._kbuf[:, :, self._len : end].copy_(key_states)
-        self._vbuf[:, :, self._len : end].copy_(value_states)
-        self._len = end
-        self._views()
-        return self.keys, self.values
+        return self._append(key_states, value_states)
 
-    def reorder_rows(self, index: torch.Tensor, shared_length: int) -> None:
-        """Row ``r`` becomes old row ``index[r]``. Positions below ``shared_length`` are assumed
-        equal between ``r`` and ``index[r]`` (the caller checks) and are not copied."""
-        if not self.is_initialized or self._len == 0:
+    def reorder_rows(self, index: torch.Tensor, shared_length: int = 0) -> None:
+        if not self.rows:
             return
         index = index.to(self._kbuf.device)
         if shared_length > 0 and index.numel() == self._kbuf.shape[0]:
@@ -67,31 +45,6 @@ class BeamKVLayer(DynamicLayer):
             self._kbuf = self._kbuf.index_select(0, index)
             self._vbuf = self._vbuf.index_select(0, index)
         self._views()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.reorder_rows(beam_idx, 0)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized and self._len:
-            rows = torch.arange(self._kbuf.shape[0], device=self._kbuf.device)
-            self.reorder_rows(rows.repeat_interleave(repeats), 0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized and self._len:
-            index = torch.arange(self._kbuf.shape[0], device=self._kbuf.device)[indices]
-            self.reorder_rows(index, 0)
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop: pass a negative number of tokens to remove")
-        if tokens_to_remove and self.is_initialized:
-            self._len = max(0, self._len + tokens_to_remove)
-            self._views()
-
-    def reset(self) -> None:
-        super().reset()
-        self._kbuf = self._vbuf = None
-        self._len = 0
 
 
 def _swap_layers(cache: DynamicCache) -> bool:

@@ -12,21 +12,12 @@ from prompts other than the timed ones. Columns: latency, speedup over target-on
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from decoding import ItemTrie, beam_search, speculative_beam_search
-from decoding.bench import models as bm
+from decoding import beam_search, speculative_beam_search
+from decoding import testing as bm
+from decoding.bench._common import catalog_and_model, log, print_methods, timed
 from decoding.speculative import align_draft
-
-
-def layer_draft(target, layers: int):
-    """The target's first ``layers`` decoder layers with its embeddings, norm and head."""
-    draft = copy.deepcopy(target)
-    draft.model.layers = draft.model.layers[:layers]
-    draft.config.num_hidden_layers = layers
-    return draft.eval()
 
 
 def top_k_recall(items: torch.Tensor, reference: torch.Tensor) -> float:
@@ -44,22 +35,19 @@ def invalid_rate(items: torch.Tensor, trie) -> float:
     return float(((items < 0) | (items >= trie.num_items)).float().mean())
 
 
-def run_speculative(args, device, timed, log) -> dict:
-    V = bm.sid_vocab_size(args.levels, args.codes)
+def run(args, device) -> dict:
     K, N, L = args.beams, args.drafts or 2 * args.beams, args.levels
     log(f"[speculative] catalog: {args.items:,} semantic IDs; target: hidden={args.hidden} layers={args.layers}; "
         f"draft: its first {args.draft_layers} layer(s); K={K}, N={N}, gamma={args.draft_steps}")
-    seqs = bm.random_semantic_ids(args.items, args.levels, args.codes, seed=args.seed)
-    trie = ItemTrie.from_sequences(seqs, vocab_size=V).to(device)
-    target = bm.tiny_llama(V, hidden_size=args.hidden, layers=args.layers, heads=args.heads, seed=args.seed,
-                           intermediate_size=4 * args.hidden).to(device)
+    V, seqs, trie, target, _ = catalog_and_model(args)
+    trie, target = trie.to(device), target.to(device)
     ids, mask = bm.left_padded_prompts(args.batch, V, args.prompt_len // 2, args.prompt_len, seed=args.seed)
     train_ids, train_mask = bm.left_padded_prompts(args.batch, V, args.prompt_len // 2, args.prompt_len,
                                                    seed=args.seed + 1)
     ids, mask, train_ids, train_mask = (t.to(device) for t in (ids, mask, train_ids, train_mask))
-    raw = layer_draft(target, args.draft_layers)
-    aligned = layer_draft(target, args.draft_layers)
-    aligned_relaxed = layer_draft(target, args.draft_layers)
+    raw = bm.layer_draft(target, args.draft_layers)
+    aligned = bm.layer_draft(target, args.draft_layers)
+    aligned_relaxed = bm.layer_draft(target, args.draft_layers)
     log(f"[speculative] aligning the draft on the target's beams ({args.align_steps} steps, strict loss)")
     before, after = align_draft(aligned, target, trie, train_ids, train_mask, num_beams=K, steps=args.align_steps,
                                 log=log)
@@ -118,20 +106,17 @@ def run_speculative(args, device, timed, log) -> dict:
             "methods": rows}
 
 
-def print_speculative(res: dict) -> None:
-    from decoding.bench.__main__ import print_methods
-
+def show(res: dict) -> None:
     c = res["config"]
-    shown = [{**m, "rounds": "-" if m["rounds"] is None else str(m["rounds"]),
-              "acceptance_rate": "-" if m["acceptance_rate"] is None else f"{m['acceptance_rate']:.0%}"}
-             for m in res["methods"]]
-    print_methods(f"Speculative beam search (strict and relaxed): {c['items']:,} items, batch {c['batch']}, K={c['beams']}, "
+    shown = res["methods"]
+    print_methods(f"Speculative beam search (strict and relaxed): {c['items']:,} items, batch {c['batch']}, "
+                  f"K={c['beams']}, "
                   f"N={c['drafts']}, gamma={c['draft_steps']}, target {c['layers']} layers, draft {c['draft_layers']}",
                   shown,
                   [("latency ms", "latency_ms", "{:.1f}"), ("speedup", "speedup_vs_baseline", "{:.2f}x"),
                    ("exact", "same_items_as_target", "{:.0%}"), ("top-K recall", "recall_of_target_top_k", "{:.0%}"),
                    ("invalid", "invalid_item_rate", "{:.0%}"), ("rounds", "rounds", "{}"),
-                   ("accepted", "acceptance_rate", "{}"), ("target fwd", "target_forwards", "{}"),
+                   ("accepted", "acceptance_rate", "{:.0%}"), ("target fwd", "target_forwards", "{}"),
                    ("draft fwd", "draft_forwards", "{}")])
     a = res["alignment_loss"]
     r = res["relaxed_alignment_loss"]

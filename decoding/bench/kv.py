@@ -4,7 +4,7 @@ Same catalog, prompts (``--prompt-len`` tokens, default 1,024) and model for eve
 transformers' beam search (a prompt KV copy per beam) with a Python trie callback,
 ``decoding.beam_search`` with a prompt KV per beam, with the shared-prefix cache, and with the
 shared cache pruned by each policy of :mod:`decoding.kv`. Columns: latency, peak memory of the
-whole search measured in a child process (:mod:`decoding.bench.memory`), prompt KV bytes held
+whole search measured in a child process (:mod:`decoding.testing.memory`), prompt KV bytes held
 (where the cache reports them), and the top-K agreement with the unpruned shared-cache run.
 """
 
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from decoding import BeamSearchOutput, ItemTrie, beam_search
-from decoding.bench import models as bm
-from decoding.bench.baselines import PythonTriePrefixFn, transformers_trie_beam_search
-from decoding.bench.memory import peak_memory_bytes, run_job
+from decoding import BeamSearchOutput, beam_search
+from decoding import testing as bm
+from decoding.bench._common import catalog_and_model, log, print_methods, timed
 from decoding.kv import EarnCut, SnapKV, StreamingLLM
+from decoding.testing.baselines import PythonTriePrefixFn, transformers_trie_beam_search
+from decoding.testing.memory import peak_memory_bytes, run_job
 
 KEEP = 256  # prompt positions kept by each pruning policy
 
@@ -32,11 +33,7 @@ def policies() -> dict:
 
 def build(args):
     """Catalog, model and prompts, the same in the parent and in the measuring children."""
-    V = bm.sid_vocab_size(args.levels, args.codes)
-    seqs = bm.random_semantic_ids(args.items, args.levels, args.codes, seed=args.seed)
-    trie = ItemTrie.from_sequences(seqs, vocab_size=V)
-    model = bm.tiny_llama(V, hidden_size=args.hidden, layers=args.layers, heads=args.heads, seed=args.seed,
-                          intermediate_size=4 * args.hidden)
+    V, seqs, trie, model, _ = catalog_and_model(args)
     ids, mask = bm.left_padded_prompts(args.batch, V, args.prompt_len - args.prompt_len // 8, args.prompt_len,
                                        seed=args.seed)
     return seqs, trie, model, ids, mask
@@ -64,7 +61,7 @@ def _job(args, name):
     return method_calls(args, seqs, trie, model, ids, mask)[name]
 
 
-def run_kv(args, device, timed, log) -> dict:
+def run(args, device) -> dict:
     log(f"[kv] {args.items:,} items, {args.batch} prompts of ~{args.prompt_len} tokens, K={args.beams}, model "
         f"hidden={args.hidden} layers={args.layers}")
     seqs, trie, model, ids, mask = build(args)
@@ -97,15 +94,11 @@ def run_kv(args, device, timed, log) -> dict:
             | {"kept_positions": KEEP}, "methods": rows}
 
 
-def print_kv(res: dict) -> None:
+def show(res: dict) -> None:
     c = res["config"]
-    print(f"\nKV cache at long prompts: {c['batch']} prompts of ~{c['prompt_len']} tokens, K={c['beams']}, "
-          f"{c['items']:,} items, model hidden {c['hidden']} x {c['layers']} layers; policies keep {c['kept_positions']}")
-    header = (f"{'method':58} {'latency ms':>11} {'speedup':>8} {'peak MB':>9} {'prompt KV MB':>13} "
-              f"{'top-K agree':>12}")
-    print(header + "\n" + "-" * len(header))
-    for r in res["methods"]:
-        kv = "-" if r["prompt_kv_mb"] is None else f"{r['prompt_kv_mb']:.1f}"
-        agree = "-" if r["top_k_agreement"] is None else f"{r['top_k_agreement']:.0%}"
-        print(f"{r['method']:58} {r['latency_ms']:>11.1f} {r['speedup_vs_baseline']:>7.2f}x {r['peak_memory_mb']:>9.1f} "
-              f"{kv:>13} {agree:>12}")
+    print_methods(f"KV cache at long prompts: {c['batch']} prompts of ~{c['prompt_len']} tokens, K={c['beams']}, "
+                  f"{c['items']:,} items, model hidden {c['hidden']} x {c['layers']} layers; "
+                  f"policies keep {c['kept_positions']}", res["methods"],
+                  [("latency ms", "latency_ms", "{:.1f}"), ("speedup", "speedup_vs_baseline", "{:.2f}x"),
+                   ("peak MB", "peak_memory_mb", "{:.1f}"), ("prompt KV MB", "prompt_kv_mb", "{:.1f}"),
+                   ("top-K agree", "top_k_agreement", "{:.0%}")])

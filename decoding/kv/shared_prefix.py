@@ -21,31 +21,35 @@ import threading
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from decoding.ops._backend import resolve_backend
+from decoding._hf import register_once, reject_unsupported_attention
+from decoding.kv._layer import BufferedLayer
+from decoding.ops import resolve_backend
+from decoding.ops.compact_kv import compact_kv
 from decoding.ops.tree_attention import run_tree_attention
-from decoding.search._attention import register_once, reject_unsupported_attention
 
 SHARED_PREFIX_ATTENTION = "decoding_shared_prefix"
 _current = threading.local()  # the layer whose update ran last in this thread
 
 
-class SharedPrefixLayer(DynamicLayer):
-    """One layer: prompt KV per request, generated KV per beam row."""
+class SharedPrefixLayer(BufferedLayer):
+    """One layer: prompt KV per request (``prefix_keys``/``prefix_values [B, Hkv, P, D]``),
+    generated KV per beam row (the buffers), ``row_request [R]`` mapping rows to requests.
+
+    Pruning policies read ``prefix_keys`` and, when they ask for it (``capture_window``),
+    ``window_queries [B, Hq, W, D]``: the prefill's last ``W`` queries of this layer."""
 
     def __init__(self, backend: str = "auto"):
         super().__init__()
         self.backend = backend
         self.prefix_keys = self.prefix_values = None
         self.prefix_valid = None  # [B, P] bool, filled by the prefill's attention call
-        self._kbuf = self._vbuf = None
-        self._gen = 0
         self.row_request = None
         self._prefilling = False
-        self.capture_window = 0  # SnapKV: keep the prefill's last W queries of this layer
+        self.capture_window = 0
         self.window_queries = None
         self.prompt_bytes_before_pruning = None
 
@@ -56,6 +60,16 @@ class SharedPrefixLayer(DynamicLayer):
     @property
     def prefilling(self) -> bool:
         return self._prefilling
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.row_request is None else self.row_request.shape[0]
+
+    def _row_device(self) -> torch.device:
+        return self.row_request.device
+
+    def _spare(self, length: int) -> int:
+        return 8
 
     def update(self, key_states, value_states, *args, **kwargs):
         _current.layer = self
@@ -68,27 +82,12 @@ class SharedPrefixLayer(DynamicLayer):
             self.keys, self.values = key_states, value_states
             return key_states, value_states
         self._prefilling = False
-        R, H, M, D = key_states.shape
-        if self._kbuf is None or self._kbuf.shape[0] != R or self._gen + M > self._kbuf.shape[2]:
-            self._grow(R, self._gen + M + 8, key_states)
-        self._kbuf[:, :, self._gen: self._gen + M].copy_(key_states)
-        self._vbuf[:, :, self._gen: self._gen + M].copy_(value_states)
-        self._gen += M
-        self.keys, self.values = self._kbuf[:, :, : self._gen], self._vbuf[:, :, : self._gen]
-        return self.keys, self.values
-
-    def _grow(self, rows, capacity, like):
-        kb = like.new_empty((rows, like.shape[1], capacity, like.shape[3]))
-        vb = like.new_empty((rows, like.shape[1], capacity, like.shape[3]))
-        if self._gen and self._kbuf is not None:
-            kb[:, :, : self._gen].copy_(self._kbuf[:, :, : self._gen])
-            vb[:, :, : self._gen].copy_(self._vbuf[:, :, : self._gen])
-        self._kbuf, self._vbuf = kb, vb
+        return self._append(key_states, value_states)
 
     def get_seq_length(self) -> int:
         if self.prefix_keys is None:
             return 0
-        return self.prefix_keys.shape[2] + self._gen
+        return self.prefix_keys.shape[2] + self._len
 
     def reorder_rows(self, index: torch.Tensor, shared_length: int = 0) -> None:
         """Row ``r`` becomes old row ``index[r]``: an index update; only generated KV moves."""
@@ -96,35 +95,14 @@ class SharedPrefixLayer(DynamicLayer):
             return
         index = index.to(self.row_request.device)
         self.row_request = self.row_request.index_select(0, index)
-        if self._gen:
+        if self._len:
             self._kbuf = self._kbuf.index_select(0, index)
             self._vbuf = self._vbuf.index_select(0, index)
-            self.keys, self.values = self._kbuf[:, :, : self._gen], self._vbuf[:, :, : self._gen]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.reorder_rows(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.row_request is not None:
-            rows = torch.arange(self.row_request.shape[0], device=self.row_request.device)
-            self.reorder_rows(rows.repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.row_request is not None:
-            rows = torch.arange(self.row_request.shape[0], device=self.row_request.device)
-            self.reorder_rows(rows[indices])
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop: pass a negative number of tokens to remove")
-        self._gen = max(0, self._gen + tokens_to_remove)
-        if self._kbuf is not None:
-            self.keys, self.values = self._kbuf[:, :, : self._gen], self._vbuf[:, :, : self._gen]
+            self._views()
 
     def reset(self) -> None:
         self.prefix_keys = self.prefix_values = self.prefix_valid = None
-        self._kbuf = self._vbuf = None
-        self._gen = 0
+        self._init_buffers()
         self.row_request = None
         self._prefilling = False
         self.keys = self.values = None
@@ -133,8 +111,6 @@ class SharedPrefixLayer(DynamicLayer):
     def prune_prefix(self, index: torch.Tensor, valid: torch.Tensor, backend: str = "auto") -> None:
         """Keep only the prompt positions ``index [B, Hkv or 1, C]`` (``valid``: which slots are
         real, the same for every head) of this layer, compacted (:func:`decoding.ops.compact_kv`)."""
-        from decoding.ops.compact_kv import compact_kv
-
         before = self.kv_bytes()["prompt"]
         self.prefix_keys, self.prefix_values = compact_kv(self.prefix_keys, self.prefix_values, index,
                                                           backend=backend)
@@ -154,11 +130,21 @@ class SharedPrefixCache(DynamicCache):
     """A ``DynamicCache`` of :class:`SharedPrefixLayer`. Use it with a model whose attention
     implementation is ``"decoding_shared_prefix"`` (see :func:`use_shared_prefix_attention`)."""
 
-    def __init__(self, config=None, backend: str = "auto", **kwargs):
+    def __init__(self, config=None, backend: str = "auto", capture_window: int = 0, **kwargs):
         super().__init__(config=config, **kwargs)
         layers = len(self.layers) if self.layers else config.num_hidden_layers
         self.layers = [SharedPrefixLayer(backend) for _ in range(layers)]
+        for layer in self.layers:
+            layer.capture_window = capture_window
         self.layer_class_to_replicate = None
+
+    def prune_prompt(self, policy, attention_mask: torch.Tensor, *, backend: str = "auto") -> None:
+        """Prune the prefilled prompt KV of every layer to what ``policy`` (a
+        :class:`decoding.kv.KVPolicy`) keeps; ``attention_mask [B, T]`` is the prompt's."""
+        policy.check(len(self.layers), attention_mask)
+        for layer_idx, layer in enumerate(self.layers):
+            index, valid = policy.keep(layer_idx, layer, attention_mask)
+            layer.prune_prefix(index, valid, backend=backend)
 
     def kv_bytes(self) -> dict:
         """Bytes held by all layers; with a pruning policy applied, also the prompt's bytes

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from decoding.ops._torch.trie_beam_step import gather_children
+from decoding.ops._helpers import gather_children
 from decoding.ops.trie_beam_step import max_children_of
 
 
-def mask_to_children(scores: torch.Tensor, trie, nodes: torch.Tensor, *, fallback_token: int | None = None) -> torch.Tensor:
+def mask_to_children(scores: torch.Tensor, trie, nodes: torch.Tensor, *,
+                     fallback_token: int | None = None) -> torch.Tensor:
     """Scores of the valid children of each row's node, -inf elsewhere.
 
     Args:

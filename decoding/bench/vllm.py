@@ -18,8 +18,9 @@ import tempfile
 
 import torch
 
-from decoding import ItemTrie, beam_search
-from decoding.bench import models as bm
+from decoding import beam_search
+from decoding import testing as bm
+from decoding.bench._common import METHOD_COLUMNS, catalog_and_model, log, print_methods, timed
 
 
 def _engine(model_dir, **kwargs):
@@ -29,7 +30,7 @@ def _engine(model_dir, **kwargs):
                     enable_prefix_caching=True, seed=0, **kwargs)
 
 
-def run_vllm(args, timed, log) -> dict:
+def run(args, device) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     try:
@@ -41,13 +42,9 @@ def run_vllm(args, timed, log) -> dict:
         raise SystemExit(f"decoding-bench --engine vllm: {exc}")
 
     device = torch.device("cpu")
-    V = bm.sid_vocab_size(args.levels, args.codes)
     K, L, B = args.beams, args.levels, args.batch
     log(f"[vllm] catalog: {args.items:,} semantic IDs; {B} prompts of {args.prompt_len} tokens; {K} beams")
-    seqs = bm.random_semantic_ids(args.items, args.levels, args.codes, seed=args.seed)
-    trie = ItemTrie.from_sequences(seqs, vocab_size=V)
-    model = bm.tiny_llama(V, hidden_size=args.hidden, layers=args.layers, heads=args.heads, seed=args.seed,
-                          intermediate_size=4 * args.hidden)
+    V, seqs, trie, model, _ = catalog_and_model(args)
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(bm.SPECIAL_TOKENS, V, (B, args.prompt_len), generator=g)
     prompts = [TokensPrompt(prompt_token_ids=row) for row in ids.tolist()]
@@ -131,7 +128,8 @@ from decoding import ItemTrie
 model_dir, trie_path, prompts, K, L, repeats, max_logprobs, max_len = json.loads(sys.argv[1])
 trie = ItemTrie.load(trie_path)
 T = len(prompts[0])
-llm = vllm.LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=max(512, max_len), enable_prefix_caching=True,
+llm = vllm.LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=max(512, max_len),
+               enable_prefix_caching=True,
                seed=0, max_logprobs=max_logprobs, logprobs_mode="processed_logprobs",
                additional_config={"decoding": {"catalog": trie_path, "offset": T}})
 tp = [TokensPrompt(prompt_token_ids=p) for p in prompts]
@@ -159,15 +157,14 @@ def _constrained_in_child(model_dir, trie_path, prompts, K, L, args, max_logprob
     return data["median"], data["runs"], data["items"]
 
 
-def print_vllm(res: dict) -> None:
-    from decoding.bench.__main__ import METHOD_COLUMNS, print_methods
-
+def show(res: dict) -> None:
     cfg = res["config"]
     print_methods(f"Constrained beam search on vLLM: {cfg['items']:,} items, {cfg['batch']} prompts of "
                   f"{cfg['prompt_len']} tokens, {cfg['beams']} beams, {cfg['levels']}-token identifiers",
                   res["methods"], METHOD_COLUMNS + [("exact top-K", "agreement_with_exact_topk", "{:.0%}")])
     floor = res.get("engine_floor")
     if floor:
-        print(f"Model work alone (prefill + {cfg['beams']} rows per prompt decoding {cfg['levels'] - 1} tokens, as plain "
-              f"requests, no ranking): {floor['latency_ms']:,.0f} ms, {floor['max_speedup_vs_baseline']:.1f}x below the "
+        print(f"Model work alone (prefill + {cfg['beams']} rows per prompt decoding {cfg['levels'] - 1} tokens, "
+              f"as plain requests, no ranking): {floor['latency_ms']:,.0f} ms, "
+              f"{floor['max_speedup_vs_baseline']:.1f}x below the "
               f"baseline: roughly the most any beam search on this engine could gain")

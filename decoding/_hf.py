@@ -1,6 +1,8 @@
-"""Helpers shared by the attention functions this package registers with transformers'
-``AttentionInterface`` (the tree layout's and the shared-prefix cache's). No transformers
-import: they only read the module, the kwargs and the config they are given.
+"""transformers glue shared by the decoders and the KV caches, with no transformers import
+(they only read the objects they are given): what counts as a Hugging Face model, positions and
+additive masks of left-padded batches, the KV cache's argument name, and the attention switch
+and checks of the attention functions this package registers with transformers'
+``AttentionInterface`` (the tree layout's and the shared-prefix cache's).
 
 Reentrancy: a decoder call switches the attention implementation of *its* model for *its*
 forwards only. transformers picks a layer's attention function (and its mask builder) by reading
@@ -16,13 +18,57 @@ property getter; outside such a block it returns exactly what it returned before
 from __future__ import annotations
 
 import contextvars
+import inspect
 import threading
 from contextlib import contextmanager
+
+import torch
 
 # ((config, implementation name), ...): the overrides active in this thread / task
 _overrides: contextvars.ContextVar[tuple] = contextvars.ContextVar("decoding_attention_overrides", default=())
 _install_lock = threading.Lock()
 _OVERRIDE_MARK = "_decoding_context_override"
+
+
+def is_hf_model(model) -> bool:
+    """Whether ``model`` looks like a transformers ``PreTrainedModel`` (duck-typed)."""
+    return hasattr(model, "config") and hasattr(model, "get_output_embeddings") and callable(model)
+
+
+def check_decoder_only(model, arg: str = "model") -> None:
+    """Raise unless ``model`` is a Hugging Face decoder-only model (the tree layout needs one)."""
+    if not is_hf_model(model):
+        raise TypeError(f"{arg}: the tree layout needs a Hugging Face decoder-only model, got {type(model).__name__}")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{arg}: the tree layout supports decoder-only models; "
+                         f"{type(model).__name__} is an encoder-decoder")
+
+
+def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, T]`` int64 of a left-padded batch: real tokens count from 0, padding
+    gets 0 (transformers' ``generate`` convention)."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool visibility ``[..., Q, K]`` as the additive mask transformers takes: 0 where
+    visible, the dtype's most negative value elsewhere."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible,
+                                                                                      torch.finfo(dtype).min)
+
+
+def cache_argument(model) -> str:
+    """The name under which ``model.forward`` (and ``generate``) takes the KV cache: ``"cache"``
+    on transformers releases that deprecate ``past_key_values`` (5.24 warns it is removed in
+    5.40), else ``"past_key_values"``. Read from the signature, so no deprecated name is passed."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a transformers forward returned, under either name (``ModelOutput`` keys)."""
+    cache = output.get("cache")
+    return output.get("past_key_values") if cache is None else cache
 
 
 def reject_unsupported_attention(module, kwargs: dict, what: str, alternative: str) -> None:

@@ -6,7 +6,7 @@ For each catalog size in ``--catalog-sizes``:
   scoring (16 digits x 256 codes, uint8 codes): :func:`decoding.ops.catalog_topk` against the
   materialise-then-``torch.topk`` baseline (the ``[B, N]`` score matrix, as both released codes
   do), on the same inputs: latency, items scored per second, and peak memory measured in a
-  child process (:mod:`decoding.bench.memory`), plus whether the top-K scores agree;
+  child process (:mod:`decoding.testing.memory`), plus whether the top-K scores agree;
 * decoders end to end on the same catalog size and the same small Llama-style model:
   ``setid_generate`` (one forward, then the catalog) against trie-constrained ``beam_search``
   (prefill and one step per identifier token).
@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 
 from decoding import ItemTrie, beam_search
-from decoding.bench import models as bm
-from decoding.bench.memory import peak_memory_bytes, run_job
+from decoding import testing as bm
+from decoding.bench._common import log, print_methods, timed
 from decoding.ops import catalog_topk
 from decoding.setid import ORDINARY, SetIdCatalog, setid_generate
+from decoding.testing.memory import peak_memory_bytes, run_job
 
 SLOTS, DIM = 3, 64
 WEIGHTS = (0.9, 0.1, 0.1)
@@ -67,7 +68,7 @@ def _make_job(kind, N, B, seed, k, backend, method):
     return lambda: materialised_topk(k, inputs)
 
 
-def scoring_rows(args, N, timed, log):
+def scoring_rows(args, N):
     B, k = args.batch, args.beams
     rows = []
     for kind in ("setrec", "rpg"):
@@ -90,7 +91,7 @@ def scoring_rows(args, N, timed, log):
     return rows
 
 
-def decoder_rows(args, N, timed, log):
+def decoder_rows(args, N):
     """setid_generate vs trie beam search, same model size and catalog size."""
     B, K = args.batch, args.beams
     V = bm.sid_vocab_size(4, 256)
@@ -118,14 +119,14 @@ def decoder_rows(args, N, timed, log):
                                ("setid_generate (3 slots)", t_set, runs_set))]
 
 
-def run_setid(args, device, timed, log) -> dict:
+def run(args, device) -> dict:
     if device.type != "cpu":
         log("[setid] note: peak memory is measured for CPU runs only")
     sizes = [int(x) for x in args.catalog_sizes.split(",")]
     scoring, decoders = [], []
     for N in sizes:
-        scoring += scoring_rows(args, N, timed, log)
-        decoders += decoder_rows(args, N, timed, log)
+        scoring += scoring_rows(args, N)
+        decoders += decoder_rows(args, N)
     return {"suite": "setid",
             "config": {"catalog_sizes": sizes, "batch": args.batch, "k": args.beams, "slots": SLOTS, "dim": DIM,
                        "digits": DIGITS, "codes": CODES, "prompt_len": args.prompt_len, "repeats": args.repeats,
@@ -133,18 +134,13 @@ def run_setid(args, device, timed, log) -> dict:
             "scoring": scoring, "decoders": decoders}
 
 
-def print_setid(res: dict) -> None:
+def show(res: dict) -> None:
     c = res["config"]
-    print(f"\nWhole-catalog scoring, batch {c['batch']}, k={c['k']} (SETRec: {c['slots']} slots x {c['dim']}, float16; "
-          f"RPG: {c['digits']} digits x {c['codes']} codes, uint8)")
-    header = f"{'method':48} {'items':>12} {'latency ms':>11} {'items/s':>10} {'peak MB':>9} {'speedup':>8} {'agree':>6}"
-    print(header + "\n" + "-" * len(header))
-    for r in res["scoring"]:
-        print(f"{r['method']:48} {r['items']:>12,} {r['latency_ms']:>11.1f} {r['items_per_s']:>10.2e} "
-              f"{r['peak_memory_mb']:>9.1f} {r['speedup_vs_baseline']:>7.2f}x {str(r['same_top_k_scores']):>6}")
-    print(f"\nDecoders on the same catalog size and model (batch {c['batch']}, K={c['k']})")
-    header = f"{'method':48} {'items':>12} {'latency ms':>11} {'req/s':>8} {'vs beam search':>15}"
-    print(header + "\n" + "-" * len(header))
-    for r in res["decoders"]:
-        print(f"{r['method']:48} {r['items']:>12,} {r['latency_ms']:>11.1f} {r['requests_per_s']:>8.1f} "
-              f"{r['speedup_vs_baseline']:>14.2f}x")
+    print_methods(f"Whole-catalog scoring, batch {c['batch']}, k={c['k']} (SETRec: {c['slots']} slots x {c['dim']}, "
+                  f"float16; RPG: {c['digits']} digits x {c['codes']} codes, uint8)", res["scoring"],
+                  [("items", "items", "{:,}"), ("latency ms", "latency_ms", "{:.1f}"),
+                   ("items/s", "items_per_s", "{:.2e}"), ("peak MB", "peak_memory_mb", "{:.1f}"),
+                   ("speedup", "speedup_vs_baseline", "{:.2f}x"), ("agree", "same_top_k_scores", "{}")])
+    print_methods(f"Decoders on the same catalog size and model (batch {c['batch']}, K={c['k']})", res["decoders"],
+                  [("items", "items", "{:,}"), ("latency ms", "latency_ms", "{:.1f}"),
+                   ("req/s", "requests_per_s", "{:.1f}"), ("vs beam search", "speedup_vs_baseline", "{:.2f}x")])

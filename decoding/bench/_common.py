@@ -1,0 +1,146 @@
+"""What every ``decoding-bench`` suite shares: progress logging, timing, the environment record,
+the method table and the chart, and the synthetic catalog and model most suites run on."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from decoding import ItemTrie
+from decoding import testing as bm
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int, label: str):
+    """Median wall time of ``repeats`` runs after one warm-up run; returns (median_s, runs, last)."""
+    log(f"  {label}: warm-up")
+    out = fn()
+    runs = []
+    for i in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        runs.append(time.perf_counter() - t0)
+        log(f"  {label}: run {i + 1}/{repeats} {runs[-1] * 1e3:.1f} ms")
+    return statistics.median(runs), runs, out
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return env
+
+
+class Setup(NamedTuple):
+    vocab_size: int
+    seqs: np.ndarray  # [N, L] the catalog's identifiers
+    trie: ItemTrie
+    model: torch.nn.Module
+    trie_build_s: float
+
+
+def catalog_and_model(args) -> Setup:
+    """The suites' shared setup, on CPU: ``args.items`` random semantic IDs, their trie (build
+    time measured) and a Llama-style model of ``args``' size."""
+    V = bm.sid_vocab_size(args.levels, args.codes)
+    seqs = bm.random_semantic_ids(args.items, args.levels, args.codes, seed=args.seed)
+    t0 = time.perf_counter()
+    trie = ItemTrie.from_sequences(seqs, vocab_size=V)
+    build_s = time.perf_counter() - t0
+    model = bm.tiny_llama(V, hidden_size=args.hidden, layers=args.layers, heads=args.heads, seed=args.seed,
+                          intermediate_size=4 * args.hidden)
+    return Setup(V, seqs, trie, model, build_s)
+
+
+METHOD_COLUMNS = [("latency ms", "latency_ms", "{:.1f}"), ("req/s", "requests_per_s", "{:.1f}"),
+                  ("speedup", "speedup_vs_baseline", "{:.1f}x"), ("invalid items", "invalid_item_rate", "{:.1%}")]
+
+
+def print_methods(title: str, methods: list[dict], columns=METHOD_COLUMNS) -> None:
+    """One row per method: the name, then each (header, key, format) column right-aligned; a
+    missing value (None) shows as ``-``."""
+    name_width = max(len(m["method"]) for m in methods) + 2
+    widths = [max(len(h), 8) + 2 for h, _, _ in columns]
+    header = f"{'method':<{name_width}}" + "".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths))
+    print(f"\n{title}\n{header}\n{'-' * len(header)}")
+    for m in methods:
+        cells = "".join(f"{'-' if m.get(key) is None else fmt.format(m[key]):>{w}}"
+                        for (_, key, fmt), w in zip(columns, widths))
+        print(f"{m['method']:<{name_width}}{cells}")
+
+
+def write_chart(results: list[dict], path: str) -> None:
+    """A PNG of the latency panels; skipped (with a note) without matplotlib (the ``bench`` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log("no chart: matplotlib is not installed (pip install 'genrec-decoding[bench]')")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e2e = [r for r in results if r["suite"] in ("e2e", "vllm", "speculative")]
+    step = [r for r in results if r["suite"] == "step"]
+    panels = len(e2e) + len(step)
+    if panels == 0:
+        return
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax_iter = iter(axes[0])
+    for r in e2e:
+        ax = next(ax_iter)
+        names = [m["method"].replace(" + ", "\n+ ").replace(", ", "\n").replace("integrations.", "integrations\n.")
+                 for m in r["methods"]]
+        lat = [m["latency_ms"] for m in r["methods"]]
+        colors = ["tab:green" if m["method"].startswith("decoding") else "tab:gray" for m in r["methods"]]
+        bars = ax.bar(names, lat, color=colors)
+        ax.tick_params(axis="x", labelsize=8)
+        for bar, m in zip(bars, r["methods"]):
+            label = f"{m['latency_ms']:.0f} ms\n{m['speedup_vs_baseline']:.1f}x"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2,
+                        bar.get_height()), ha="center", va="bottom", fontsize=9)
+        ax.set_ylim(0, max(lat) * 1.25)  # room for the labels
+        c = r["config"]
+        engine = {"vllm": "vLLM", "speculative": "speculative"}.get(r["suite"], "transformers")
+        ax.set_title(f"{engine} beam search, {c['items']:,} items, B={c['batch']}, K={c['beams']}")
+        ax.set_ylabel("latency per batch (ms)")
+    for r in step:
+        ax = next(ax_iter)
+        backends = [k[:-3] for k in r["levels"][0] if k.endswith("_ms")]
+        x = np.arange(len(r["levels"]))
+        for i, be in enumerate(backends):
+            ax.bar(x + i * 0.8 / len(backends), [row[be + "_ms"] for row in r["levels"]], 0.8 / len(backends), label=be)
+        ax.set_xticks(x + 0.4 - 0.4 / len(backends), [f"level {row['level']}" for row in r["levels"]])
+        ax.set_ylabel("ms per step")
+        ax.set_title("trie_beam_step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
