@@ -19,9 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from decoding.ops._triton._lib import _lower_bound
-
-NEG_INF = float("-inf")
+from decoding.ops._triton._lib import INTERPRET, _lower_bound
 
 
 @triton.jit
@@ -71,22 +69,27 @@ def _block_topk_kernel(a_ptr, t_ptr, mask_ptr, ex_ptr, buf_s_ptr, buf_i_ptr,
     if HAS_EX:
         ok &= ~_excluded(ex_ptr, X, b_idx, n_idx[None, :].to(tl.int64) + tl.zeros((BLOCK_B, BLOCK_N), tl.int64),
                          EX_STEPS)
-    scores = tl.where(ok & (scores == scores), scores, NEG_INF)  # NaN never kept
+    # literal -inf: a jit function cannot read a Python global (only the interpreter can)
+    scores = tl.where(ok & (scores == scores), scores, float("-inf"))  # NaN never kept
     out = (b_idx * n_blocks + pn) * KB
     cols = tl.arange(0, BLOCK_N)
     for j in range(0, KB):
         best = tl.max(scores, axis=1)
         arg = tl.argmax(scores, axis=1, tie_break_left=True)
-        item = tl.where(best > NEG_INF, pn * BLOCK_N + arg.to(tl.int64), -1)
+        item = tl.where(best > float("-inf"), pn * BLOCK_N + arg.to(tl.int64), -1)
         tl.store(buf_s_ptr + out + j, best, mask=b_ok)
         tl.store(buf_i_ptr + out + j, item, mask=b_ok)
-        scores = tl.where(cols[None, :] == arg[:, None], NEG_INF, scores)
+        scores = tl.where(cols[None, :] == arg[:, None], float("-inf"), scores)
 
 
 def _run(a, table, k, excluded, item_mask, *, code_mode, S, D, C, N):
     B = a.shape[0]
     device = a.device
-    BLOCK_N = max(64, min(1024, triton.next_power_of_2(N)))
+    # GPU blocks (compiled for sm_80/90/100 without spills): a [16, 256] score tile over 8 warps,
+    # and 16-wide slices of the embedding dimension for the FMA dot; the interpreter favours
+    # fewer, larger blocks
+    BLOCK_N = max(64, min(1024 if INTERPRET else 256, triton.next_power_of_2(N)))
+    BLOCK_D = max(16, min(64, triton.next_power_of_2(max(D, 1)))) if INTERPRET else 16
     BLOCK_B = 16
     KB = min(k, BLOCK_N)
     n_blocks = triton.cdiv(N, BLOCK_N)
@@ -100,11 +103,11 @@ def _run(a, table, k, excluded, item_mask, *, code_mode, S, D, C, N):
         a, table, mask, dummy if excluded is None else excluded, buf_s, buf_i,
         B, N, S, D, C, X, stride, n_blocks, KB,
         CODE_MODE=code_mode, HAS_MASK=item_mask is not None, HAS_EX=excluded is not None,
-        EX_STEPS=max(1, int(X).bit_length()), BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N,
-        BLOCK_D=max(16, min(64, triton.next_power_of_2(max(D, 1)))))
+        EX_STEPS=max(1, int(X).bit_length()), BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        num_warps=4 if INTERPRET else 8)
     order = buf_s.sort(dim=1, descending=True, stable=True).indices[:, :k]
     scores, items = buf_s.gather(1, order), buf_i.gather(1, order)
-    return scores, torch.where(scores > NEG_INF, items, -1)
+    return scores, torch.where(scores > float("-inf"), items, -1)
 
 
 def catalog_topk_embedding_triton(*, queries: torch.Tensor, item_embeddings: torch.Tensor, k: int,

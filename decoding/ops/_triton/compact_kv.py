@@ -30,6 +30,7 @@ def compact_kv_triton(*, keys: torch.Tensor, values: torch.Tensor,
     out_v = torch.empty_like(out_k)
     if C:
         BLOCK_C = 32
+        BLOCK_D = max(16, min(64, triton.next_power_of_2(D)))  # 128-wide rows spill on sm_80/90/100
         _compact_kernel[(B * H, triton.cdiv(C, BLOCK_C))](keys, values, index, out_k, out_v, T, C, D, BLOCK_C=BLOCK_C,
-                                                         BLOCK_D=max(16, min(128, triton.next_power_of_2(D))))
+                                                         BLOCK_D=BLOCK_D)
     return out_k, out_v

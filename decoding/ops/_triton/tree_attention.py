@@ -105,6 +105,12 @@ def _tree_attention_kernel(q_ptr, k_ptr, v_ptr, pv_ptr, tv_ptr, out_ptr, lse_ptr
     tl.store(lse_ptr + bh * M + rows, tl.where(sees, total, float("-inf")), mask=row_ok)
 
 
+def _num_warps(block_m: int, block_d: int) -> int:
+    # two [BLOCK_M, BLOCK_D] float32 accumulators and the query tile live in registers: more
+    # warps above 2,048 elements, or they spill (checked by compiling for sm_80/90/100)
+    return 4 if block_m * block_d <= 2048 else 8
+
+
 def tree_attention_triton(*, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_len: int,
                           prefix_valid: torch.Tensor, tree_visible: torch.Tensor,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +118,12 @@ def tree_attention_triton(*, query: torch.Tensor, key: torch.Tensor, value: torc
     Hkv, S = key.shape[1], key.shape[2]
     out = torch.empty_like(query)
     lse = torch.empty((B, H, M), dtype=torch.float32, device=query.device)
-    BLOCK_M = 16 if M <= 16 else (32 if M <= 32 else 64)
     BLOCK_D = max(16, triton.next_power_of_2(D))
+    # at most 4,096 accumulator elements per program (64 x 64, 32 x 128): larger tiles spill
+    BLOCK_M = 16 if M <= 16 else (32 if M <= 32 or BLOCK_D > 64 else 64)
     _tree_attention_kernel[(B * H, triton.cdiv(M, BLOCK_M))](
         query, key, value, prefix_valid.view(torch.uint8), tree_visible.view(torch.uint8), out, lse,
         H, Hkv, M, S, prefix_len, D, scale,
-        BLOCK_M=BLOCK_M, BLOCK_N=32, BLOCK_D=BLOCK_D, UPCAST=INTERPRET and query.dtype == torch.bfloat16)
+        BLOCK_M=BLOCK_M, BLOCK_N=32, BLOCK_D=BLOCK_D, UPCAST=INTERPRET and query.dtype == torch.bfloat16,
+        num_warps=_num_warps(BLOCK_M, BLOCK_D))
     return out, lse

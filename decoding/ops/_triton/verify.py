@@ -107,7 +107,8 @@ def verify_relaxed_triton(*, p_cand: torch.Tensor, q_cand: torch.Tensor, q_draft
     kept = torch.full((B, num_keep), -1, dtype=torch.long, device=device)
     num_accepted = torch.empty(B, dtype=torch.long, device=device)
     mark = torch.zeros((B, max(M, 1)), dtype=torch.int8, device=device)
+    block_m = max(16, triton.next_power_of_2(M))
     _relaxed_kernel[(B,)](p_cand, q_cand, q_draft, draft_cand, mark, kept, num_accepted, M, N, num_keep, seed,
-                          offset, BLOCK_M=max(16, triton.next_power_of_2(M)),
-                          BLOCK_N=max(16, triton.next_power_of_2(N)))
+                          offset, BLOCK_M=block_m, BLOCK_N=max(16, triton.next_power_of_2(N)),
+                          num_warps=max(4, min(16, block_m // 256)))  # a request's M candidates per program
     return kept, num_accepted
