@@ -26,5 +26,7 @@ def inputs(mode):
 def test_catalog_topk(benchmark, backend, mode):
     kwargs = inputs(mode)
     benchmark.group = f"catalog_topk {mode} N={N}"
+    tables = kwargs.get("item_embeddings", kwargs.get("item_codes"))
+    benchmark.extra_info["bytes"] = tables.numel() * tables.element_size()  # one read of the catalog
     out = benchmark(lambda: catalog_topk(20, backend=backend, **kwargs))
     assert bool((out.items >= 0).all())

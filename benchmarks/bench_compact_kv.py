@@ -17,5 +17,6 @@ def test_compact_kv(benchmark, backend):
     keys, values = (torch.randn(4, 8, 1024, 64, generator=g).to(DEVICE) for _ in range(2))
     index = torch.randint(0, 1024, (4, 8, 256), generator=g).sort(-1).values.to(DEVICE)
     benchmark.group = "compact_kv 4x8x1024x64 -> 256"
+    benchmark.extra_info["bytes"] = 2 * 2 * 4 * 8 * 256 * 64 * 4 + index.numel() * 8  # kept rows read and written
     out = benchmark(lambda: compact_kv(keys, values, index, backend=backend))
     assert out[0].shape == (4, 8, 256, 64)

@@ -20,6 +20,7 @@ def test_tree_attention(benchmark, backend):
     prefix_valid = torch.ones(B, P, dtype=torch.bool, device=DEVICE)
     tree_visible = torch.ones(R, R, dtype=torch.bool).tril().expand(B, R, R).contiguous().to(DEVICE)
     benchmark.group = f"tree_attention P={P} R={R}"
+    benchmark.extra_info["bytes"] = (query.numel() * 2 + key.numel() * 2) * 4  # Q, K, V read; O written
     out = benchmark(lambda: tree_attention(query, key, value, prefix_len=P, prefix_valid=prefix_valid,
                                            tree_visible=tree_visible, backend=backend))
     assert bool(torch.isfinite(out.out).all())

@@ -20,6 +20,7 @@ def test_verify_relaxed(benchmark, backend):
     draft_cand = torch.stack([torch.randperm(M, generator=g)[:N] for _ in range(B)]).to(DEVICE)
     q_draft = q.gather(1, draft_cand)
     benchmark.group = f"verify_relaxed B={B} N={N} M={M}"
+    benchmark.extra_info["bytes"] = B * (2 * M * 4 + N * (4 + 8) + K * 8)
     out = benchmark(lambda: verify_relaxed(p, q, q_draft, draft_cand, K, seed=1, backend=backend))
     assert bool((out.kept >= 0).sum(1).ge(K).all())
 
@@ -30,5 +31,6 @@ def test_match_keys(benchmark, backend):
     keys = torch.randint(0, 10**6, (B, 2000), generator=g).to(DEVICE)
     queries = torch.cat([keys[:, :100], torch.randint(0, 10**6, (B, 100), generator=g).to(DEVICE)], 1)
     benchmark.group = "match_keys 200 queries x 2000 keys"
+    benchmark.extra_info["bytes"] = (queries.numel() * 2 + keys.numel()) * 8
     out = benchmark(lambda: match_keys(queries, keys, backend=backend))
     assert bool((out[:, :100] >= 0).all())

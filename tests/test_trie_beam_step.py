@@ -289,3 +289,27 @@ def test_triton_on_gpu_matches_reference_at_serving_shapes(normalize):
     ref = trie_beam_step(logits, scores, nodes, trie, K, normalize=normalize, excluded_ranks=excluded, backend="torch")
     got = trie_beam_step(logits, scores, nodes, trie, K, normalize=normalize, excluded_ranks=excluded, backend="triton")
     assert_same(ref, got)
+
+
+@pytest.mark.parametrize("W, num_out", [(64, 128), (256, 512), (300, 7)])
+def test_wide_beams_segmented_selection_equals_the_reference(W, num_out):
+    """W x C far above the request's top K takes the segmented Triton select (segment top-Ks in
+    parallel, then a select over their union): the same candidates in the same order, ties included."""
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("triton is not installed")
+    from decoding.testing import random_semantic_ids, sid_vocab_size
+
+    V = sid_vocab_size(2, 256)
+    trie = ItemTrie.from_sequences(random_semantic_ids(20_000, levels=2, codes=256, seed=W), vocab_size=V)
+    g = torch.Generator().manual_seed(W)
+    B = 2
+    nodes = torch.randint(1, int(trie.level_offsets[2]), (B, W), generator=g)
+    logits = torch.randn(B, W, V, generator=g).round(decimals=1)  # many exact ties
+    scores = (-torch.rand(B, W, generator=g)).round(decimals=1)
+    C = trie.max_branch_at(1)
+    assert W * C > 4 * 1024  # past the interpreter's segmentation threshold
+    # normalize="none": the scores are exact sums, so any difference is the selection's
+    ref = trie_beam_step(logits, scores, nodes, trie, num_out, normalize="none", max_children=C, backend="torch")
+    got = trie_beam_step(logits, scores, nodes, trie, num_out, normalize="none", max_children=C, backend="triton")
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)

@@ -45,7 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--draft-layers", type=int, default=1, help="speculative: the draft keeps the target's first layers")
     p.add_argument("--align-steps", type=int, default=30, help="speculative: draft alignment steps")
     p.add_argument("--batch", type=int, default=None, help="requests per batch (default 16; 64 with --engine vllm)")
-    p.add_argument("--beams", type=int, default=20, help="beams = items returned per request")
+    p.add_argument("--beams", default="20", help="beams = items returned per request; a comma-separated list "
+                   "(e.g. 20,64,256,1024) runs the end-to-end comparison once per width")
+    p.add_argument("--text-vocab", type=int, default=0,
+                   help="ordinary text tokens in the model's vocabulary besides the semantic-ID tokens")
     p.add_argument("--prompt-len", type=int, default=128, help="longest prompt (others are shorter, left-padded)")
     p.add_argument("--hidden", type=int, default=256, help="model hidden size")
     p.add_argument("--layers", type=int, default=4, help="model layers")
@@ -59,10 +62,19 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=".", help="folder for results.json and results.png")
     args = p.parse_args(argv)
+    try:
+        args.beam_widths = [int(x) for x in str(args.beams).split(",")]
+    except ValueError:
+        p.error("--beams must be an integer or comma-separated integers")
+    args.beams = max(args.beam_widths)
+    if args.text_vocab < 0:
+        p.error("--text-vocab must be non-negative")
     if args.batch is None:
         args.batch = 64 if args.engine == "vllm" else 16
     if args.engine == "vllm" and args.device != "cpu" and args.suite in ("e2e", "all"):
         p.error("--engine vllm runs the CPU build of vLLM here; pass --device cpu")
+    if min(args.beam_widths) < 1:
+        p.error("--beams must be positive")
     for name in ("items", "levels", "codes", "batch", "beams", "prompt_len", "hidden", "layers", "heads", "repeats",
                  "step_repeats"):
         if getattr(args, name) < 1:
@@ -135,10 +147,12 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     suites = selected_suites(args)
     results = []
-    for i, suite in enumerate(suites, 1):
-        log(f"[{i}/{len(suites)}] suite {suite}")
+    runs = [(suite, width) for suite in suites for width in (args.beam_widths if suite not in ("step", "build")
+                                                             else [args.beams])]
+    for i, (suite, width) in enumerate(runs, 1):
+        log(f"[{i}/{len(runs)}] suite {suite}" + (f", {width} beams" if len(args.beam_widths) > 1 else ""))
         run, show = load_suite(suite)
-        res = run(args, device)
+        res = run(argparse.Namespace(**{**vars(args), "beams": width}), device)
         show(res)
         results.append(res)
     os.makedirs(args.out, exist_ok=True)

@@ -70,7 +70,7 @@ class Setup(NamedTuple):
 def catalog_and_model(args) -> Setup:
     """The suites' shared setup, on CPU: ``args.items`` random semantic IDs, their trie (build
     time measured) and a Llama-style model of ``args``' size."""
-    V = bm.sid_vocab_size(args.levels, args.codes)
+    V = bm.sid_vocab_size(args.levels, args.codes) + getattr(args, "text_vocab", 0)
     seqs = bm.random_semantic_ids(args.items, args.levels, args.codes, seed=args.seed)
     t0 = time.perf_counter()
     trie = ItemTrie.from_sequences(seqs, vocab_size=V)

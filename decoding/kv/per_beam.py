@@ -71,10 +71,13 @@ def new_beam_cache(config, encoder_decoder: bool):
     return cache, _swap_layers(cache)
 
 
-def reorder_beams(cache, index: torch.Tensor, prompt_shared: bool, self_shared_length: int) -> None:
+def reorder_beams(cache, index: torch.Tensor, prompt_shared: bool, self_shared_length: int,
+                  request_major: bool = False) -> None:
     """Reorder every layer by ``index``. With ``prompt_shared`` (each new row continues a row of the
     same request), self-attention layers skip their first ``self_shared_length`` positions and
-    cross-attention layers (encoder KV, identical within a request) are left as they are."""
+    cross-attention layers (encoder KV, identical within a request) are left as they are. With
+    ``request_major`` (rows grouped by request, equally many each: the caller knows), layers that
+    track it record so, and need not check on the device."""
     if isinstance(cache, EncoderDecoderCache):
         for layer in cache.self_attention_cache.layers:
             layer.reorder_rows(index, self_shared_length if prompt_shared else 0)
@@ -84,3 +87,5 @@ def reorder_beams(cache, index: torch.Tensor, prompt_shared: bool, self_shared_l
         return
     for layer in cache.layers:
         layer.reorder_rows(index, self_shared_length if prompt_shared else 0)
+        if hasattr(layer, "rows_request_major"):
+            layer.rows_request_major = True if request_major else None

@@ -48,6 +48,7 @@ class SharedPrefixLayer(BufferedLayer):
         self.prefix_keys = self.prefix_values = None
         self.prefix_valid = None  # [B, P] bool, filled by the prefill's attention call
         self.row_request = None
+        self.rows_request_major = None  # True: rows grouped by request, equally many each; None: unknown
         self._prefilling = False
         self.capture_window = 0
         self.window_queries = None
@@ -78,6 +79,7 @@ class SharedPrefixLayer(BufferedLayer):
         if self.prefix_keys is None:  # the prompt: stored once per request
             self.prefix_keys, self.prefix_values = key_states, value_states
             self.row_request = torch.arange(key_states.shape[0], device=key_states.device)
+            self.rows_request_major = True
             self._prefilling = True
             self.keys, self.values = key_states, value_states
             return key_states, value_states
@@ -95,6 +97,7 @@ class SharedPrefixLayer(BufferedLayer):
             return
         index = index.to(self.row_request.device)
         self.row_request = self.row_request.index_select(0, index)
+        self.rows_request_major = None  # the caller may know (reorder_beams); the layer does not
         if self._len:
             self._kbuf = self._kbuf.index_select(0, index)
             self._vbuf = self._vbuf.index_select(0, index)
@@ -188,7 +191,10 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     B, P = pk.shape[0], pk.shape[2]
     rows = layer.row_request
     K = R // B if R % B == 0 else 0
-    grouped = K and bool((rows == torch.arange(B, device=rows.device).repeat_interleave(K)).all())
+    if K and layer.rows_request_major:  # known from the search's layout: no look at the device
+        grouped = True
+    else:
+        grouped = K and bool((rows == torch.arange(B, device=rows.device).repeat_interleave(K)).all())
     if grouped:  # every request's beams together: the prompt part reads each prompt once
         q = query.view(B, K, H, M, D).permute(0, 2, 1, 3, 4).reshape(B, H, K * M, D)
         empty = torch.zeros((B, K * M, 0), dtype=torch.bool, device=query.device)

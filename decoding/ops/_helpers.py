@@ -3,7 +3,7 @@ here (and from the extension), never from each other, so each backend is a leaf.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -13,6 +13,20 @@ if TYPE_CHECKING:
     from decoding.trie import ItemTrie
 
 NEG_INF = float("-inf")
+
+
+class TrieArrays(NamedTuple):
+    """The CSR arrays of an :class:`decoding.ItemTrie` a kernel reads: what a custom op can take
+    (tensors, not the Python object)."""
+
+    indptr: torch.Tensor
+    node_token: torch.Tensor
+    item_lo: torch.Tensor
+    item_hi: torch.Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return self.indptr.shape[0] - 1
 NORMALIZE_MODES = ("full", "valid", "none")
 NORMALIZE_CODES = {"full": 0, "valid": 1, "none": 2}  # the compiled backends' encoding of NORMALIZE_MODES
 

@@ -64,6 +64,10 @@ def catalog_topk(
         backend: ``"auto"``, ``"torch"`` (chunked reference), ``"cpu"`` (C++), ``"triton"``.
     Returns:
         :class:`CatalogTopK`. Scores are accumulated in float32.
+
+    Memory traffic: one read of the catalog tables (``S·N·d`` table elements, or ``N·S`` codes)
+    and of the queries; writes ``12·B·k`` bytes (the Triton backend also writes and reads a
+    per-block candidate buffer of ``12·B·k·N/256`` bytes). Never the ``[B, N]`` scores.
     """
     embedding_mode = hidden is not None or item_embeddings is not None
     code_mode = code_logprobs is not None or item_codes is not None
@@ -117,6 +121,20 @@ def catalog_topk(
 
 def run_catalog_topk_embedding(queries, item_embeddings, k, excluded, item_mask, backend) -> CatalogTopK:
     """Dispatch without validation: slot-weighted ``queries [B, S, d]`` float32, sorted exclusions."""
+    return CatalogTopK(*torch.ops.decoding.catalog_topk_embedding(queries, item_embeddings, k, excluded, item_mask,
+                                                                  backend))
+
+
+def run_catalog_topk_codes(code_logprobs, item_codes, k, excluded, item_mask, backend) -> CatalogTopK:
+    """Dispatch without validation: ``code_logprobs [B, S, C]`` float32, sorted exclusions."""
+    return CatalogTopK(*torch.ops.decoding.catalog_topk_codes(code_logprobs, item_codes, k, excluded, item_mask,
+                                                              backend))
+
+
+@torch.library.custom_op("decoding::catalog_topk_embedding", mutates_args=())
+def _catalog_topk_embedding_op(queries: torch.Tensor, item_embeddings: torch.Tensor, k: int,
+                               excluded: torch.Tensor | None, item_mask: torch.Tensor | None,
+                               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "torch":
         from decoding.ops._torch.catalog_topk import catalog_topk_embedding_torch as impl
     elif backend == "cpu":
@@ -125,12 +143,15 @@ def run_catalog_topk_embedding(queries, item_embeddings, k, excluded, item_mask,
         from decoding.ops._triton.catalog_topk import catalog_topk_embedding_triton
 
         impl = triton_launcher(catalog_topk_embedding_triton)
-    return CatalogTopK(*impl(queries=queries.contiguous(), item_embeddings=item_embeddings.contiguous(), k=k,
-                             excluded=excluded, item_mask=item_mask))
+    return tuple(t.contiguous() for t in impl(queries=queries.contiguous(),
+                                              item_embeddings=item_embeddings.contiguous(), k=k, excluded=excluded,
+                                              item_mask=item_mask))
 
 
-def run_catalog_topk_codes(code_logprobs, item_codes, k, excluded, item_mask, backend) -> CatalogTopK:
-    """Dispatch without validation: ``code_logprobs [B, S, C]`` float32, sorted exclusions."""
+@torch.library.custom_op("decoding::catalog_topk_codes", mutates_args=())
+def _catalog_topk_codes_op(code_logprobs: torch.Tensor, item_codes: torch.Tensor, k: int,
+                           excluded: torch.Tensor | None, item_mask: torch.Tensor | None,
+                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "torch":
         from decoding.ops._torch.catalog_topk import catalog_topk_codes_torch as impl
     elif backend == "cpu":
@@ -139,5 +160,14 @@ def run_catalog_topk_codes(code_logprobs, item_codes, k, excluded, item_mask, ba
         from decoding.ops._triton.catalog_topk import catalog_topk_codes_triton
 
         impl = triton_launcher(catalog_topk_codes_triton)
-    return CatalogTopK(*impl(code_logprobs=code_logprobs.contiguous(), item_codes=item_codes.contiguous(), k=k,
-                             excluded=excluded, item_mask=item_mask))
+    return tuple(t.contiguous() for t in impl(code_logprobs=code_logprobs.contiguous(),
+                                              item_codes=item_codes.contiguous(), k=k, excluded=excluded,
+                                              item_mask=item_mask))
+
+
+def _catalog_topk_fake(a, table, k, excluded, item_mask, backend):
+    return a.new_empty((a.shape[0], k), dtype=torch.float32), a.new_empty((a.shape[0], k), dtype=torch.long)
+
+
+_catalog_topk_embedding_op.register_fake(_catalog_topk_fake)
+_catalog_topk_codes_op.register_fake(_catalog_topk_fake)

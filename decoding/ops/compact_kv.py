@@ -26,6 +26,9 @@ def compact_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, *,
         backend: ``"auto"``, ``"torch"`` (reference), ``"cpu"`` (C++), ``"triton"``.
     Returns:
         ``(keys [B, H, C, D], values [B, H, C, D])``, new contiguous tensors.
+
+    Memory traffic: reads the kept rows (``2·B·H·C·D`` elements) and the index (``8·B·H·C``
+    bytes), writes ``2·B·H·C·D`` elements.
     """
     check_tensor("keys", keys, ndim=4, dtypes=KV_DTYPES)
     check_tensor("values", values, ndim=4, dtypes=(keys.dtype,), device=keys.device)
@@ -43,6 +46,12 @@ def compact_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, *,
 
 def run_compact_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, backend: str):
     """Dispatch without validation: ``index [B, H, C]`` (heads expanded), a resolved backend."""
+    return torch.ops.decoding.compact_kv(keys, values, index, backend)
+
+
+@torch.library.custom_op("decoding::compact_kv", mutates_args=())
+def _compact_kv_op(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "torch":
         from decoding.ops._torch.compact_kv import compact_kv_torch as impl
     elif backend == "cpu":
@@ -51,4 +60,11 @@ def run_compact_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor
         from decoding.ops._triton.compact_kv import compact_kv_triton
 
         impl = triton_launcher(compact_kv_triton)
-    return impl(keys=keys.contiguous(), values=values.contiguous(), index=index.contiguous())
+    out_k, out_v = impl(keys=keys.contiguous(), values=values.contiguous(), index=index.contiguous())
+    return out_k.contiguous(), out_v.contiguous()
+
+
+@_compact_kv_op.register_fake
+def _(keys, values, index, backend):
+    shape = (*index.shape, keys.shape[3])
+    return keys.new_empty(shape), values.new_empty(shape)

@@ -58,6 +58,11 @@ def tree_attention(
             (C++), ``"triton"``.
     Returns:
         :class:`TreeAttentionOutput`.
+
+    Memory traffic: reads the queries (``B·H·M·D`` elements) and the keys and values once per
+    block of query rows (``2·B·Hkv·S·D`` elements per block: the prompt part is read once for
+    all of a request's beams), the masks (``B·P + B·M·R`` bytes); writes ``B·H·M·D`` elements and
+    ``4·B·H·M`` bytes of log-sum-exp.
     """
     check_tensor("query", query, ndim=4, dtypes=ATTN_DTYPES)
     B, H, M, D = query.shape
@@ -88,6 +93,14 @@ def tree_attention(
 
 def run_tree_attention(query, key, value, prefix_len, prefix_valid, tree_visible, scale, backend):
     """Dispatch without validation (the attention hook of the tree layout validates once)."""
+    return TreeAttentionOutput(*torch.ops.decoding.tree_attention(query, key, value, prefix_len, prefix_valid,
+                                                                  tree_visible, float(scale), backend))
+
+
+@torch.library.custom_op("decoding::tree_attention", mutates_args=())
+def _tree_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_len: int,
+                       prefix_valid: torch.Tensor, tree_visible: torch.Tensor, scale: float,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "torch":
         from decoding.ops._torch.tree_attention import tree_attention_torch as impl
     elif backend == "cpu":
@@ -98,4 +111,10 @@ def run_tree_attention(query, key, value, prefix_len, prefix_valid, tree_visible
         impl = triton_launcher(tree_attention_triton)
     out, lse = impl(query=query.contiguous(), key=key.contiguous(), value=value.contiguous(), prefix_len=prefix_len,
                     prefix_valid=prefix_valid.contiguous(), tree_visible=tree_visible.contiguous(), scale=scale)
-    return TreeAttentionOutput(out, lse)
+    return out.contiguous(), lse.contiguous()
+
+
+@_tree_attention_op.register_fake
+def _(query, key, value, prefix_len, prefix_valid, tree_visible, scale, backend):
+    return torch.empty_like(query, memory_format=torch.contiguous_format), query.new_empty(query.shape[:3],
+                                                                                           dtype=torch.float32)

@@ -14,7 +14,7 @@ import torch
 
 from decoding._validate import FLOAT_DTYPES, INT_DTYPES, check_choice, check_positive_int, check_shape, check_tensor
 from decoding.ops._backend import resolve_backend, triton_launcher
-from decoding.ops._helpers import NORMALIZE_MODES
+from decoding.ops._helpers import NORMALIZE_MODES, TrieArrays
 
 
 class BeamStepOutput(NamedTuple):
@@ -46,6 +46,18 @@ def run_trie_beam_step(logits, beam_scores, beam_nodes, trie, num_out, *, normal
             torch.full((B, num_out), float("-inf"), device=dev),
             *(torch.full((B, num_out), -1, dtype=torch.long, device=dev) for _ in range(3)),
         )
+    return BeamStepOutput(*torch.ops.decoding.trie_beam_step(
+        logits, beam_scores, beam_nodes, trie.indptr, trie.node_token, trie.item_lo, trie.item_hi, excluded_ranks,
+        child_bias, num_out, normalize, max_children, float(logprob_weight), backend))
+
+
+@torch.library.custom_op("decoding::trie_beam_step", mutates_args=())
+def _trie_beam_step_op(logits: torch.Tensor, beam_scores: torch.Tensor, beam_nodes: torch.Tensor,
+                       indptr: torch.Tensor, node_token: torch.Tensor, item_lo: torch.Tensor, item_hi: torch.Tensor,
+                       excluded_ranks: torch.Tensor | None, child_bias: torch.Tensor | None, num_out: int,
+                       normalize: str, max_children: int, logprob_weight: float,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op as PyTorch sees it (``torch.ops.decoding.trie_beam_step``): tensors and scalars only."""
     if backend == "torch":
         from decoding.ops._torch.trie_beam_step import trie_beam_step_torch as impl
     elif backend == "cpu":
@@ -54,9 +66,19 @@ def run_trie_beam_step(logits, beam_scores, beam_nodes, trie, num_out, *, normal
         from decoding.ops._triton.trie_beam_step import trie_beam_step_triton
 
         impl = triton_launcher(trie_beam_step_triton)
-    return BeamStepOutput(*impl(logits=logits, beam_scores=beam_scores, beam_nodes=beam_nodes, trie=trie,
-                                num_out=num_out, normalize=normalize, excluded_ranks=excluded_ranks,
-                                child_bias=child_bias, max_children=max_children, logprob_weight=logprob_weight))
+    out = impl(logits=logits, beam_scores=beam_scores, beam_nodes=beam_nodes,
+               trie=TrieArrays(indptr, node_token, item_lo, item_hi), num_out=num_out, normalize=normalize,
+               excluded_ranks=excluded_ranks, child_bias=child_bias, max_children=max_children,
+               logprob_weight=logprob_weight)
+    return tuple(t.contiguous() for t in out)
+
+
+@_trie_beam_step_op.register_fake
+def _(logits, beam_scores, beam_nodes, indptr, node_token, item_lo, item_hi, excluded_ranks, child_bias, num_out,
+      normalize, max_children, logprob_weight, backend):
+    shape = (logits.shape[0], num_out)
+    return (logits.new_empty(shape, dtype=torch.float32),
+            *(logits.new_empty(shape, dtype=torch.long) for _ in range(3)))
 
 
 def trie_beam_step(
@@ -97,6 +119,12 @@ def trie_beam_step(
     Returns:
         :class:`BeamStepOutput` of ``[B, num_out]`` tensors, best first; ties keep the order
         (beam, child).
+
+    Memory traffic (what a bandwidth-bound kernel must move): reads the logits, ``B·W·V``
+    elements with ``normalize="full"`` (one pass for the log-sum-exp) or only the ``B·W·C``
+    children's otherwise, the beams' scores and nodes (``12·B·W`` bytes), the CSR entries of the
+    children (``node_token``, ``item_lo``, ``item_hi``: ``12·B·W·C`` bytes) and the bias if given;
+    writes ``28·B·num_out`` bytes. No ``[B, W, V]`` mask is ever materialised.
     """
     check_tensor("logits", logits, ndim=3, dtypes=FLOAT_DTYPES)
     B, W, V = logits.shape

@@ -56,6 +56,8 @@ def match_keys(queries: torch.Tensor, keys: torch.Tensor, *, backend: str = "aut
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"``.
     Returns:
         ``[B, Q]`` int64 index into ``keys`` (the lowest one on duplicates), -1 where absent.
+
+    Memory traffic: reads ``8·B·(Q + N)`` bytes, writes ``8·B·Q``.
     """
     check_tensor("queries", queries, ndim=2, dtypes=(torch.int64,))
     check_tensor("keys", keys, ndim=2, dtypes=(torch.int64,), device=queries.device)
@@ -69,6 +71,11 @@ def run_match_keys(queries, keys, backend):
     """Dispatch without validation (decoders validate once)."""
     if queries.shape[1] == 0 or keys.shape[1] == 0:
         return torch.full(queries.shape, -1, dtype=torch.long, device=queries.device)
+    return torch.ops.decoding.match_keys(queries, keys, backend)
+
+
+@torch.library.custom_op("decoding::match_keys", mutates_args=())
+def _match_keys_op(queries: torch.Tensor, keys: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "torch":
         from decoding.ops._torch.verify import match_keys_torch as impl
     elif backend == "cpu":
@@ -77,7 +84,12 @@ def run_match_keys(queries, keys, backend):
         from decoding.ops._triton.verify import match_keys_triton
 
         impl = triton_launcher(match_keys_triton)
-    return impl(queries=queries.contiguous(), keys=keys.contiguous())
+    return impl(queries=queries.contiguous(), keys=keys.contiguous()).contiguous()
+
+
+@_match_keys_op.register_fake
+def _(queries, keys, backend):
+    return queries.new_empty(queries.shape, dtype=torch.long)
 
 
 def verify_strict(target_keys: torch.Tensor, draft_keys: torch.Tensor, *, backend: str = "auto"):
@@ -129,6 +141,9 @@ def verify_relaxed(
         from ``max(0, p - q)`` over the candidates not accepted; when that residual has fewer
         than ``K - accepted`` positive entries (or none), the rest are drawn from ``p`` over the
         candidates left. So K beams come back whenever K candidates have ``p > 0``.
+
+    Memory traffic: reads ``4·B·(2M + N) + 8·B·N`` bytes, writes ``8·B·(K + 1)`` (plus a
+    ``B·M``-byte mark buffer on the compiled backends).
     """
     check_tensor("p_cand", p_cand, ndim=2, dtypes=(torch.float32,))
     B, M = p_cand.shape
@@ -154,6 +169,14 @@ def verify_relaxed(
 
 def run_verify_relaxed(p_cand, q_cand, q_draft, draft_cand, num_keep, seed, offset, backend):
     """Dispatch without validation (decoders validate once)."""
+    kept, num_accepted = torch.ops.decoding.verify_relaxed(p_cand, q_cand, q_draft, draft_cand, num_keep, seed, offset,
+                                                           backend)
+    return RelaxedVerifyOutput(kept, num_accepted, num_accepted >= num_keep)
+
+
+@torch.library.custom_op("decoding::verify_relaxed", mutates_args=())
+def _verify_relaxed_op(p_cand: torch.Tensor, q_cand: torch.Tensor, q_draft: torch.Tensor, draft_cand: torch.Tensor,
+                       num_keep: int, seed: int, offset: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "torch":
         from decoding.ops._torch.verify import verify_relaxed_torch as impl
     elif backend == "cpu":
@@ -164,4 +187,10 @@ def run_verify_relaxed(p_cand, q_cand, q_draft, draft_cand, num_keep, seed, offs
         impl = triton_launcher(verify_relaxed_triton)
     kept, num_accepted = impl(p_cand=p_cand.contiguous(), q_cand=q_cand.contiguous(), q_draft=q_draft.contiguous(),
                               draft_cand=draft_cand.contiguous(), num_keep=num_keep, seed=seed, offset=offset)
-    return RelaxedVerifyOutput(kept, num_accepted, num_accepted >= num_keep)
+    return kept.contiguous(), num_accepted.contiguous()
+
+
+@_verify_relaxed_op.register_fake
+def _(p_cand, q_cand, q_draft, draft_cand, num_keep, seed, offset, backend):
+    B = p_cand.shape[0]
+    return p_cand.new_empty((B, num_keep), dtype=torch.long), p_cand.new_empty((B,), dtype=torch.long)

@@ -12,6 +12,7 @@ worst of ``K`` finished ones (transformers' default ``early_stopping=False`` heu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -19,7 +20,7 @@ from decoding._validate import FLOAT_DTYPES, INT_DTYPES, check_choice, check_pos
 from decoding.ops import resolve_backend
 from decoding.ops._helpers import NEG_INF, NORMALIZE_MODES, gather_children
 from decoding.ops.trie_beam_step import run_trie_beam_step
-from decoding.search.model import as_beam_model, model_vocab_size
+from decoding.search.model import HFBeamModel, as_beam_model, model_vocab_size
 from decoding.search.tree import TreeBeamModel
 from decoding.trie import ItemTrie
 
@@ -122,6 +123,63 @@ def _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normal
         raise ValueError("assistant_weight: is non-zero but assistant_logprobs was not given")
 
 
+class SearchState(NamedTuple):
+    """The search between steps: running beams ``[B, W]`` (tokens ``[B, W, t]``, parent: the row
+    each extends), the best ``K`` finished hypotheses (tokens ``[B, K, L]``), and which requests
+    can still improve (transformers' early-stop heuristic)."""
+
+    run_scores: torch.Tensor
+    run_nodes: torch.Tensor
+    run_tokens: torch.Tensor
+    run_parent: torch.Tensor
+    fin_scores: torch.Tensor
+    fin_items: torch.Tensor
+    fin_tokens: torch.Tensor
+    improvable: torch.Tensor
+
+
+def search_step(state: SearchState, logits: torch.Tensor, trie, t: int, *, num_beams: int, keep: int,
+                length_penalty: float, normalize: str, excluded_ranks, child_bias, max_children: int, backend: str,
+                logprob_weight: float) -> SearchState:
+    """One step of the search: the beam-step op over ``logits [B, W, V]`` of the running beams at
+    level ``t``, then the bookkeeping: finished hypotheses merged (only candidates ranked in the
+    top ``K`` count, transformers' rule), the best ``K`` unfinished candidates kept running.
+    Tensor work only, no device-to-host synchronisation: ``torch.compile(fullgraph=True)``
+    captures it (tested)."""
+    K, L, lp = num_beams, trie.depth, length_penalty
+    out = run_trie_beam_step(logits, state.run_scores, state.run_nodes, trie, keep, normalize=normalize,
+                             excluded_ranks=excluded_ranks, child_bias=child_bias, max_children=max_children,
+                             backend=backend, logprob_weight=logprob_weight)
+    valid = out.node >= 0
+    ends = trie.is_leaf(out.node) & valid
+    parent = out.parent.clamp(min=0)
+    tokens = torch.cat([state.run_tokens.gather(1, parent[..., None].expand(-1, -1, t)), out.token[..., None]], dim=2)
+
+    rank = torch.arange(keep, device=logits.device)
+    new_fin = ends & (rank < K) & state.improvable[:, None]
+    cand_scores = torch.where(new_fin, out.scores / float(t + 1) ** lp, NEG_INF)
+    merged_scores = torch.cat([state.fin_scores, cand_scores], dim=1)
+    order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices[:, :K]
+    fin_scores = merged_scores.gather(1, order)
+    fin_items = torch.cat([state.fin_items, trie.leaf_items(out.node)], dim=1).gather(1, order)
+    padded = torch.nn.functional.pad(tokens, (0, L - t - 1), value=-1)
+    fin_tokens = torch.cat([state.fin_tokens, padded], dim=1).gather(1, order[..., None].expand(-1, -1, L))
+
+    open_scores = torch.where(valid & ~ends, out.scores, NEG_INF)
+    order = torch.sort(open_scores, dim=1, descending=True, stable=True).indices[:, :K]
+    run_scores = open_scores.gather(1, order)
+    alive = run_scores > NEG_INF
+    run_nodes = torch.where(alive, out.node.gather(1, order), -1)
+
+    # transformers' early-stop heuristic (early_stopping=False): stop adding hypotheses to a
+    # request once its best running beam cannot beat its worst of K finished ones
+    best_running = run_scores[:, 0] / float(t + 1) ** lp
+    full = fin_scores[:, K - 1] > NEG_INF
+    improvable = state.improvable & (~full | (best_running > fin_scores[:, K - 1])) & alive.any(dim=1)
+    return SearchState(run_scores, run_nodes, tokens.gather(1, order[..., None].expand(-1, -1, t + 1)),
+                       parent.gather(1, order), fin_scores, fin_items, fin_tokens, improvable)
+
+
 @torch.inference_mode()
 def beam_search(
     model,
@@ -209,64 +267,42 @@ def beam_search(
     keep = 2 * K if trie.eos_token_id is not None else K
     lp = float(length_penalty)
 
-    run_scores = torch.zeros((B, 1), device=device)
-    run_nodes = torch.zeros((B, 1), dtype=torch.long, device=device)
-    run_tokens = torch.empty((B, 1, 0), dtype=torch.long, device=device)
-    fin_scores = torch.full((B, K), NEG_INF, device=device)
-    fin_items = torch.full((B, K), -1, dtype=torch.long, device=device)
-    fin_tokens = torch.full((B, K, L), -1, dtype=torch.long, device=device)
-    improvable = torch.ones(B, dtype=torch.bool, device=device)
-    rank = torch.arange(keep, device=device)
-
+    state = SearchState(
+        run_scores=torch.zeros((B, 1), device=device),
+        run_nodes=torch.zeros((B, 1), dtype=torch.long, device=device),
+        run_tokens=torch.empty((B, 1, 0), dtype=torch.long, device=device),
+        run_parent=torch.zeros((B, 1), dtype=torch.long, device=device),
+        fin_scores=torch.full((B, K), NEG_INF, device=device),
+        fin_items=torch.full((B, K), -1, dtype=torch.long, device=device),
+        fin_tokens=torch.full((B, K, L), -1, dtype=torch.long, device=device),
+        improvable=torch.ones(B, dtype=torch.bool, device=device),
+    )
     for t in range(L):
-        W = run_nodes.shape[1]
+        W = state.run_nodes.shape[1]
         C = trie.max_branch_at(t)
-        bias = assistant_bias(trie, prefix, run_nodes, C, weight) if prefix is not None else None
-        out = run_trie_beam_step(
-            logits.reshape(B, W, -1), run_scores, run_nodes, trie, keep,
-            normalize=normalize, excluded_ranks=excluded, child_bias=bias, max_children=C,
-            backend=backend, logprob_weight=1.0 - weight,
-        )
-        valid = out.node >= 0
-        ends = trie.is_leaf(out.node) & valid
-        parent = out.parent.clamp(min=0)
-        tokens = torch.cat([run_tokens.gather(1, parent[..., None].expand(-1, -1, t)), out.token[..., None]], dim=2)
-
-        # finished hypotheses: only candidates ranked in the top K count (transformers' rule)
-        new_fin = ends & (rank < K) & improvable[:, None]
-        cand_scores = torch.where(new_fin, out.scores / float(t + 1) ** lp, NEG_INF)
-        merged_scores = torch.cat([fin_scores, cand_scores], dim=1)
-        order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices[:, :K]
-        fin_scores = merged_scores.gather(1, order)
-        fin_items = torch.cat([fin_items, trie.leaf_items(out.node)], dim=1).gather(1, order)
-        padded = torch.nn.functional.pad(tokens, (0, L - t - 1), value=-1)
-        fin_tokens = torch.cat([fin_tokens, padded], dim=1).gather(1, order[..., None].expand(-1, -1, L))
-
-        # running beams: the best K candidates that did not end
-        open_scores = torch.where(valid & ~ends, out.scores, NEG_INF)
-        order = torch.sort(open_scores, dim=1, descending=True, stable=True).indices[:, :K]
-        run_scores = open_scores.gather(1, order)
-        alive = run_scores > NEG_INF
-        run_nodes = torch.where(alive, out.node.gather(1, order), -1)
-        run_parent = parent.gather(1, order)
-        run_tokens = tokens.gather(1, order[..., None].expand(-1, -1, t + 1))
-
-        # transformers' early-stop heuristic (early_stopping=False): stop adding hypotheses to a
-        # request once its best running beam cannot beat its worst of K finished ones
-        best_running = run_scores[:, 0] / float(t + 1) ** lp
-        full = fin_scores[:, K - 1] > NEG_INF
-        improvable &= ~full | (best_running > fin_scores[:, K - 1])
-        improvable &= alive.any(dim=1)
-        if t + 1 == L or not bool(improvable.any()):
+        bias = assistant_bias(trie, prefix, state.run_nodes, C, weight) if prefix is not None else None
+        state = search_step(state, logits.reshape(B, W, -1), trie, t, num_beams=K, keep=keep, length_penalty=lp,
+                            normalize=normalize, excluded_ranks=excluded, child_bias=bias, max_children=C,
+                            backend=backend, logprob_weight=1.0 - weight)
+        if t + 1 == L:
             break
+        # fixed-length identifiers: no hypothesis finishes before the last level, so the loop
+        # needs no look at the device (no sync); EOS-terminated ones may stop early (one sync)
+        if trie.eos_token_id is not None and not bool(state.improvable.any()):
+            break
+        run_parent, run_tokens = state.run_parent, state.run_tokens
         beam_index = (torch.arange(B, device=device)[:, None] * W + run_parent).reshape(-1)
         # dead beams (fewer than K open candidates) still occupy a row: feed them token 0
-        logits = beam_model.step(beam_index, run_tokens[:, :, -1].clamp(min=0).reshape(-1))
+        tokens = run_tokens[:, :, -1].clamp(min=0).reshape(-1)
+        # our own adapter is told the rows' layout, so its reorders need no device sync
+        logits = (beam_model.step(beam_index, tokens, request_major=True) if isinstance(beam_model, HFBeamModel)
+                  else beam_model.step(beam_index, tokens))
         if not torch.is_floating_point(logits) or logits.shape != (B * K, trie.vocab_size):
             raise ValueError(
                 f"model: step returned logits of shape {tuple(logits.shape)}, expected [{B * K}, {trie.vocab_size}]"
             )
 
+    fin_scores, fin_items, fin_tokens = state.fin_scores, state.fin_items, state.fin_tokens
     fin_items = torch.where(fin_scores > NEG_INF, fin_items, -1)
     fin_tokens = torch.where((fin_scores > NEG_INF)[..., None], fin_tokens, -1)
     kv_bytes = beam_model.kv_bytes() if hasattr(beam_model, "kv_bytes") else None

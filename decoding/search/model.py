@@ -135,17 +135,18 @@ class HFBeamModel:
         """KV bytes the cache holds now (shared-prefix cache only): prompt and generated parts."""
         return self._cache.kv_bytes() if self.shared_prefix and self._cache is not None else None
 
-    def _reorder(self, beam_index: torch.Tensor) -> bool:
+    def _reorder(self, beam_index: torch.Tensor, request_major: bool = False) -> bool:
         """Reorder the cache; rows that stay within their request keep their shared prompt KV.
-        Returns whether every new row continues a row of its own request."""
-        within = beam_index.numel() == self._row_request.numel() and bool(
-            (self._row_request.index_select(0, beam_index) == self._row_request).all()
-        )
+        Returns whether every new row continues a row of its own request (known without a
+        device sync when the caller says the rows are request-major)."""
+        same_count = beam_index.numel() == self._row_request.numel()
+        within = same_count and (request_major or bool(
+            (self._row_request.index_select(0, beam_index) == self._row_request).all()))
         self._row_request = self._row_request.index_select(0, beam_index)
         if self._fast_reorder:
             from decoding.kv.per_beam import reorder_beams
 
-            reorder_beams(self._cache, beam_index, within, self._shared_length)
+            reorder_beams(self._cache, beam_index, within, self._shared_length, request_major)
         else:
             self._cache.reorder_cache(beam_index)
         return within
@@ -201,13 +202,16 @@ class HFBeamModel:
         return logits
 
     @torch.inference_mode()
-    def step(self, beam_index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, beam_index: torch.Tensor, tokens: torch.Tensor, *, request_major: bool = False) -> torch.Tensor:
+        """:meth:`BeamModel.step`. ``request_major``: the caller guarantees that the new rows are
+        grouped by request, equally many per request, each continuing a row of its own request
+        (``beam_search``'s layout), so no check has to read the device."""
         device = self.device
         beam_index = beam_index.to(device)
         tokens = tokens.to(device).view(-1, 1)
         # encoder states, masks and positions are equal across a request's rows: reorders that
         # stay within requests leave them as they are
-        within = self._reorder(beam_index)
+        within = self._reorder(beam_index, request_major)
         if self.is_encoder_decoder:
             if not within:
                 self._encoder_states = self._encoder_states.index_select(0, beam_index)

@@ -74,14 +74,14 @@ def recorded_launches():
 
 
 def _serving_launches() -> list[dict]:
-    """Drive every Triton backend at the shapes a GPU serves (a ~0.5B recommender: 32k text
+    """Drive every op's Triton path at the shapes a GPU serves (a ~0.5B recommender: 32k text
     tokens + 1,024 semantic-ID tokens, K from 1 to 1,024 beams)."""
     from decoding import testing
-    from decoding.ops._triton.catalog_topk import catalog_topk_codes_triton, catalog_topk_embedding_triton
-    from decoding.ops._triton.compact_kv import compact_kv_triton
-    from decoding.ops._triton.tree_attention import tree_attention_triton
-    from decoding.ops._triton.trie_beam_step import trie_beam_step_triton
-    from decoding.ops._triton.verify import match_keys_triton, verify_relaxed_triton
+    from decoding.ops.catalog_topk import run_catalog_topk_codes, run_catalog_topk_embedding
+    from decoding.ops.compact_kv import run_compact_kv
+    from decoding.ops.tree_attention import run_tree_attention
+    from decoding.ops.trie_beam_step import run_trie_beam_step
+    from decoding.ops.verify import run_match_keys, run_verify_relaxed
     from decoding.trie import ItemTrie
 
     g = torch.Generator().manual_seed(0)
@@ -94,37 +94,34 @@ def _serving_launches() -> list[dict]:
             nodes = torch.zeros((16, W), dtype=torch.long)
             excluded = torch.sort(torch.randint(0, 20_000, (16, 50), generator=g), dim=1).values if extras else None
             bias = torch.zeros((16, W, C)) if extras else None
-            trie_beam_step_triton(logits=torch.zeros((16, W, vocab)), beam_scores=torch.zeros((16, W)),
-                                  beam_nodes=nodes, trie=trie, num_out=2 * W, normalize=normalize,
-                                  excluded_ranks=excluded, child_bias=bias, max_children=C, logprob_weight=1.0)
+            run_trie_beam_step(torch.zeros((16, W, vocab)), torch.zeros((16, W)), nodes, trie, 2 * W,
+                               normalize=normalize, excluded_ranks=excluded, child_bias=bias, max_children=C,
+                               backend="triton", logprob_weight=1.0)
         N = 8192
         for table_dtype in (torch.float16, torch.bfloat16, torch.float32):
-            catalog_topk_embedding_triton(queries=torch.zeros((16, 3, 64)), item_embeddings=torch.zeros(
-                (3, N, 64), dtype=table_dtype), k=20, excluded=None, item_mask=None)
-        catalog_topk_embedding_triton(queries=torch.zeros((16, 1, 128)), item_embeddings=torch.zeros((1, N, 128)),
-                                      k=20, excluded=torch.zeros((16, 30), dtype=torch.long),
-                                      item_mask=torch.ones((16, N), dtype=torch.bool))
+            run_catalog_topk_embedding(torch.zeros((16, 3, 64)), torch.zeros((3, N, 64), dtype=table_dtype), 20, None,
+                                       None, "triton")
+        run_catalog_topk_embedding(torch.zeros((16, 1, 128)), torch.zeros((1, N, 128)), 20,
+                                   torch.zeros((16, 30), dtype=torch.long), torch.ones((16, N), dtype=torch.bool),
+                                   "triton")
         for code_dtype in (torch.uint8, torch.int16, torch.int32):
-            catalog_topk_codes_triton(code_logprobs=torch.zeros((16, 16, 256)), item_codes=torch.zeros(
-                (N, 16), dtype=code_dtype), k=20, excluded=None, item_mask=torch.ones(N, dtype=torch.bool))
+            run_catalog_topk_codes(torch.zeros((16, 16, 256)), torch.zeros((N, 16), dtype=code_dtype), 20, None,
+                                   torch.ones(N, dtype=torch.bool), "triton")
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for M, D in ((20, 64), (140, 128)):
-                tree_attention_triton(query=torch.zeros((4, 8, M, D), dtype=dtype),
-                                      key=torch.zeros((4, 2, 512 + M, D), dtype=dtype),
-                                      value=torch.zeros((4, 2, 512 + M, D), dtype=dtype), prefix_len=512,
-                                      prefix_valid=torch.ones((4, 512), dtype=torch.bool),
-                                      tree_visible=torch.ones((4, M, M), dtype=torch.bool), scale=0.125)
+                run_tree_attention(torch.zeros((4, 8, M, D), dtype=dtype), torch.zeros((4, 2, 512 + M, D), dtype=dtype),
+                                   torch.zeros((4, 2, 512 + M, D), dtype=dtype), 512,
+                                   torch.ones((4, 512), dtype=torch.bool), torch.ones((4, M, M), dtype=torch.bool),
+                                   0.125, "triton")
             for D in (64, 128):
-                compact_kv_triton(keys=torch.zeros((4, 8, 1024, D), dtype=dtype),
-                                  values=torch.zeros((4, 8, 1024, D), dtype=dtype),
-                                  index=torch.zeros((4, 8, 256), dtype=torch.long))
+                run_compact_kv(torch.zeros((4, 8, 1024, D), dtype=dtype), torch.zeros((4, 8, 1024, D), dtype=dtype),
+                               torch.zeros((4, 8, 256), dtype=torch.long), "triton")
         for N_keys in (40, 2000):
-            match_keys_triton(queries=torch.zeros((16, 20), dtype=torch.long),
-                              keys=torch.zeros((16, N_keys), dtype=torch.long))
+            run_match_keys(torch.zeros((16, 20), dtype=torch.long), torch.zeros((16, N_keys), dtype=torch.long),
+                           "triton")
         for K, N, M in ((20, 40, 800), (256, 512, 4096)):
-            verify_relaxed_triton(p_cand=torch.zeros((16, M)), q_cand=torch.zeros((16, M)),
-                                  q_draft=torch.zeros((16, N)), draft_cand=torch.zeros((16, N), dtype=torch.long),
-                                  num_keep=K, seed=1, offset=0)
+            run_verify_relaxed(torch.zeros((16, M)), torch.zeros((16, M)), torch.zeros((16, N)),
+                               torch.zeros((16, N), dtype=torch.long), K, 1, 0, "triton")
     unique = {}
     for launch in launches:
         key = (launch["name"], json.dumps(launch["signature"], sort_keys=True),

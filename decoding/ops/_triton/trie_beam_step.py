@@ -7,7 +7,9 @@ Two launches per step:
    written as packed int64 keys into a ``[B, W * C]`` buffer (0 = no candidate).
 2. ``_select_kernel`` (one program per request): exact top-K of the request's keys by a bitwise
    radix select (keys are unique because the candidate index is packed into the low bits), a
-   compaction of the K winners, a sort, and the decode into scores / parent / token / node.
+   compaction of the K winners, a sort, and the decode into scores / parent / token / node. For
+   wide beams, ``_segment_select_kernel`` first keeps each segment's top-K, segments in parallel,
+   so the final select reads only their union.
 
 Key layout: ``key = order32(score) << 31 | (2^31 - 1 - (w * C + j))``, where ``order32`` maps
 float32 to an order-preserving unsigned 32-bit integer; so larger keys are larger scores and,
@@ -111,6 +113,48 @@ def _candidates_kernel(
 
 
 @triton.jit
+def _top_keys(key_row, n, K, out_row, BLOCK: tl.constexpr):
+    """Write the (at most ``K``) largest non-zero keys of ``key_row[0:n]`` to ``out_row``, in
+    index order; returns how many. Keys are unique, so the ``K`` largest are well defined."""
+    # radix select: the largest threshold T with count(keys >= T) >= K is the K-th largest key
+    thresh = tl.zeros([], dtype=tl.int64)
+    for i in range(63):
+        trial = thresh | (tl.full([], 1, tl.int64) << (62 - i))
+        count = tl.zeros([], dtype=tl.int32)
+        for c0 in range(0, n, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            k = tl.load(key_row + offs, mask=offs < n, other=0)
+            count += tl.sum((k >= trial).to(tl.int32), axis=0)
+        thresh = tl.where(count >= K, trial, thresh)
+    thresh = tl.maximum(thresh, 1)  # key 0 marks "no candidate"
+    n_won = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, n, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        k = tl.load(key_row + offs, mask=offs < n, other=0)
+        won = (k >= thresh).to(tl.int32)
+        slot = n_won + tl.cumsum(won, axis=0) - 1
+        tl.store(out_row + slot, k, mask=won > 0)
+        n_won += tl.sum(won, axis=0)
+    return n_won
+
+
+@triton.jit
+def _segment_select_kernel(keys_ptr, n_cand, seg_len, out_ptr, K, KP: tl.constexpr, BLOCK: tl.constexpr):
+    """Wide beams: program (b, s) keeps the top ``K`` keys of segment ``s`` of request ``b``'s
+    candidates in ``out[b, s * KP : (s + 1) * KP]`` (zero-padded). The request's top ``K`` are
+    among the segments' (keys are unique), so the final select reads ``n_seg * KP`` keys instead
+    of all ``W * C``, and the segments run in parallel."""
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    start = s.to(tl.int64) * seg_len
+    n = tl.minimum(seg_len, n_cand - start)
+    out_row = out_ptr + (b.to(tl.int64) * tl.num_programs(1) + s) * KP
+    slots = tl.arange(0, KP)
+    tl.store(out_row + slots, tl.zeros([KP], dtype=tl.int64))
+    _top_keys(keys_ptr + b.to(tl.int64) * n_cand + start, n, K, out_row, BLOCK)
+
+
+@triton.jit
 def _select_kernel(
     keys_ptr, n_cand, scratch_ptr,
     nodes_ptr, indptr_ptr, node_token_ptr,
@@ -120,27 +164,8 @@ def _select_kernel(
 ):
     b = tl.program_id(0)
     key_row = keys_ptr + b.to(tl.int64) * n_cand
-    # radix select: the largest threshold T with count(keys >= T) >= K is the K-th largest key
-    thresh = tl.zeros([], dtype=tl.int64)
-    for i in range(63):
-        trial = thresh | (tl.full([], 1, tl.int64) << (62 - i))
-        count = tl.zeros([], dtype=tl.int32)
-        for c0 in range(0, n_cand, BLOCK):
-            offs = c0 + tl.arange(0, BLOCK)
-            k = tl.load(key_row + offs, mask=offs < n_cand, other=0)
-            count += tl.sum((k >= trial).to(tl.int32), axis=0)
-        thresh = tl.where(count >= K, trial, thresh)
-    thresh = tl.maximum(thresh, 1)  # key 0 marks "no candidate"
-    # compact the winners (at most K: keys are unique) into the scratch row
     scratch_row = scratch_ptr + b.to(tl.int64) * KP
-    n_won = tl.zeros([], dtype=tl.int32)
-    for c0 in range(0, n_cand, BLOCK):
-        offs = c0 + tl.arange(0, BLOCK)
-        k = tl.load(key_row + offs, mask=offs < n_cand, other=0)
-        won = (k >= thresh).to(tl.int32)
-        slot = n_won + tl.cumsum(won, axis=0) - 1
-        tl.store(scratch_row + slot, k, mask=won > 0)
-        n_won += tl.sum(won, axis=0)
+    n_won = _top_keys(key_row, n_cand, K, scratch_row, BLOCK)
     slots = tl.arange(0, KP)
     k = tl.load(scratch_row + slots, mask=slots < n_won, other=0)
     k = tl.sort(k, descending=True)
@@ -203,6 +228,16 @@ def trie_beam_step_triton(*, logits: torch.Tensor, beam_scores: torch.Tensor, be
         EXCL_STEPS=max(1, int(n_excl).bit_length()), BLOCK_V=block_v, BLOCK_C=block_c,
     )
     kp = _pow2(num_out)
+    block = _pow2(n_cand, 256 if INTERPRET else 2048)
+    # wide beams (W x C far above one request's top K): segment top-Ks in parallel, then one
+    # select over their union; the same exact order, since keys are unique
+    seg_len = max(4 * block, 8 * kp)
+    if n_cand > 2 * seg_len:
+        n_seg = triton.cdiv(n_cand, seg_len)
+        partial = torch.empty((B, n_seg * kp), dtype=torch.int64, device=device)
+        _segment_select_kernel[(B, n_seg)](keys, n_cand, seg_len, partial, num_out, KP=kp, BLOCK=block)
+        keys, n_cand = partial, n_seg * kp
+        block = _pow2(n_cand, 256 if INTERPRET else 2048)
     scratch = torch.empty((B, kp), dtype=torch.int64, device=device)
     out_scores = torch.empty((B, num_out), dtype=torch.float32, device=device)
     out_parent = torch.empty((B, num_out), dtype=torch.long, device=device)
@@ -213,6 +248,6 @@ def trie_beam_step_triton(*, logits: torch.Tensor, beam_scores: torch.Tensor, be
         nodes_in, trie.indptr, trie.node_token,
         out_scores, out_parent, out_token, out_node,
         W, C, num_out,
-        KP=kp, BLOCK=_pow2(n_cand, 256 if INTERPRET else 2048),
+        KP=kp, BLOCK=block,
     )
     return out_scores, out_parent, out_token, out_node
