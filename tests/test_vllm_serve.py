@@ -161,6 +161,21 @@ def test_a_replaced_catalog_file_serves_the_next_request(server, catalogs):
     assert proc.poll() is None and client.get("/health").status_code == 200
 
 
+def test_server_beam_search_naming_a_catalog_is_refused_not_silently_unconstrained(server):
+    """vLLM's server beam path drops vllm_xargs: a catalog there would be ignored, so it is a 400;
+    beam search without a catalog is vLLM's own, untouched."""
+    from decoding.integrations.vllm.plugin import BEAM_SEARCH_REFUSED
+
+    client, model, proc = server
+    body = {"model": model, "prompt": [10, 11, 12], "max_tokens": 4, "use_beam_search": True, "n": 4,
+            "temperature": 0.0}
+    refused = client.post("/v1/completions", json={**body, "vllm_xargs": {"decoding_catalog": "items"}})
+    assert refused.status_code == 400 and BEAM_SEARCH_REFUSED in refused.json()["error"]["message"]
+    plain = client.post("/v1/completions", json=body)
+    assert plain.status_code == 200 and len(plain.json()["choices"]) == 4
+    assert proc.poll() is None
+
+
 UNTESTED_ENGINE_SCRIPT = """
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
