@@ -107,6 +107,7 @@ class SharedPrefixLayer(BufferedLayer):
         self.prefix_keys = self.prefix_values = self.prefix_valid = None
         self._init_buffers()
         self.row_request = None
+        self.rows_request_major = None
         self._prefilling = False
         self.keys = self.values = None
         self.is_initialized = False

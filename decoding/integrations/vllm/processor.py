@@ -228,11 +228,13 @@ class TrieLogitsProcessor(*_processor_bases()):
         if batch_update.added:
             self._forget_unused({row.trie for row in self._rows.values()})
 
-    def _only_eos(self, logits: torch.Tensor, index: torch.Tensor) -> None:
-        keep = logits[index, self.eos_token_id] if self.eos_token_id is not None else None
-        logits[index] = float("-inf")
-        if keep is not None:
-            logits[index, self.eos_token_id] = keep
+    def _eos_only(self, logits: torch.Tensor) -> torch.Tensor:
+        """Rows that may only end: every token -inf but EOS, scored 0 as ``mask_to_children``
+        scores a finished identifier's EOS (both runners use this)."""
+        out = torch.full_like(logits, float("-inf"))
+        if self.eos_token_id is not None:
+            out[:, self.eos_token_id] = 0.0
+        return out
 
     def _apply_legacy(self, logits: torch.Tensor) -> torch.Tensor:
         by_trie: dict[int, list[int]] = {}
@@ -244,7 +246,7 @@ class TrieLogitsProcessor(*_processor_bases()):
             trie = rows[0].trie
             index = torch.as_tensor(indices, device=logits.device)
             if trie is None:
-                self._only_eos(logits, index)
+                logits[index] = self._eos_only(logits[index])
                 continue
             fresh = []
             for row in rows:  # the interface gives Python lists: read only the new tokens
@@ -313,10 +315,7 @@ class TrieLogitsProcessor(*_processor_bases()):
             trie = self._slot_tries[k]
             mine = row_catalog == k
             if trie is None:
-                only_eos = torch.full_like(logits, float("-inf"))
-                if self.eos_token_id is not None:
-                    only_eos[:, self.eos_token_id] = logits[:, self.eos_token_id]
-                logits = torch.where(mine[:, None], only_eos, logits)
+                logits = torch.where(mine[:, None], self._eos_only(logits), logits)
                 continue
             depth = max(trie.depth, 1)
             j = torch.arange(depth + 1, device=logits.device)
