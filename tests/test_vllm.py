@@ -133,6 +133,31 @@ def test_driver_matches_decoding_beam_search_on_the_same_weights(llm, served_mod
     assert torch.equal(got.sequences, ref.sequences)
 
 
+def test_driver_is_exact_when_a_step_has_both_wide_and_narrow_nodes(llm, served_model_dir):
+    """Even first codes have 150 second codes (wide: more than 128 children), odd ones 2: the
+    level-2 step has both. vLLM 0.32's CPU runner returns -inf for the full-vocabulary requests of
+    a batch that also holds logprob_token_ids requests, so such a step must use one kind only."""
+    from transformers import AutoModelForCausalLM
+
+    from decoding.integrations.vllm import driver
+
+    S = bm.SPECIAL_TOKENS
+    rows = [[S + c, S + 256 + s, S + 512 + (c + s) % 256, S + 768 + s % 256]
+            for c in range(256) for s in range(150 if c % 2 == 0 else 2)]
+    trie = ItemTrie.from_sequences(rows, vocab_size=VOCAB)
+    assert trie.max_branch_at(1) > driver.MAX_TOKEN_IDS_PER_REQUEST
+    prompts = random_prompts(6, seed=31)
+    got = dv.beam_search(llm, prompts, trie=trie, num_beams=12)
+    hf = AutoModelForCausalLM.from_pretrained(served_model_dir).eval()
+    for i, p in enumerate(prompts):
+        ref = beam_search(hf, torch.tensor([p]), None, trie=trie, num_beams=12)
+        assert torch.equal(got.items[i], ref.items[0]), i
+        assert torch.allclose(got.scores[i], ref.scores[0], atol=1e-4)
+    # the case arises: the level-2 beams hold both wide (even) and narrow (odd) first codes
+    first_codes = {(s[0].item() - S) % 2 for s in got.sequences.reshape(-1, 4)}
+    assert first_codes == {0, 1}
+
+
 @pytest.mark.parametrize("prompt, match", [([5, VOCAB], r"outside \[0, "), ([-1, 5], r"outside \[0, "),
                                            ([9] * 253, "max_model_len 256"), ([], "non-empty")])
 def test_driver_rejects_bad_prompts_before_the_engine_sees_them(llm, catalog, prompt, match):
@@ -426,3 +451,4 @@ def test_catalog_dir_names_resolve_strictly_inside_it(tmp_path):
         with pytest.raises(CatalogError) as err:
             catalogs.resolve(name)
         assert str(err.value) == dv.UNKNOWN_CATALOG, name
+

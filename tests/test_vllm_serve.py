@@ -4,6 +4,7 @@ HTTP client, and an engine that reports an untested vLLM version."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -50,36 +51,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(served_model_dir, catalogs):
-    root = catalogs["root"]
-    config = {"decoding": {"catalogs": {"items": str(root / "items.trie"), "swap": str(root / "swap.trie")},
-                           "catalog_dir": str(catalogs["dir"])}}
+@contextlib.contextmanager
+def running_server(model_dir, log_path, config=None, args=(), env=None):
+    """A vLLM OpenAI server subprocess on localhost; yields an httpx client bound to it."""
     port = _free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
-    env.pop("TRITON_INTERPRET", None)
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", served_model_dir, "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--max-logprobs", "-1",
-         "--enforce-eager", "--seed", "0", "--additional-config", json.dumps(config)],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+    full_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", **(env or {}))
+    full_env.pop("TRITON_INTERPRET", None)
+    full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--max-logprobs", "-1",
+               "--enforce-eager", "--seed", "0", *args]
+    if config is not None:
+        command += ["--additional-config", json.dumps(config)]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"vLLM server exited: {(root / 'server.log').read_text()[-3000:]}")
+                pytest.fail(f"vLLM server exited: {open(log_path).read()[-3000:]}")
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"vLLM server did not start: {(root / 'server.log').read_text()[-3000:]}")
+                pytest.fail(f"vLLM server did not start: {open(log_path).read()[-3000:]}")
             time.sleep(1)
-        with httpx.Client(base_url=url, timeout=120) as client:
-            yield client, served_model_dir, proc
+        with httpx.Client(base_url=url, timeout=300) as client:
+            yield client, model_dir, proc
     finally:
         proc.terminate()
         try:
@@ -87,6 +88,18 @@ def server(served_model_dir, catalogs):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def server_config(catalogs):
+    root = catalogs["root"]
+    return {"decoding": {"catalogs": {"items": str(root / "items.trie"), "swap": str(root / "swap.trie")},
+                         "catalog_dir": str(catalogs["dir"])}}
+
+
+@pytest.fixture(scope="module")
+def server(served_model_dir, catalogs):
+    with running_server(served_model_dir, catalogs["root"] / "server.log", server_config(catalogs)) as running:
+        yield running
 
 
 def random_prompts(n, seed):
@@ -161,19 +174,171 @@ def test_a_replaced_catalog_file_serves_the_next_request(server, catalogs):
     assert proc.poll() is None and client.get("/health").status_code == 200
 
 
-def test_server_beam_search_naming_a_catalog_is_refused_not_silently_unconstrained(server):
-    """vLLM's server beam path drops vllm_xargs: a catalog there would be ignored, so it is a 400;
-    beam search without a catalog is vLLM's own, untouched."""
-    from decoding.integrations.vllm.plugin import BEAM_SEARCH_REFUSED
+def beam_request(client, model, prompt, n, catalog="items", **extra):
+    body = {"model": model, "prompt": prompt, "max_tokens": 4, "use_beam_search": True, "n": n, "temperature": 0.0,
+            "return_token_ids": True, "logprobs": 0, **extra}
+    if catalog is not None:
+        body["vllm_xargs"] = {"decoding_catalog": catalog, **body.pop("vllm_xargs", {})}
+    return client.post("/v1/completions", json=body)
 
+
+@pytest.fixture(scope="module")
+def reference(served_model_dir):
+    """decoding.beam_search on the served weights in transformers (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    from decoding import beam_search
+
+    hf = AutoModelForCausalLM.from_pretrained(served_model_dir, dtype=torch.float32).eval()
+
+    def search(prompt, trie, n, exclude=None, length_penalty=1.0):
+        return beam_search(hf, torch.tensor([prompt]), None, trie=trie, num_beams=n, length_penalty=length_penalty,
+                           exclude_items=None if exclude is None else [exclude])
+
+    return search
+
+
+def check_exact(client, model, trie, reference, prompts, n, concurrency=32):
+    """Sends every prompt's beam request concurrently; each choice must be a catalog item, in the
+    reference's order, with the reference's score. A request whose item set differs must be a
+    near-tie between the two engines' float32 kernels (the boundary scores within 1e-4): counted."""
+    def send(prompt):
+        return beam_request(client, model, prompt, n)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        responses = list(pool.map(send, prompts))
+    near_ties = 0
+    for prompt, response in zip(prompts, responses):
+        assert response.status_code == 200, response.text
+        choices = response.json()["choices"]
+        assert len(choices) == n
+        tokens = [c["token_ids"] for c in choices]
+        items = trie.lookup(torch.tensor(tokens)).tolist()
+        assert min(items) >= 0, f"not a catalog item: {tokens}"
+        scores = [sum(c["logprobs"]["token_logprobs"]) / 4.0 for c in choices]  # length_penalty 1.0
+        assert scores == sorted(scores, reverse=True)
+        ref = reference(prompt, trie, n)
+        if set(items) != set(ref.items[0].tolist()):
+            assert abs(scores[-1] - ref.scores[0, -1].item()) < 1e-4, (prompt, items, ref.items)
+            near_ties += 1
+            continue
+        assert items == ref.items[0].tolist() or torch.allclose(torch.tensor(scores), ref.scores[0], atol=1e-4)
+        assert torch.allclose(torch.tensor(scores), ref.scores[0], atol=1e-4)
+    assert near_ties <= max(1, len(prompts) // 20), f"{near_ties} near-ties of {len(prompts)}"
+    return near_ties
+
+
+def test_beam_search_naming_a_catalog_returns_the_exact_top_k_under_concurrency(server, catalogs, reference):
+    """32 concurrent OpenAI beam requests naming the catalog: vLLM's own server beam search drops
+    vllm_xargs (0 of 8 valid items before this path existed); here every choice is a catalog item
+    and the set, order and scores are decoding.beam_search's on the same weights."""
     client, model, proc = server
-    body = {"model": model, "prompt": [10, 11, 12], "max_tokens": 4, "use_beam_search": True, "n": 4,
-            "temperature": 0.0}
-    refused = client.post("/v1/completions", json={**body, "vllm_xargs": {"decoding_catalog": "items"}})
-    assert refused.status_code == 400 and BEAM_SEARCH_REFUSED in refused.json()["error"]["message"]
-    plain = client.post("/v1/completions", json=body)
-    assert plain.status_code == 200 and len(plain.json()["choices"]) == 4
+    check_exact(client, model, catalogs["items"], reference, random_prompts(40, seed=21), n=8)
     assert proc.poll() is None
+
+
+def test_beam_search_exclusions_and_length_penalty(server, catalogs, reference):
+    client, model, _ = server
+    trie, prompt = catalogs["items"], [10, 11, 12, 13]
+    full = reference(prompt, trie, 6, length_penalty=0.0)
+    history = full.items[0, :3].tolist()  # the user's history: the three best items
+    got = beam_request(client, model, prompt, 6, length_penalty=0.0,
+                       vllm_xargs={"decoding_exclude": history})
+    assert got.status_code == 200, got.text
+    choices = got.json()["choices"]
+    items = trie.lookup(torch.tensor([c["token_ids"] for c in choices])).tolist()
+    ref = reference(prompt, trie, 6, exclude=history, length_penalty=0.0)
+    assert items == ref.items[0].tolist() and not set(items) & set(history)
+    assert choices[0]["text"] == " ".join(f"t{t}" for t in choices[0]["token_ids"])
+    scores = torch.tensor([sum(c["logprobs"]["token_logprobs"]) for c in choices])
+    assert torch.allclose(scores, ref.scores[0], atol=1e-4)
+    # a one-item catalog with that item excluded: no choice at all, never an invalid one
+    empty = beam_request(client, model, prompt, 1, catalog="swap", vllm_xargs={"decoding_exclude": [0]})
+    assert empty.status_code == 200 and empty.json()["choices"] == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"echo": True, "logprobs": None}, "echo: not supported"),
+    ({"stop": ["t5"]}, "stop: not supported"),
+    ({"min_tokens": 2}, "min_tokens: not supported"),
+    ({"max_tokens": 3}, "max_tokens: 3 is shorter than the catalog's identifiers (4 tokens)"),
+    ({"vllm_xargs": {"decoding_offset": 1}}, "decoding_offset: not supported"),
+    ({"vllm_xargs": {"decoding_exclude": "12"}}, "decoding_exclude: expected a list"),
+    ({"vllm_xargs": {"decoding_exclude": [10 ** 9]}}, "decoding_exclude: item ids must be below"),
+    ({"vllm_xargs": {"decoding_catalog": "/etc/passwd"}}, UNKNOWN_CATALOG),
+    ({"n": 2, "vllm_xargs": {"decoding_catalog": "swap"}}, "n: 2 beams is more than the catalog's 1 items"),
+])
+def test_beam_search_cases_the_exact_path_cannot_serve_are_400(server, extra, message):
+    client, model, proc = server
+    response = beam_request(client, model, [10, 11, 12], **{"n": 4, **extra})
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+    assert proc.poll() is None and beam_request(client, model, [10, 11, 12], 2).status_code == 200
+
+
+def test_chat_beam_search_naming_a_catalog_is_refused(server):
+    from decoding.integrations.vllm.serving import CHAT_BEAM_SEARCH_REFUSED
+
+    client, model, _ = server
+    body = {"model": model, "messages": [{"role": "user", "content": "t10 t11"}], "max_tokens": 4,
+            "use_beam_search": True, "n": 2, "vllm_xargs": {"decoding_catalog": "items"}}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and CHAT_BEAM_SEARCH_REFUSED in response.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def server_without_the_package(served_model_dir, catalogs):
+    """The same server with vLLM told to load none of the package's plugins."""
+    with running_server(served_model_dir, catalogs["root"] / "plain.log", env={"VLLM_PLUGINS": "none"}) as running:
+        yield running
+
+
+def test_beam_search_without_a_catalog_equals_a_server_without_the_package(server, server_without_the_package,
+                                                                          catalogs):
+    client, model, _ = server
+    plain, plain_model, _ = server_without_the_package
+    for prompt in random_prompts(4, seed=23):
+        ours = beam_request(client, model, prompt, 4, catalog=None)
+        theirs = beam_request(plain, plain_model, prompt, 4, catalog=None)
+        assert ours.status_code == theirs.status_code == 200
+        assert [c["token_ids"] for c in ours.json()["choices"]] == [c["token_ids"] for c in theirs.json()["choices"]]
+        assert ([c["logprobs"]["token_logprobs"] for c in ours.json()["choices"]]
+                == [c["logprobs"]["token_logprobs"] for c in theirs.json()["choices"]])
+    # without the package a catalog in vllm_xargs is ignored (the issue's 0 valid items of 8): what
+    # the exact path replaces
+    ignored = beam_request(plain, plain_model, [10, 11, 12], 8)
+    assert ignored.status_code == 200
+    tokens = torch.tensor([c["token_ids"][:4] for c in ignored.json()["choices"]])
+    assert (catalogs["items"].lookup(tokens) < 0).all()
+
+
+def test_other_clients_log_probs_are_unchanged_while_beam_searches_run(server, catalogs):
+    """Never break the host: the exact path's scoring requests share engine batches with other
+    clients' requests, which must get exactly what they get alone. (Scoring with
+    logprob_token_ids would fail this: vLLM 0.32's legacy runner then returns -inf for the other
+    requests' top log-probs.)"""
+    client, model, _ = server
+    prompts = random_prompts(16, seed=25)
+
+    def plain(prompt):
+        body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0.0, "logprobs": 5}
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["logprobs"]["top_logprobs"]
+
+    alone = [plain(p) for p in prompts]
+
+    def send(i):
+        return plain(prompts[i // 2]) if i % 2 else beam_request(client, model, prompts[i // 2], 8).status_code
+
+    with ThreadPoolExecutor(32) as pool:
+        mixed = list(pool.map(send, range(32)))
+    assert all(code == 200 for code in mixed[0::2])
+    for got, want in zip(mixed[1::2], alone):
+        assert got.keys() == want.keys() if isinstance(got, dict) else len(got) == len(want)
+        for step_got, step_want in zip(got, want):
+            assert step_got.keys() == step_want.keys()
+            assert all(abs(step_got[k] - step_want[k]) < 1e-4 for k in step_want)
 
 
 UNTESTED_ENGINE_SCRIPT = """

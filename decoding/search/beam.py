@@ -250,13 +250,46 @@ def beam_search(
     if vocab is not None and vocab != trie.vocab_size:
         raise ValueError(f"trie: built for vocab_size {trie.vocab_size}, but the model's vocabulary is {vocab}")
 
-    B, K, L = input_ids.shape[0], num_beams, trie.depth
+    B = input_ids.shape[0]
     logits = beam_model.prefill(input_ids, attention_mask)
-    device = logits.device
     if logits.dim() != 2 or logits.shape[0] != B or logits.shape[1] != trie.vocab_size:
         raise ValueError(
             f"model: prefill returned logits of shape {tuple(logits.shape)}, expected [{B}, {trie.vocab_size}]"
         )
+    search = search_loop(logits, trie=trie, num_beams=num_beams, length_penalty=length_penalty, normalize=normalize,
+                         exclude_items=exclude_items, assistant_logprobs=assistant_logprobs,
+                         assistant_weight=assistant_weight, backend=backend)
+    # our own adapter is told the rows' layout, so its reorders need no device sync
+    request_major = isinstance(beam_model, HFBeamModel)
+    try:
+        beam_index, tokens = next(search)
+        while True:
+            logits = (beam_model.step(beam_index, tokens, request_major=True) if request_major
+                      else beam_model.step(beam_index, tokens))
+            beam_index, tokens = search.send(logits)
+    except StopIteration as done:
+        out = done.value
+    out.kv_bytes = beam_model.kv_bytes() if hasattr(beam_model, "kv_bytes") else None
+    return out
+
+
+def search_loop(logits: torch.Tensor, *, trie, num_beams: int, length_penalty: float = 0.0, normalize: str = "full",
+                exclude_items=None, assistant_logprobs=None, assistant_weight: float = 0.0, backend: str = "auto"):
+    """The search as a generator, for drivers that run the model themselves (an async engine).
+
+    Args:
+        logits: float ``[B, V]`` the prefill's next-token logits (log-probs with ``normalize="none"``).
+        the rest: as in :func:`beam_search` (arguments are validated there).
+    Yields:
+        ``(beam_index, tokens)``: int64 ``[B * K]`` each: every next row extends row
+        ``beam_index`` of the previous logits with ``tokens`` (dead beams repeat a row with token 0).
+    Receives:
+        float ``[B * K, V]`` the next-token logits of those rows, via ``send``.
+    Returns:
+        :class:`BeamSearchOutput` (as ``StopIteration.value``).
+    """
+    B, K, L = logits.shape[0], num_beams, trie.depth
+    device = logits.device
     trie = trie.to(device)
     backend = resolve_backend(backend, device)
     excluded = trie.excluded_ranks(exclude_items, B)
@@ -290,13 +323,10 @@ def beam_search(
         # needs no look at the device (no sync); EOS-terminated ones may stop early (one sync)
         if trie.eos_token_id is not None and not bool(state.improvable.any()):
             break
-        run_parent, run_tokens = state.run_parent, state.run_tokens
-        beam_index = (torch.arange(B, device=device)[:, None] * W + run_parent).reshape(-1)
+        beam_index = (torch.arange(B, device=device)[:, None] * W + state.run_parent).reshape(-1)
         # dead beams (fewer than K open candidates) still occupy a row: feed them token 0
-        tokens = run_tokens[:, :, -1].clamp(min=0).reshape(-1)
-        # our own adapter is told the rows' layout, so its reorders need no device sync
-        logits = (beam_model.step(beam_index, tokens, request_major=True) if isinstance(beam_model, HFBeamModel)
-                  else beam_model.step(beam_index, tokens))
+        tokens = state.run_tokens[:, :, -1].clamp(min=0).reshape(-1)
+        logits = yield beam_index, tokens
         if not torch.is_floating_point(logits) or logits.shape != (B * K, trie.vocab_size):
             raise ValueError(
                 f"model: step returned logits of shape {tuple(logits.shape)}, expected [{B * K}, {trie.vocab_size}]"
@@ -305,5 +335,4 @@ def beam_search(
     fin_scores, fin_items, fin_tokens = state.fin_scores, state.fin_items, state.fin_tokens
     fin_items = torch.where(fin_scores > NEG_INF, fin_items, -1)
     fin_tokens = torch.where((fin_scores > NEG_INF)[..., None], fin_tokens, -1)
-    kv_bytes = beam_model.kv_bytes() if hasattr(beam_model, "kv_bytes") else None
-    return BeamSearchOutput(items=fin_items, scores=fin_scores, sequences=fin_tokens, kv_bytes=kv_bytes)
+    return BeamSearchOutput(items=fin_items, scores=fin_scores, sequences=fin_tokens)

@@ -96,8 +96,10 @@ def save_for_serving(model, path) -> str:
     model.save_pretrained(path)
     tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
-                            eos_token="t2").save_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
+                                        eos_token="t2")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # for chat endpoints
+    tokenizer.save_pretrained(path)
     return str(path)
 
 

@@ -29,10 +29,15 @@ def __getattr__(name):
         from decoding.integrations.vllm import driver
 
         return getattr(driver, name)
+    if name == "beam_search_async":
+        from decoding.integrations.vllm import async_driver
+
+        return async_driver.beam_search_async
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "TESTED_VLLM", "TrieLogitsProcessor", "UNKNOWN_CATALOG", "VLLMBeamModel", "beam_search", "check_version",
+    "TESTED_VLLM", "TrieLogitsProcessor", "UNKNOWN_CATALOG", "VLLMBeamModel", "beam_search", "beam_search_async",
+    "check_version",
     "register_catalog", "resolve_catalog", "trie_extra_args", "untested_message",
 ]

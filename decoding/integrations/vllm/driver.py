@@ -113,6 +113,72 @@ class _EngineCoreScorer:
                 np.concatenate(values).astype(np.float32))
 
 
+class _Rows:
+    """The search's rows between engine calls: each row's tokens (prompt + identifier so far) and
+    trie node, the engine requests that score them, and the log-probs those requests returned.
+
+    A row whose node has no children (a finished or dead beam) sends no request. The requests of
+    one engine call all ask for the same kind of log-probs: vLLM 0.32's legacy model runner (the
+    CPU build's) answers a batch that mixes ``logprob_token_ids`` requests with ``logprobs=N``
+    requests with -inf for the latter's tokens (its sampler prefers the token-id gather for the
+    whole batch). So a step asks every row for the whole vocabulary when any row has more than 128
+    children and the engine allows it (``full_vocab="wide"``), or always (``"always"``: a shared
+    engine, whose other requests may ask for ``logprobs``); otherwise each row asks for its
+    children, split over several requests above 128."""
+
+    def __init__(self, trie, rows: list[list[int]], vocab_size: int, full_vocab: str, record: bool = False):
+        self.trie, self.vocab_size, self.full_vocab = trie, vocab_size, full_vocab
+        self.tokens = rows
+        self.request_of = list(range(len(rows)))  # which prompt each row belongs to
+        self.prompt_len = [len(r) for r in rows]
+        self.nodes = torch.zeros(len(rows), dtype=torch.long)
+        # (prompt, identifier prefix) -> {child token: log-prob}: the per-token log-probs of the results
+        self.children_logprobs: dict | None = {} if record else None
+
+    def advance(self, beam_index: torch.Tensor, tokens: torch.Tensor) -> None:
+        beam_index, tokens = beam_index.cpu(), tokens.cpu()
+        self.tokens = [self.tokens[i] + [t] for i, t in zip(beam_index.tolist(), tokens.tolist())]
+        self.request_of = [self.request_of[i] for i in beam_index.tolist()]
+        self.nodes = self.trie.walk(tokens[:, None], start=self.nodes[beam_index])
+
+    def requests(self):
+        """(prompts, token ids per request or None for the whole vocabulary, owning row per request)."""
+        indptr, node_token = self.trie.indptr.tolist(), self.trie.node_token
+        live = [(row, indptr[node], indptr[node + 1]) for row, node in enumerate(self.nodes.tolist())
+                if node >= 0 and indptr[node] < indptr[node + 1]]
+        whole = self.full_vocab == "always" or (
+            self.full_vocab == "wide" and any(hi - lo > MAX_TOKEN_IDS_PER_REQUEST for _, lo, hi in live))
+        prompts, wanted, owners = [], [], []
+        for row, lo, hi in live:
+            if whole:
+                chunks = [None]
+            else:
+                children = node_token[lo + 1: hi + 1].tolist()
+                chunks = [children[c: c + MAX_TOKEN_IDS_PER_REQUEST]
+                          for c in range(0, len(children), MAX_TOKEN_IDS_PER_REQUEST)]
+            for chunk in chunks:
+                prompts.append(self.tokens[row])
+                wanted.append(chunk)
+                owners.append(row)
+        return prompts, wanted, owners
+
+    def logits(self, owners: list[int], request: np.ndarray, token: np.ndarray, value: np.ndarray) -> torch.Tensor:
+        """float32 ``[rows, V]``: the returned log-probs, -inf elsewhere."""
+        out = torch.full((len(self.tokens), self.vocab_size), float("-inf"))
+        if len(request):
+            rows = torch.as_tensor(owners)[torch.from_numpy(request)]
+            out[rows, torch.from_numpy(token)] = torch.from_numpy(value)
+        if self.children_logprobs is not None:
+            indptr, node_token = self.trie.indptr, self.trie.node_token
+            for row, node in enumerate(self.nodes.tolist()):
+                if node < 0 or indptr[node] == indptr[node + 1]:
+                    continue
+                children = node_token[indptr[node] + 1: indptr[node + 1] + 1]
+                key = (self.request_of[row], tuple(self.tokens[row][self.prompt_len[self.request_of[row]]:]))
+                self.children_logprobs[key] = dict(zip(children.tolist(), out[row, children].tolist()))
+        return out
+
+
 class VLLMBeamModel:
     """:class:`decoding.BeamModel` over a vLLM ``LLM``. Row logits hold the exact full-vocabulary
     log-probs of the row's valid children (plus whatever else the engine returned) and -inf
@@ -131,38 +197,47 @@ class VLLMBeamModel:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         ids = input_ids.cpu()
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.cpu()
-        self._tokens = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-        self._nodes = torch.zeros(len(self._tokens), dtype=torch.long)
+        self._rows = _Rows(self.trie, [row[m.bool()].tolist() for row, m in zip(ids, mask)], self.vocab_size,
+                           "wide" if self._scorer.full_vocab_allowed else "never")
         return self._score()
 
     def step(self, beam_index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        beam_index, tokens = beam_index.cpu(), tokens.cpu()
-        self._tokens = [self._tokens[i] + [t] for i, t in zip(beam_index.tolist(), tokens.tolist())]
-        self._nodes = self.trie.walk(tokens[:, None], start=self._nodes[beam_index])
+        self._rows.advance(beam_index, tokens)
         return self._score()
 
     def _score(self) -> torch.Tensor:
-        indptr, node_token = self.trie.indptr.tolist(), self.trie.node_token
-        prompts, wanted, owners = [], [], []
-        for row, node in enumerate(self._nodes.tolist()):
-            if node < 0 or indptr[node] == indptr[node + 1]:
-                continue
-            children = node_token[indptr[node] + 1: indptr[node + 1] + 1].tolist()
-            if len(children) > MAX_TOKEN_IDS_PER_REQUEST and self._scorer.full_vocab_allowed:
-                chunks = [None]
-            else:
-                chunks = [children[lo: lo + MAX_TOKEN_IDS_PER_REQUEST]
-                          for lo in range(0, len(children), MAX_TOKEN_IDS_PER_REQUEST)]
-            for chunk in chunks:
-                prompts.append(self._tokens[row])
-                wanted.append(chunk)
-                owners.append(row)
-        out = torch.full((len(self._tokens), self.vocab_size), float("-inf"))
-        if prompts:
-            request, token, value = self._scorer.run(prompts, wanted)
-            rows = torch.as_tensor(owners)[torch.from_numpy(request)]
-            out[rows, torch.from_numpy(token)] = torch.from_numpy(value)
-        return out
+        prompts, wanted, owners = self._rows.requests()
+        found = self._scorer.run(prompts, wanted) if prompts else (np.zeros(0, np.int64),) * 2 + (np.zeros(0),)
+        return self._rows.logits(owners, *found)
+
+
+def check_prompts(prompts, trie, vocab: int, max_len: int) -> list[list[int]]:
+    """Token-id lists from ``prompts`` (lists or ``TokensPrompt`` dicts), checked as vLLM's front
+    end would check them (the drivers skip it)."""
+    if not prompts:
+        raise ValueError("prompts: expected at least one prompt")
+    rows = []
+    for i, p in enumerate(prompts):
+        ids = p["prompt_token_ids"] if isinstance(p, dict) else p
+        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"prompts: prompt {i} must be a non-empty list of token ids")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompts: prompt {i} has token ids outside [0, {vocab}) of the engine's model")
+        if len(ids) + trie.depth > max_len:
+            raise ValueError(f"prompts: prompt {i} has {len(ids)} tokens; with {trie.depth}-token identifiers "
+                             f"that exceeds the engine's max_model_len {max_len}")
+        rows.append(list(ids))
+    return rows
+
+
+def _left_padded(rows: list[list[int]]):
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(rows):  # left padding, as decoding.beam_search expects
+        input_ids[i, width - len(r):] = torch.as_tensor(r)
+        mask[i, width - len(r):] = 1
+    return input_ids, mask
 
 
 def beam_search(llm, prompts, *, trie, num_beams: int, length_penalty: float = 0.0, exclude_items=None,
@@ -179,27 +254,9 @@ def beam_search(llm, prompts, *, trie, num_beams: int, length_penalty: float = 0
         :class:`decoding.BeamSearchOutput` (``items``, ``scores``, ``sequences``).
     """
     check_version()
-    if not prompts:
-        raise ValueError("prompts: expected at least one prompt")
-    vocab, max_len = _engine_vocab_size(llm), int(llm.llm_engine.model_config.max_model_len)
-    rows = []
-    for i, p in enumerate(prompts):
-        ids = p["prompt_token_ids"] if isinstance(p, dict) else p
-        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError(f"prompts: prompt {i} must be a non-empty list of token ids")
-        # the driver skips vLLM's front end, so it checks what the front end would have checked
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompts: prompt {i} has token ids outside [0, {vocab}) of the engine's model")
-        if len(ids) + trie.depth > max_len:
-            raise ValueError(f"prompts: prompt {i} has {len(ids)} tokens; with {trie.depth}-token identifiers "
-                             f"that exceeds the engine's max_model_len {max_len}")
-        rows.append(list(ids))
-    width = max(len(r) for r in rows)
-    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for i, r in enumerate(rows):  # left padding, as decoding.beam_search expects
-        input_ids[i, width - len(r):] = torch.as_tensor(r)
-        mask[i, width - len(r):] = 1
+    model_config = llm.llm_engine.model_config
+    rows = check_prompts(prompts, trie, _engine_vocab_size(llm), int(model_config.max_model_len))
+    input_ids, mask = _left_padded(rows)
     return _beam_search(VLLMBeamModel(llm, trie), input_ids, mask, trie=trie, num_beams=num_beams,
                         length_penalty=length_penalty, normalize="none", exclude_items=exclude_items,
                         backend=backend)

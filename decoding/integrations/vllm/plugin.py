@@ -9,9 +9,9 @@ rendered prompt, which ``InputProcessor.process_inputs`` has: the plugin wraps i
 requests fail at admission (vLLM's validation error, HTTP 400 when serving) instead of reaching
 the engine. vLLM may load plugins several times per process; wrapping happens once.
 
-It also refuses, with an HTTP 400, OpenAI requests that ask for vLLM's server beam search
-(``use_beam_search``) and name a catalog: that path drops per-request arguments, so it would
-return unconstrained beams silently.
+It also routes OpenAI completions requests that ask for beam search (``use_beam_search``) and
+name a catalog to the exact beam search (:mod:`decoding.integrations.vllm.serving`): vLLM's own
+server beam search drops per-request arguments, so it would return unconstrained beams.
 
 On an untested vLLM the plugin only logs the version warning and wraps nothing; the processor's
 ``validate_params`` then refuses requests that name a catalog.
@@ -75,35 +75,6 @@ def register() -> None:
 
     process_inputs._decoding_checks = True
     InputProcessor.process_inputs = process_inputs
-    _refuse_server_beam_search_with_a_catalog(VLLMValidationError)
+    from decoding.integrations.vllm import serving
 
-
-BEAM_SEARCH_REFUSED = (
-    "decoding_catalog: vLLM's server beam search (use_beam_search) drops per-request arguments, so it "
-    "would return unconstrained beams; it is not served with a catalog. Use greedy or sampled completions "
-    "(every output is a catalog item), or decoding.integrations.vllm.beam_search in-process for the exact top-K"
-)
-
-
-def _refuse_server_beam_search_with_a_catalog(error_type) -> None:
-    from decoding.integrations.vllm.catalogs import CATALOG_KEY
-
-    for module, name in (("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
-                         ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest")):
-        try:
-            cls = getattr(__import__(module, fromlist=[name]), name)
-        except Exception as exc:  # noqa: BLE001 - never stop vLLM from starting
-            logger.warning("decoding: %s.%s not found (%s); beam-search requests naming a catalog are not refused",
-                           module, name, exc)
-            continue
-        original = cls.to_beam_search_params
-        if getattr(original, "_decoding_checks", False):
-            continue
-
-        def to_beam_search_params(self, *args, _original=original, **kwargs):
-            if CATALOG_KEY in (getattr(self, "vllm_xargs", None) or {}):
-                raise error_type(BEAM_SEARCH_REFUSED, parameter="vllm_xargs")
-            return _original(self, *args, **kwargs)
-
-        to_beam_search_params._decoding_checks = True
-        cls.to_beam_search_params = functools.wraps(original)(to_beam_search_params)
+    serving.install(VLLMValidationError)
