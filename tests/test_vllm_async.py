@@ -110,3 +110,42 @@ def test_async_driver_refuses_engines_it_cannot_be_exact_on(served_model_dir):
     assert "max_logprobs=-1" in message and "not 20" in message
     message = asyncio.run(attempt(logprobs_mode="processed_logprobs"))
     assert "logprobs_mode is 'processed_logprobs'" in message
+
+
+class TwoRankClient(CountingClient):
+    """Reports two data-parallel ranks and records the rank of each search's requests (the real
+    engine, one rank, serves them all: the rank is taken off before it)."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        from types import SimpleNamespace
+
+        self.vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_size=2))
+        self.ranks_of: dict[tuple, set] = {}
+
+    async def generate(self, prompt, params, request_id, data_parallel_rank=None, **kwargs):
+        self.ranks_of.setdefault(tuple(prompt["prompt_token_ids"][:3]), set()).add(data_parallel_rank)
+        async for out in super().generate(prompt, params, request_id, **kwargs):
+            yield out
+
+
+def test_async_driver_sends_all_requests_of_a_search_to_one_data_parallel_rank(served_model_dir):
+    trie = ItemTrie.from_sequences(bm.random_semantic_ids(2_000, seed=12), vocab_size=VOCAB)
+    prompts = random_prompts(6, seed=43)
+
+    async def main():
+        engine = start_engine(served_model_dir)
+        try:
+            client = TwoRankClient(engine)
+            await asyncio.gather(*[dv.beam_search_async(client, [p], trie=trie, num_beams=4) for p in prompts])
+            named = TwoRankClient(engine)
+            await dv.beam_search_async(named, [prompts[0]], trie=trie, num_beams=4, data_parallel_rank=1)
+            return client, named
+        finally:
+            engine.shutdown()
+
+    client, named = asyncio.run(main())
+    assert len(client.ranks_of) == len(prompts)
+    assert all(len(ranks) == 1 for ranks in client.ranks_of.values())  # one rank per search: its prefix cache
+    assert set().union(*client.ranks_of.values()) == {0, 1}  # searches spread over the ranks
+    assert list(named.ranks_of.values()) == [{1}]

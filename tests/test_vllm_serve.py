@@ -55,7 +55,7 @@ def _free_port() -> int:
 def running_server(model_dir, log_path, config=None, args=(), env=None):
     """A vLLM OpenAI server subprocess on localhost; yields an httpx client bound to it."""
     port = _free_port()
-    full_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", **(env or {}))
+    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
     full_env.pop("TRITON_INTERPRET", None)
     full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
@@ -340,6 +340,26 @@ def test_other_clients_log_probs_are_unchanged_while_beam_searches_run(server, c
             assert step_got.keys() == step_want.keys()
             assert all(abs(step_got[k] - step_want[k]) < 1e-4 for k in step_want)
 
+
+
+@pytest.mark.parametrize("parallel", ["--data-parallel-size", "--tensor-parallel-size"])
+def test_exact_beam_search_on_a_server_with_two_ranks(served_model_dir, catalogs, reference, parallel):
+    """vLLM's own scale-out: the same exactness on two data-parallel engines, and on one engine
+    whose model is split over two tensor-parallel ranks (one core per rank)."""
+    log = catalogs["root"] / f"server{parallel.replace('-', '_')}.log"
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with running_server(served_model_dir, log, server_config(catalogs), args=(parallel, "2"), env=env) as running:
+        client, model, proc = running
+        check_exact(client, model, catalogs["items"], reference, random_prompts(32, seed=27), n=8)
+        if parallel == "--data-parallel-size":
+            # both engines served searches (each search's requests all go to one: see test_vllm_async)
+            served = {}
+            for line in client.get("/metrics").text.splitlines():
+                if line.startswith("vllm:request_success_total{") and 'finished_reason="length"' in line:
+                    engine = line.split('engine="')[1].split('"')[0]
+                    served[engine] = served.get(engine, 0) + float(line.rsplit(" ", 1)[1])
+            assert set(served) == {"0", "1"} and min(served.values()) > 0, served
+        assert proc.poll() is None
 
 UNTESTED_ENGINE_SCRIPT = """
 import json, os, sys
