@@ -220,7 +220,7 @@ class ItemTrie:
             if start.shape != (rows,):
                 raise ValueError(f"start: expected shape [{rows}], got {tuple(start.shape)}")
             node = start.to(self.device).long()
-        indptr = self.indptr.long()
+        indptr = self.indptr  # indexed per row, then widened: never a copy of the whole array
         tokens = self.node_token
         # bisection steps that cover the widest node of any level
         steps = max(1, int(max(self._max_branch_host, default=1)).bit_length())
@@ -229,8 +229,8 @@ class ItemTrie:
             pad = tok < 0
             alive = node >= 0
             safe = node.clamp(min=0)
-            lo = indptr[safe]
-            end = indptr[safe + 1]
+            lo = indptr[safe].long()
+            end = indptr[safe + 1].long()
             hi = end.clone()
             # binary search of tok among the sorted child tokens node_token[lo+1 .. end+1)
             for _ in range(steps):

@@ -16,6 +16,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 from decoding import ItemTrie, beam_search  # noqa: E402
 from decoding import testing as bm  # noqa: E402
 from decoding.integrations import vllm as dv  # noqa: E402
+from decoding.integrations.vllm.async_driver import _OutputRouter  # noqa: E402
 
 VOCAB = bm.sid_vocab_size(4, 256)
 
@@ -25,29 +26,36 @@ def random_prompts(n, seed):
     return [torch.randint(8, VOCAB, (int(k),), generator=g).tolist() for k in torch.randint(4, 16, (n,), generator=g)]
 
 
-class CountingClient:
-    """The engine client, seen through a proxy that records how many scoring requests of how
-    many distinct searches are in flight whenever one starts."""
+class RecordingClient:
+    """The engine client seen through a proxy whose engine core records the data-parallel rank
+    each search's requests name; with ``ranks`` it reports that many ranks and takes the rank off
+    before the real (one-rank) engine sees the request."""
 
-    def __init__(self, engine):
-        self._engine = engine
-        self.in_flight: dict[int, int] = {}  # search (its rows' first prompt) -> requests in flight
-        self.most_searches_at_once = 0
-        self.data_parallel_ranks = set()
+    def __init__(self, engine, ranks: int = 1):
+        from types import SimpleNamespace
+
+        import msgspec
+
+        self._engine, self.ranks_of = engine, {}
+        if ranks > 1:
+            self.vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_size=ranks))
+        client = self
+
+        class Core:
+            def __getattr__(self, name):
+                return getattr(engine.engine_core, name)
+
+            async def add_request_async(self, request):
+                search = request.request_id.rsplit("-", 1)[0]
+                client.ranks_of.setdefault(search, set()).add(request.data_parallel_rank)
+                if ranks > 1:
+                    request = msgspec.structs.replace(request, data_parallel_rank=None)
+                await engine.engine_core.add_request_async(request)
+
+        self.engine_core = Core()
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
-
-    async def generate(self, prompt, params, request_id, **kwargs):
-        key = tuple(prompt["prompt_token_ids"][:3])
-        self.data_parallel_ranks.add(kwargs.get("data_parallel_rank"))
-        self.in_flight[key] = self.in_flight.get(key, 0) + 1
-        self.most_searches_at_once = max(self.most_searches_at_once, sum(v > 0 for v in self.in_flight.values()))
-        try:
-            async for out in self._engine.generate(prompt, params, request_id, **kwargs):
-                yield out
-        finally:
-            self.in_flight[key] -= 1
 
 
 def start_engine(model_dir, **kwargs):
@@ -68,17 +76,31 @@ def test_async_driver_is_exact_and_concurrent_searches_share_engine_steps(served
     async def main():
         engine = start_engine(served_model_dir)
         try:
-            client = CountingClient(engine)
+            client = RecordingClient(engine)
             outs = await asyncio.gather(*[
                 dv.beam_search_async(client, [p], trie=trie, num_beams=6, exclude_items=[history.get(i, [])])
                 for i, p in enumerate(prompts)])
             # a two-prompt call: one search, its rows batched
             pair = await dv.beam_search_async(engine, prompts[:2], trie=trie, num_beams=6, length_penalty=1.0)
-            return client, outs, pair
+            # a cancelled search (a client that went away) leaves nothing behind in the engine
+            task = asyncio.ensure_future(dv.beam_search_async(engine, prompts[:4], trie=trie, num_beams=6))
+            router = _OutputRouter.of(engine)
+            while not router.pending:  # its requests are in the engine
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not _OutputRouter.of(engine).pending
+            again = await dv.beam_search_async(engine, prompts[:1], trie=trie, num_beams=6)
+            assert torch.equal(again.items[0], outs[0].items[0])
+            return client, outs, pair, _OutputRouter.of(engine).most_searches_per_batch
         finally:
             engine.shutdown()
 
-    client, outs, pair = asyncio.run(main())
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    client, outs, pair, most_searches_per_batch = asyncio.run(main())
+    # the caller's thread is left as it was: concurrent searches never leak a grad mode
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     hf = AutoModelForCausalLM.from_pretrained(served_model_dir).eval()
     for i, (p, got) in enumerate(zip(prompts, outs)):
         ref = beam_search(hf, torch.tensor([p]), None, trie=trie, num_beams=6, exclude_items=[history.get(i, [])])
@@ -89,9 +111,10 @@ def test_async_driver_is_exact_and_concurrent_searches_share_engine_steps(served
     for i in range(2):
         ref = beam_search(hf, torch.tensor([prompts[i]]), None, trie=trie, num_beams=6, length_penalty=1.0)
         assert torch.equal(pair.items[i], ref.items[0])
-    # every search's requests were in flight together with the others': one engine step serves all
-    assert client.most_searches_at_once == len(prompts)
-    assert client.data_parallel_ranks == {None}  # one rank: no rank is named
+    # the searches' requests were in flight together: engine steps served several searches at once
+    assert most_searches_per_batch >= len(prompts) // 2, most_searches_per_batch
+    assert len(client.ranks_of) == len(prompts)
+    assert set().union(*client.ranks_of.values()) == {None}  # one rank: no rank is named
 
 
 def test_async_driver_refuses_engines_it_cannot_be_exact_on(served_model_dir):
@@ -112,23 +135,6 @@ def test_async_driver_refuses_engines_it_cannot_be_exact_on(served_model_dir):
     assert "logprobs_mode is 'processed_logprobs'" in message
 
 
-class TwoRankClient(CountingClient):
-    """Reports two data-parallel ranks and records the rank of each search's requests (the real
-    engine, one rank, serves them all: the rank is taken off before it)."""
-
-    def __init__(self, engine):
-        super().__init__(engine)
-        from types import SimpleNamespace
-
-        self.vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_size=2))
-        self.ranks_of: dict[tuple, set] = {}
-
-    async def generate(self, prompt, params, request_id, data_parallel_rank=None, **kwargs):
-        self.ranks_of.setdefault(tuple(prompt["prompt_token_ids"][:3]), set()).add(data_parallel_rank)
-        async for out in super().generate(prompt, params, request_id, **kwargs):
-            yield out
-
-
 def test_async_driver_sends_all_requests_of_a_search_to_one_data_parallel_rank(served_model_dir):
     trie = ItemTrie.from_sequences(bm.random_semantic_ids(2_000, seed=12), vocab_size=VOCAB)
     prompts = random_prompts(6, seed=43)
@@ -136,9 +142,9 @@ def test_async_driver_sends_all_requests_of_a_search_to_one_data_parallel_rank(s
     async def main():
         engine = start_engine(served_model_dir)
         try:
-            client = TwoRankClient(engine)
+            client = RecordingClient(engine, ranks=2)
             await asyncio.gather(*[dv.beam_search_async(client, [p], trie=trie, num_beams=4) for p in prompts])
-            named = TwoRankClient(engine)
+            named = RecordingClient(engine, ranks=2)
             await dv.beam_search_async(named, [prompts[0]], trie=trie, num_beams=4, data_parallel_rank=1)
             return client, named
         finally:

@@ -30,8 +30,11 @@ def parse_args(argv=None):
     p.add_argument("--items", type=int, default=100_000, help="catalog size")
     p.add_argument("--levels", type=int, default=4, help="semantic ID length")
     p.add_argument("--codes", type=int, default=256, help="codes per level")
-    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
-                   help="e2e suite: compare on transformers (default) or on a vLLM engine (needs the vllm extra)")
+    p.add_argument("--engine", choices=["transformers", "vllm", "vllm-http"], default="transformers",
+                   help="e2e suite: compare on transformers (default), on an in-process vLLM engine, or through "
+                        "a vLLM OpenAI server on localhost with concurrent HTTP clients (vllm-http); the vLLM "
+                        "engines need the vllm extra")
+    p.add_argument("--clients", type=int, default=64, help="vllm-http: concurrent HTTP clients")
     p.add_argument("--decoder", choices=["beam", "speculative", "setid"], default="beam",
                    help="e2e suite: trie beam search vs baselines, speculative vs target-only beam search, or "
                         "set-identifier whole-catalog scoring (SETRec, RPG) vs materialise + topk and beam search")
@@ -44,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--draft-steps", type=int, default=3, help="speculative: drafted levels per round (gamma)")
     p.add_argument("--draft-layers", type=int, default=1, help="speculative: the draft keeps the target's first layers")
     p.add_argument("--align-steps", type=int, default=30, help="speculative: draft alignment steps")
-    p.add_argument("--batch", type=int, default=None, help="requests per batch (default 16; 64 with --engine vllm)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="requests per batch (default 16; 64 with --engine vllm; 64 per run with vllm-http)")
     p.add_argument("--beams", default="20", help="beams = items returned per request; a comma-separated list "
                    "(e.g. 20,64,256,1024) runs the end-to-end comparison once per width")
     p.add_argument("--text-vocab", type=int, default=0,
@@ -70,13 +74,13 @@ def parse_args(argv=None):
     if args.text_vocab < 0:
         p.error("--text-vocab must be non-negative")
     if args.batch is None:
-        args.batch = 64 if args.engine == "vllm" else 16
-    if args.engine == "vllm" and args.device != "cpu" and args.suite in ("e2e", "all"):
-        p.error("--engine vllm runs the CPU build of vLLM here; pass --device cpu")
+        args.batch = 16 if args.engine == "transformers" else 64
+    if args.engine != "transformers" and args.device != "cpu" and args.suite in ("e2e", "all"):
+        p.error(f"--engine {args.engine} runs the CPU build of vLLM here; pass --device cpu")
     if min(args.beam_widths) < 1:
         p.error("--beams must be positive")
     for name in ("items", "levels", "codes", "batch", "beams", "prompt_len", "hidden", "layers", "heads", "repeats",
-                 "step_repeats"):
+                 "step_repeats", "clients"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.beams > args.items:
@@ -114,6 +118,7 @@ SUITES = {
     "setid": "decoding.bench.setid",
     "kv": "decoding.bench.kv",
     "vllm": "decoding.bench.vllm",
+    "vllm-http": "decoding.bench.vllm_http",
     "step": "decoding.bench.ops:step",
     "build": "decoding.bench.ops:build",
 }
@@ -122,8 +127,8 @@ SUITES = {
 def selected_suites(args) -> list[str]:
     """``--suite e2e`` is the end-to-end comparison the other flags pick (``--decoder``,
     ``--engine``, ``--kv``); ``all`` adds the step and build suites."""
-    if args.engine == "vllm":
-        e2e = "vllm"
+    if args.engine != "transformers":
+        e2e = args.engine
     elif args.kv:
         e2e = "kv"
     else:

@@ -1,16 +1,23 @@
-"""Exact trie-constrained beam search on vLLM's async engine client (``AsyncLLM``: what a
-``vllm serve`` process runs, or one an application builds with ``AsyncLLM.from_engine_args``).
+"""Exact trie-constrained beam search on vLLM's async engine (``AsyncLLM``: what a ``vllm serve``
+process runs, or one an application builds with ``AsyncLLM.from_engine_args``).
 
-The search is :func:`decoding.search.beam.search_loop`, the same code as :func:`decoding.beam_search`;
-the model work goes to the engine as public ``engine_client.generate`` requests: each live beam is
-one greedy one-token request returning the full-vocabulary log-probs (``logprobs=-1``; the engine
-needs ``max_logprobs=-1``, or at least the vocabulary size). Not ``logprob_token_ids``, which
-would return only the beam's children: in vLLM 0.32's legacy model runner (the CPU build's) one
-such request in a batch makes every other request of the batch that asks for ``logprobs`` get -inf
-(the sampler prefers the token-id gather for the whole batch), and a shared engine serves other
-clients' requests in the same batches. All requests of a step are in flight together, and so are
-the steps of every concurrent search, so the engine batches the beams of all in-flight searches
-into the same forward passes. vLLM's prefix cache reuses the prompt KV across beams and steps.
+The search is :func:`decoding.search.beam.search_loop`, the same code as :func:`decoding.beam_search`.
+Each live beam is one greedy one-token request returning the full-vocabulary log-probs of the next
+token. All requests of a step are in flight together, and so are the steps of every concurrent
+search, so the engine batches the beams of all in-flight searches into the same forward passes;
+vLLM's prefix cache reuses the prompt KV across beams and steps.
+
+Requests go to the engine core (``engine_client.engine_core``) and their outputs are taken out
+of the engine's output stream before vLLM's output processor (:class:`_OutputRouter`, installed
+once per engine): the log-probs arrive as arrays, where the front end would build one Python
+object per token and request (measured: most of the time of a search at full-vocabulary
+log-probs). This is internal vLLM interface, which is why the driver refuses untested vLLMs.
+
+Full-vocabulary log-probs (``logprobs=-1``: the engine needs ``max_logprobs=-1``, or at least the
+vocabulary size), not ``logprob_token_ids`` with only the beam's children: in vLLM 0.32's legacy
+model runner (the CPU build's) one such request in a batch makes every other request of the batch
+that asks for ``logprobs`` get -inf (the sampler prefers the token-id gather for the whole batch),
+and a shared engine serves other clients' requests in the same batches.
 
 Under data parallelism every request of one search goes to one rank (``data_parallel_rank``,
 round-robin over searches unless the caller names one), so its prompt stays in that rank's
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 
 import numpy as np
 import torch
@@ -30,19 +38,66 @@ from decoding.integrations.vllm._version import check_version
 from decoding.integrations.vllm.driver import _full_vocab_logprobs_allowed, _left_padded, _Rows, check_prompts
 from decoding.search.beam import BeamSearchOutput, search_loop, validate_search
 
-_request_ids = itertools.count()
+_search_ids = itertools.count()
 _search_ranks = itertools.count()
+_ROUTER = "_decoding_output_router"
 
 
 def data_parallel_size(engine_client) -> int:
     return int(getattr(engine_client.vllm_config.parallel_config, "data_parallel_size", 1) or 1)
 
 
+class _OutputRouter:
+    """Takes the outputs of this package's requests out of an ``AsyncLLM``'s output stream, ahead
+    of vLLM's output processor (which skips requests it does not know, so the rest of the stream
+    is untouched), and hands each to the future its request waits on."""
+
+    def __init__(self, output_processor):
+        self.pending: dict[str, asyncio.Future] = {}
+        self.batches = 0  # engine output batches that carried this package's requests
+        self.most_searches_per_batch = 0  # distinct searches served by one engine output batch
+        original = output_processor.process_outputs
+
+        def process_outputs(outputs, *args, **kwargs):
+            if self.pending:
+                kept, searches = [], set()
+                for out in outputs:
+                    future = self.pending.get(out.request_id)
+                    if future is None:
+                        kept.append(out)
+                        continue
+                    searches.add(out.request_id.rsplit("-", 1)[0])
+                    if out.finish_reason is not None or out.new_logprobs is not None:
+                        del self.pending[out.request_id]
+                        if not future.done():
+                            future.set_result(out)
+                if searches:
+                    self.batches += 1
+                    self.most_searches_per_batch = max(self.most_searches_per_batch, len(searches))
+                outputs = kept
+            return original(outputs, *args, **kwargs)
+
+        output_processor.process_outputs = process_outputs
+
+    @classmethod
+    def of(cls, engine_client) -> _OutputRouter:
+        """The engine's router, installed on first use (once: every later search reuses it)."""
+        processor = engine_client.output_processor
+        router = getattr(processor, _ROUTER, None)
+        if router is None:
+            router = cls(processor)
+            setattr(processor, _ROUTER, router)
+        return router
+
+
 class _AsyncScorer:
-    """Sends one-token greedy requests through ``engine_client.generate`` and gathers their log-probs."""
+    """One search's one-token greedy requests, sent to the engine core; their full-vocabulary
+    log-probs come back through the engine's :class:`_OutputRouter`."""
 
     def __init__(self, engine_client, *, data_parallel_rank: int | None, lora_request=None):
+        import msgspec
         from vllm import SamplingParams
+        from vllm.v1.engine import EngineCoreRequest
 
         model_config = engine_client.model_config
         self.vocab_size = int(model_config.get_vocab_size())
@@ -50,45 +105,52 @@ class _AsyncScorer:
             raise ValueError(f"engine_client: exact beam search needs the full-vocabulary log-probs of each beam; "
                              f"start the engine with max_logprobs=-1 (`--max-logprobs -1`), not "
                              f"{model_config.max_logprobs}")
-        self._all = -1 if model_config.max_logprobs == -1 else self.vocab_size
-        self._client, self._rank, self._lora = engine_client, data_parallel_rank, lora_request
-        self._params = SamplingParams
-        self._tag = f"decoding-beam-{os.getpid()}-"
-
-    async def _one(self, prompt: list[int]):
-        params = self._params(max_tokens=1, temperature=0.0, detokenize=False, flat_logprobs=True,
-                              logprobs=self._all)
-        last = None
-        async for last in self._client.generate({"type": "token", "prompt_token_ids": prompt}, params,
-                                                f"{self._tag}{next(_request_ids)}", lora_request=self._lora,
-                                                data_parallel_rank=self._rank):
-            pass
-        out = None if last is None else last.outputs[0]
-        if out is None or out.logprobs is None or len(out.logprobs) == 0:
-            reason = None if out is None else out.finish_reason
-            raise RuntimeError(f"vLLM engine returned no log-probs for a beam-search request (finish reason {reason})")
-        flat = out.logprobs
-        if hasattr(flat, "start_indices"):  # FlatLogprobs: plain lists, no per-token objects
-            lo, hi = flat.start_indices[0], flat.end_indices[0]
-            return flat.token_ids[lo:hi], flat.logprobs[lo:hi]
-        first = flat[0]
-        return list(first), [v.logprob for v in first.values()]
+        self._core, self._router = engine_client.engine_core, _OutputRouter.of(engine_client)
+        self._request, self._replace = EngineCoreRequest, msgspec.structs.replace
+        # what the front end would do to every request's params, done once per search
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_clone=True,
+                                logprobs=-1 if model_config.max_logprobs == -1 else self.vocab_size)
+        processor = engine_client.input_processor
+        params.update_from_generation_config(processor.generation_config_fields,
+                                             engine_client.renderer.get_eos_token_id())
+        self._params = params
+        self._rank, self._lora = data_parallel_rank, lora_request
+        self._tag = f"decoding-beam-{os.getpid()}-{next(_search_ids)}-"
+        self._ids = itertools.count()
 
     async def run(self, prompts: list[list[int]]):
         """Full-vocabulary log-probs at the end of each prompt, all requests in flight together:
         (request, token, logprob) as flat int64/int64/float32 numpy arrays."""
-        tasks = [asyncio.ensure_future(self._one(p)) for p in prompts]
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        futures = {}
         try:
-            results = await asyncio.gather(*tasks)
+            for prompt in prompts:
+                rid = f"{self._tag}{next(self._ids)}"
+                futures[rid] = self._router.pending[rid] = loop.create_future()
+                await self._core.add_request_async(self._request(
+                    request_id=rid, prompt_token_ids=prompt, mm_features=None, sampling_params=self._params,
+                    pooling_params=None, arrival_time=now, lora_request=self._lora, cache_salt=None,
+                    data_parallel_rank=self._rank))
+            outputs = await asyncio.gather(*futures.values())
         except BaseException:
-            for task in tasks:  # a cancelled generate() aborts its engine request
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            waiting = [rid for rid, f in futures.items() if not f.done()]
+            for rid in futures:
+                self._router.pending.pop(rid, None)
+            if waiting:
+                await self._core.abort_requests_async(waiting)
             raise
-        owners = np.concatenate([np.full(len(ids), i) for i, (ids, _) in enumerate(results)]).astype(np.int64)
-        tokens = np.concatenate([np.asarray(ids, np.int64) for ids, _ in results])
-        values = np.concatenate([np.asarray(v, np.float32) for _, v in results])
-        return owners, tokens, values
+        owners, tokens, values = [], [], []
+        for index, out in enumerate(outputs):
+            if out.new_logprobs is None:
+                raise RuntimeError(f"vLLM engine returned no log-probs for a beam-search request (finish reason "
+                                   f"{out.finish_reason})")
+            ids = out.new_logprobs.logprob_token_ids[0]
+            owners.append(np.full(len(ids), index))
+            tokens.append(ids)
+            values.append(out.new_logprobs.logprobs[0])
+        return (np.concatenate(owners).astype(np.int64), np.concatenate(tokens).astype(np.int64),
+                np.concatenate(values).astype(np.float32))
 
 
 async def search(engine_client, prompts, *, trie, num_beams: int, length_penalty: float = 0.0, exclude_items=None,
@@ -124,17 +186,21 @@ async def search(engine_client, prompts, *, trie, num_beams: int, length_penalty
         return book.logits(owners, *await scorer.run(prompts_))
 
     logits = await score()
-    with torch.inference_mode():
-        loop = search_loop(logits, trie=trie, num_beams=num_beams, length_penalty=length_penalty, normalize="none",
-                           exclude_items=exclude_items, backend=backend)
-        try:
+    loop = search_loop(logits, trie=trie, num_beams=num_beams, length_penalty=length_penalty, normalize="none",
+                       exclude_items=exclude_items, backend=backend)
+    # grad mode is per thread and every search shares the event loop's thread: a mode held across
+    # an await would be restored out of order by the other searches (and leak into the host), so
+    # each synchronous stretch of the search sets it for itself
+    try:
+        with torch.inference_mode():
             beam_index, tokens = next(loop)
-            while True:
-                book.advance(beam_index, tokens)
-                logits = await score()
+        while True:
+            book.advance(beam_index, tokens)
+            logits = await score()
+            with torch.inference_mode():
                 beam_index, tokens = loop.send(logits)
-        except StopIteration as done:
-            return done.value, book
+    except StopIteration as done:
+        return done.value, book
 
 
 async def beam_search_async(engine_client, prompts, *, trie, num_beams: int, length_penalty: float = 0.0,

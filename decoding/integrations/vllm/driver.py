@@ -141,11 +141,19 @@ class _Rows:
         self.request_of = [self.request_of[i] for i in beam_index.tolist()]
         self.nodes = self.trie.walk(tokens[:, None], start=self.nodes[beam_index])
 
+    def _live(self):
+        """(row, first child node, end) of every row whose node has children, as Python ints."""
+        nodes = self.nodes
+        live = (nodes >= 0).nonzero().flatten()
+        safe = nodes[live]
+        lo, hi = self.trie.indptr[safe].long(), self.trie.indptr[safe + 1].long()
+        keep = lo < hi
+        return list(zip(live[keep].tolist(), lo[keep].tolist(), hi[keep].tolist()))
+
     def requests(self):
         """(prompts, token ids per request or None for the whole vocabulary, owning row per request)."""
-        indptr, node_token = self.trie.indptr.tolist(), self.trie.node_token
-        live = [(row, indptr[node], indptr[node + 1]) for row, node in enumerate(self.nodes.tolist())
-                if node >= 0 and indptr[node] < indptr[node + 1]]
+        node_token = self.trie.node_token
+        live = self._live()
         whole = self.full_vocab == "always" or (
             self.full_vocab == "wide" and any(hi - lo > MAX_TOKEN_IDS_PER_REQUEST for _, lo, hi in live))
         prompts, wanted, owners = [], [], []
@@ -164,19 +172,25 @@ class _Rows:
 
     def logits(self, owners: list[int], request: np.ndarray, token: np.ndarray, value: np.ndarray) -> torch.Tensor:
         """float32 ``[rows, V]``: the returned log-probs, -inf elsewhere."""
-        out = torch.full((len(self.tokens), self.vocab_size), float("-inf"))
+        # NumPy, single-threaded: in a server process beside a busy engine, torch's intra-op
+        # threads wait for cores far longer than this scatter takes (measured: most of a search)
+        scores = np.full((len(self.tokens), self.vocab_size), -np.inf, dtype=np.float32)
         if len(request):
-            rows = torch.as_tensor(owners)[torch.from_numpy(request)]
-            out[rows, torch.from_numpy(token)] = torch.from_numpy(value)
+            scores[np.asarray(owners, dtype=np.int64)[request], token] = value
+        out = torch.from_numpy(scores)
         if self.children_logprobs is not None:
-            indptr, node_token = self.trie.indptr, self.trie.node_token
-            for row, node in enumerate(self.nodes.tolist()):
-                if node < 0 or indptr[node] == indptr[node + 1]:
-                    continue
-                children = node_token[indptr[node] + 1: indptr[node + 1] + 1]
-                key = (self.request_of[row], tuple(self.tokens[row][self.prompt_len[self.request_of[row]]:]))
-                self.children_logprobs[key] = dict(zip(children.tolist(), out[row, children].tolist()))
+            # kept by reference; read for the results' prefixes only (children_of)
+            for row, lo, hi in self._live():
+                request = self.request_of[row]
+                key = (request, tuple(self.tokens[row][self.prompt_len[request]:]))
+                self.children_logprobs[key] = (out, row, lo, hi)
         return out
+
+    def children_of(self, request: int, prefix) -> dict[int, float]:
+        """``{child token: log-prob}`` of the node the identifier ``prefix`` of ``request`` reached."""
+        out, row, lo, hi = self.children_logprobs[(request, tuple(prefix))]
+        children = self.trie.node_token[lo + 1: hi + 1].long()
+        return dict(zip(children.tolist(), out[row, children].tolist()))
 
 
 class VLLMBeamModel:

@@ -75,7 +75,7 @@ def _choice_logprobs(book, prompt_index: int, tokens: list[int], alternatives: i
 
     out = []
     for t, token in enumerate(tokens):
-        children = book.children_logprobs[(prompt_index, tuple(tokens[:t]))]
+        children = book.children_of(prompt_index, tokens[:t])
         ranked = sorted(children.items(), key=lambda kv: -kv[1])
         rank = {tok: r + 1 for r, (tok, _) in enumerate(ranked)}
         step = {token: Logprob(logprob=children[token], rank=rank[token])}

