@@ -310,6 +310,20 @@ def test_other_clients_log_probs_are_unchanged_while_beam_searches_run(server, c
 
 
 
+
+def test_a_server_that_cannot_give_full_vocabulary_log_probs_refuses_catalog_beam_search(served_model_dir, catalogs):
+    """Started with vLLM's default --max-logprobs (20): the exact path cannot score a beam, so a
+    catalog beam request is a 400 naming the flag; everything else keeps being served."""
+    log = catalogs["root"] / "server-max-logprobs.log"
+    with running_server(served_model_dir, log, server_config(catalogs), args=("--max-logprobs", "20")) as running:
+        client, model, proc = running
+        response = beam_request(client, model, [10, 11, 12], 4, logprobs=None)
+        assert response.status_code == 400, response.text
+        assert "--max-logprobs -1" in response.json()["error"]["message"]
+        assert beam_request(client, model, [10, 11, 12], 4, catalog=None, logprobs=None).status_code == 200
+        assert tokens_of(complete(client, model, [10, 11, 12], catalog="items"))
+        assert proc.poll() is None
+
 @pytest.mark.parametrize("parallel", ["--data-parallel-size", "--tensor-parallel-size"])
 def test_exact_beam_search_on_a_server_with_two_ranks(served_model_dir, catalogs, reference, parallel):
     """vLLM's own scale-out: the same exactness on two data-parallel engines, and on one engine
@@ -383,3 +397,24 @@ def test_untested_vllm_version_starts_serves_and_refuses_catalog_requests(served
     assert ref_lines, ref.stderr[-3000:]
     tested = json.loads(ref_lines[0][len("RESULT"):])
     assert tested["refused"] is None and tested["plain"] == got["plain"]
+
+
+def test_bench_cli_vllm_http_small_run(tmp_path, capsys):
+    """decoding-bench --engine vllm-http: a real server, concurrent clients, both methods scored
+    against the exact top-K, and the model-work floor."""
+    from decoding.bench.__main__ import main
+
+    rc = main(["--engine", "vllm-http", "--items", "3000", "--batch", "6", "--clients", "6", "--beams", "4",
+               "--prompt-len", "16", "--hidden", "64", "--layers", "1", "--heads", "2", "--repeats", "1",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())["results"][0]
+    assert res["suite"] == "vllm-http" and res["config"]["clients"] == 6
+    vllm_own, exact = res["methods"]
+    assert exact["agreement_with_exact_topk"] == 1.0 and exact["invalid_item_rate"] == 0.0
+    assert vllm_own["invalid_item_rate"] > 0.5  # unconstrained beams are (almost) never items here
+    for row in (vllm_own, exact, res["engine_floor"]):
+        assert row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
+    assert (tmp_path / "vllm-server.log").exists()
+    printed = capsys.readouterr().out
+    assert "vLLM server beam search, unconstrained + post-filter" in printed and "model work alone" in printed

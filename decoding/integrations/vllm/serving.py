@@ -116,7 +116,7 @@ async def catalog_beam_search(serving, prompt, request_id: str, params, options:
     try:
         out, book = await search(engine_client, [prompt_ids], trie=trie, num_beams=params.beam_width,
                                  length_penalty=params.length_penalty, exclude_items=[options["exclude"]],
-                                 lora_request=lora_request, record_logprobs=True)
+                                 lora_request=lora_request, record_logprobs=options["logprobs"] is not None)
     except (ValueError, TypeError) as exc:
         raise refuse(str(exc), "prompt") from None
 
@@ -131,7 +131,8 @@ async def catalog_beam_search(serving, prompt, request_id: str, params, options:
         ended = eos is not None and tokens and tokens[-1] == eos
         shown = tokens[:-1] if ended and not params.include_stop_str_in_output else tokens
         text = tokenizer.decode(shown, skip_special_tokens=params.skip_special_tokens) if tokenizer else ""
-        logprobs = _choice_logprobs(book, 0, tokens, alternatives)[:len(shown)]
+        logprobs = (_choice_logprobs(book, 0, tokens, alternatives)[:len(shown)]
+                    if options["logprobs"] is not None else None)
         outputs.append(CompletionOutput(index=len(outputs), text=text, token_ids=shown, cumulative_logprob=score,
                                         logprobs=logprobs, finish_reason="stop" if ended else "length",
                                         stop_reason=None))
