@@ -1,6 +1,6 @@
 """The package's layering, read from its source: backends are leaves, dependencies run one way
-(helpers -> trie -> ops -> kv -> search -> speculative, setid -> integrations -> the top-level
-face, testing -> bench), and nothing imports in a circle."""
+(helpers -> trie, data sets, semantic IDs, metrics -> ops -> kv -> search -> speculative, setid ->
+integrations -> the top-level face, testing, workloads -> bench), and nothing imports in a circle."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ ROOT = pathlib.Path(decoding.__file__).resolve().parent
 # a module's layer is that of the longest matching prefix
 LAYERS = {
     "decoding._ext": 0, "decoding._validate": 0, "decoding._hf": 0,
-    "decoding.trie": 1,
+    "decoding.trie": 1, "decoding.datasets": 1, "decoding.semantic_ids": 1, "decoding.metrics": 1,
     "decoding.ops": 2,
     "decoding.kv": 3,
     "decoding.search": 4,
     "decoding.speculative": 5, "decoding.setid": 5,
     "decoding.integrations": 6,
-    "decoding": 7, "decoding.testing": 7,
+    "decoding": 7, "decoding.testing": 7, "decoding.workloads": 7,
     "decoding.bench": 8,
 }
 BACKENDS = ("decoding.ops._torch.", "decoding.ops._cpu.", "decoding.ops._triton.")

@@ -35,6 +35,13 @@ def parse_args(argv=None):
                         "a vLLM OpenAI server on localhost with concurrent HTTP clients (vllm-http); the vLLM "
                         "engines need the vllm extra")
     p.add_argument("--clients", type=int, default=64, help="vllm-http: concurrent HTTP clients")
+    p.add_argument("--workload", choices=["ml-100k"], default=None,
+                   help="a trained recommender on real data instead of random weights: MovieLens-100K "
+                        "(needs `pip install --no-deps recbole==1.2.1` for the data); trains once, then caches")
+    p.add_argument("--cache-dir", default="~/.cache/decoding",
+                   help="workload: where the trained models are cached ('none': train, cache nothing)")
+    p.add_argument("--max-users", type=int, default=None, help="workload: the first users only (a toy run)")
+    p.add_argument("--train-epochs", type=int, default=None, help="workload: training epochs (default: the recipe's)")
     p.add_argument("--decoder", choices=["beam", "speculative", "setid"], default="beam",
                    help="e2e suite: trie beam search vs baselines, speculative vs target-only beam search, or "
                         "set-identifier whole-catalog scoring (SETRec, RPG) vs materialise + topk and beam search")
@@ -74,7 +81,11 @@ def parse_args(argv=None):
     if args.text_vocab < 0:
         p.error("--text-vocab must be non-negative")
     if args.batch is None:
-        args.batch = 16 if args.engine == "transformers" else 64
+        args.batch = 16 if args.engine == "transformers" and args.workload is None else 64
+    if args.workload is not None and (args.engine != "transformers" or args.decoder != "beam" or args.kv):
+        p.error("--workload runs every decoder on transformers models itself (no --engine, --decoder or --kv)")
+    if args.max_users is not None and args.max_users < 1 or args.train_epochs is not None and args.train_epochs < 1:
+        p.error("--max-users and --train-epochs must be positive")
     if args.engine != "transformers" and args.device != "cpu" and args.suite in ("e2e", "all"):
         p.error(f"--engine {args.engine} runs the CPU build of vLLM here; pass --device cpu")
     if min(args.beam_widths) < 1:
@@ -119,6 +130,7 @@ SUITES = {
     "kv": "decoding.bench.kv",
     "vllm": "decoding.bench.vllm",
     "vllm-http": "decoding.bench.vllm_http",
+    "ml-100k": "decoding.bench.workload",
     "step": "decoding.bench.ops:step",
     "build": "decoding.bench.ops:build",
 }
@@ -127,7 +139,9 @@ SUITES = {
 def selected_suites(args) -> list[str]:
     """``--suite e2e`` is the end-to-end comparison the other flags pick (``--decoder``,
     ``--engine``, ``--kv``); ``all`` adds the step and build suites."""
-    if args.engine != "transformers":
+    if args.workload is not None:
+        e2e = args.workload
+    elif args.engine != "transformers":
         e2e = args.engine
     elif args.kv:
         e2e = "kv"

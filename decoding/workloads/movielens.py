@@ -1,0 +1,195 @@
+"""A TIGER-style generative recommender on MovieLens-100K, trained from scratch on this machine.
+
+Items get semantic IDs (:mod:`decoding.semantic_ids`: residual k-means over a truncated SVD of
+the training interactions plus genres, a last code for uniqueness). A user's prompt is BOS then
+the identifier tokens of their last ``max_items`` items; the model (a small Llama, from scratch)
+learns next-token prediction over those token streams, so decoding an identifier after the
+prompt recommends the next item. A one-layer draft learns the same data, for speculative beam
+search. Everything is seeded; :func:`load_or_train` caches the trained pair in a folder keyed by
+the recipe, so later runs load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from decoding.datasets import InteractionData
+from decoding.semantic_ids import SemanticIDs, item_embeddings, semantic_ids
+from decoding.trie import ItemTrie
+
+BOS = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the trained pair (the cache key)."""
+
+    levels: int = 3  # semantic-ID levels before the disambiguation code
+    codes: int = 16
+    embedding_dim: int = 32
+    max_items: int = 20  # history items in a prompt
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    draft_layers: int = 1
+    epochs: int = 10
+    draft_epochs: int = 10
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    max_users: int | None = None  # a toy run: the first users only
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class TrainedPair:
+    recipe: Recipe
+    data: InteractionData
+    sids: SemanticIDs
+    trie: ItemTrie
+    target: torch.nn.Module
+    draft: torch.nn.Module
+    train_seconds: float = 0.0
+    loaded_from_cache: bool = False
+
+
+def item_tokens(sids: SemanticIDs) -> torch.Tensor:
+    return torch.from_numpy(sids.tokens)
+
+
+def prompts_for(histories, sids: SemanticIDs, max_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded int64 ``[users, 1 + max_items * L]`` prompts (BOS + the identifiers of each
+    history's last ``max_items`` items) and their 0/1 mask."""
+    tokens = sids.tokens
+    rows = [[BOS] + tokens[np.asarray(h[-max_items:], dtype=np.int64)].reshape(-1).tolist() for h in histories]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _training_chunks(sequences, sids: SemanticIDs, max_items: int) -> list[list[int]]:
+    """Each training history cut into windows of ``max_items + 1`` items (stride ``max_items``),
+    as BOS + identifier tokens: every window teaches the next item after up to ``max_items``."""
+    tokens = sids.tokens
+    chunks = []
+    for seq in sequences:
+        seq = np.asarray(seq, dtype=np.int64)
+        for start in range(0, max(len(seq) - 1, 1), max_items):
+            window = seq[start: start + max_items + 1]
+            if len(window) >= 2:
+                chunks.append([BOS] + tokens[window].reshape(-1).tolist())
+    return chunks
+
+
+def _model(vocab_size: int, recipe: Recipe, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(recipe.seed + layers)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=recipe.hidden, intermediate_size=4 * recipe.hidden,
+                         num_hidden_layers=layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
+                         max_position_embeddings=4096, pad_token_id=0, bos_token_id=BOS, eos_token_id=2,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+def train_lm(model, chunks: list[list[int]], *, epochs: int, batch_size: int, lr: float, seed: int, log=None):
+    """Next-token training on right-padded chunks (padding ignored), AdamW with cosine decay;
+    deterministic for ``seed``. Returns the mean loss of each epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = max(1, epochs * math.ceil(len(chunks) / batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    history = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(chunks), generator=gen).tolist()
+        total, count = 0.0, 0
+        for lo in range(0, len(order), batch_size):
+            batch = [chunks[i] for i in order[lo: lo + batch_size]]
+            width = max(len(c) for c in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, c in enumerate(batch):
+                ids[i, :len(c)] = torch.tensor(c)
+                mask[i, :len(c)] = 1
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total, count = total + float(loss.detach()) * len(batch), count + len(batch)
+        history.append(total / count)
+        if log is not None:
+            log(f"  epoch {epoch + 1}/{epochs}: loss {history[-1]:.3f}")
+    model.eval()
+    return history
+
+
+def restrict(data: InteractionData, max_users: int | None) -> InteractionData:
+    if max_users is None or max_users >= data.num_users:
+        return data
+    return InteractionData(data.name, data.item_ids, data.titles, data.years, data.genres, data.histories[:max_users])
+
+
+def build_ids(data: InteractionData, recipe: Recipe) -> SemanticIDs:
+    emb = item_embeddings(data.train_sequences, data.num_items, dim=recipe.embedding_dim, genres=data.genres,
+                          seed=recipe.seed)
+    return semantic_ids(emb, levels=recipe.levels, codes=recipe.codes, seed=recipe.seed)
+
+
+def load_or_train(data: InteractionData, recipe: Recipe | None = None, cache_dir: str | None = None,
+                  log=print) -> TrainedPair:
+    """The trained target and draft for ``recipe``: loaded from ``cache_dir/<recipe key>`` when
+    there, else trained (seeded) and saved there. ``cache_dir`` None: train, cache nothing."""
+    from transformers import LlamaForCausalLM
+
+    recipe = Recipe() if recipe is None else recipe
+    data = restrict(data, recipe.max_users)
+    sids = build_ids(data, recipe)
+    trie = ItemTrie.from_sequences(sids.tokens, vocab_size=sids.vocab_size)
+    folder = None if cache_dir is None else os.path.join(cache_dir, f"{data.name}-{recipe.key()}")
+    if folder is not None and os.path.isfile(os.path.join(folder, "done.json")):
+        saved = np.load(os.path.join(folder, "codes.npy"))
+        if not np.array_equal(saved, sids.codes):
+            raise RuntimeError(f"{folder}: cached semantic IDs differ from the recipe's (a changed data set?); "
+                               "delete the folder to retrain")
+        target = LlamaForCausalLM.from_pretrained(os.path.join(folder, "target")).eval()
+        draft = LlamaForCausalLM.from_pretrained(os.path.join(folder, "draft")).eval()
+        meta = json.load(open(os.path.join(folder, "done.json")))
+        return TrainedPair(recipe, data, sids, trie, target, draft, meta["train_seconds"], True)
+    chunks = _training_chunks(data.train_sequences, sids, recipe.max_items)
+    t0 = time.perf_counter()
+    target = _model(sids.vocab_size, recipe, recipe.layers)
+    log(f"[ml-100k] training the target ({sum(p.numel() for p in target.parameters()):,} parameters, "
+        f"{len(chunks):,} windows)")
+    train_lm(target, chunks, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed,
+             log=log)
+    draft = _model(sids.vocab_size, recipe, recipe.draft_layers)
+    log(f"[ml-100k] training the draft ({sum(p.numel() for p in draft.parameters()):,} parameters)")
+    train_lm(draft, chunks, epochs=recipe.draft_epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+             seed=recipe.seed + 1, log=log)
+    seconds = time.perf_counter() - t0
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+        target.save_pretrained(os.path.join(folder, "target"))
+        draft.save_pretrained(os.path.join(folder, "draft"))
+        np.save(os.path.join(folder, "codes.npy"), sids.codes)
+        with open(os.path.join(folder, "done.json"), "w") as f:
+            json.dump({"recipe": asdict(recipe), "train_seconds": seconds}, f)
+    return TrainedPair(recipe, data, sids, trie, target, draft, seconds, False)

@@ -1,0 +1,131 @@
+"""The real-workload pipeline: the MovieLens-100K reader, semantic IDs, the metrics (against
+hand-computed cases), and the whole train-then-evaluate bench at toy size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from decoding.datasets import INSTALL_HINT, movielens_100k
+from decoding.metrics import ndcg_at_k, recall_at_k
+from decoding.semantic_ids import kmeans, semantic_ids
+
+HAS_RECBOLE = importlib.util.find_spec("recbole") is not None
+needs_data = pytest.mark.skipif(not HAS_RECBOLE, reason=f"MovieLens-100K comes with RecBole: {INSTALL_HINT}")
+
+
+def test_recall_and_ndcg_against_hand_computed_cases():
+    ranked = np.array([[5, 3, 9, 1], [2, 8, 7, 6], [4, -1, -1, -1]])
+    targets = np.array([9, 6, 0])
+    # user 0: target at rank 2; user 1: rank 3; user 2: absent
+    assert recall_at_k(ranked, targets, 2) == 0.0
+    assert recall_at_k(ranked, targets, 3) == pytest.approx(1 / 3)
+    assert recall_at_k(ranked, targets, 4) == pytest.approx(2 / 3)
+    assert ndcg_at_k(ranked, targets, 3) == pytest.approx((1 / np.log2(4)) / 3)
+    assert ndcg_at_k(ranked, targets, 4) == pytest.approx((1 / np.log2(4) + 1 / np.log2(5)) / 3)
+    assert ndcg_at_k(np.array([[7]]), np.array([7]), 1) == 1.0
+    with pytest.raises(ValueError, match="ranked, targets"):
+        recall_at_k(ranked, targets[:2], 3)
+
+
+def write_atomic(folder, inter_rows, item_rows):
+    (folder / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                                          + "".join("\t".join(map(str, r)) + "\n" for r in inter_rows))
+    (folder / "ml-100k.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+                                         + "".join("\t".join(map(str, r)) + "\n" for r in item_rows))
+
+
+def test_reader_orders_by_time_and_splits_leave_one_out(tmp_path):
+    inter = [("u1", "a", 5, 30), ("u1", "b", 3, 10), ("u2", "c", 4, 5), ("u1", "c", 1, 20), ("u2", "a", 2, 1),
+             ("u2", "b", 2, 9), ("u1", "d", 2, 40), ("u3", "a", 1, 1)]  # u3: too short, dropped
+    write_atomic(tmp_path, inter, [("a", "Alpha", 1999, "Comedy Drama"), ("b", "Beta", "", "Action"),
+                                   ("c", "Gamma", 2001, "Drama")])
+    data = movielens_100k(tmp_path)
+    assert data.num_users == 2 and data.item_ids == ["a", "b", "c", "d"]
+    # u1 by time: b(10) c(20) a(30) d(40); u2: a(1) b(9) c(5) -> a c b
+    assert [h.tolist() for h in data.histories] == [[1, 2, 0, 3], [0, 2, 1]]
+    assert [s.tolist() for s in data.train_sequences] == [[1, 2], [0]]
+    inputs, targets = data.split("valid")
+    assert targets.tolist() == [0, 2] and [i.tolist() for i in inputs] == [[1, 2], [0]]
+    inputs, targets = data.split("test")
+    assert targets.tolist() == [3, 1] and [i.tolist() for i in inputs] == [[1, 2, 0], [0, 2]]
+    assert data.titles[:2] == ["Alpha", "Beta"] and data.years.tolist() == [1999, -1, 2001, -1]
+    assert data.genres[0] == ["Comedy", "Drama"] and data.genres[3] == []
+    with pytest.raises(ValueError, match="which"):
+        data.split("train")
+
+
+def test_a_missing_data_set_names_the_install_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="recbole==1.2.1"):
+        movielens_100k(tmp_path)
+
+
+@needs_data
+def test_movielens_100k_from_the_recbole_wheel():
+    data = movielens_100k()
+    assert (data.num_users, data.num_items, data.num_interactions) == (943, 1682, 100_000)
+    assert min(len(h) for h in data.histories) == 20
+    assert sum(len(t) for t in data.train_sequences) == 100_000 - 2 * 943
+    assert "Toy Story" in data.titles and all(g for g in data.genres)
+
+
+def test_kmeans_finds_separated_clusters_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    centers = np.array([[0, 0], [10, 0], [0, 10]], dtype=np.float32)
+    x = np.concatenate([c + rng.normal(0, 0.3, (30, 2)) for c in centers]).astype(np.float32)
+    assign, cents = kmeans(x, 3, seed=1)
+    assert len({tuple(assign[i * 30:(i + 1) * 30]) for i in range(3)}) == 3  # one cluster per blob
+    assert all(len(set(assign[i * 30:(i + 1) * 30])) == 1 for i in range(3))
+    again, _ = kmeans(x, 3, seed=1)
+    assert np.array_equal(assign, again)
+    with pytest.raises(ValueError, match="k:"):
+        kmeans(x, 0)
+
+
+def test_semantic_ids_are_unique_deterministic_and_tokenised_per_level():
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(300, 8)).astype(np.float32)
+    sids = semantic_ids(emb, levels=2, codes=4, seed=5)
+    assert sids.codes.shape == (300, 3) and sids.level_sizes[:2] == (4, 4)
+    assert len({tuple(r) for r in sids.codes}) == 300  # the last code disambiguates
+    assert sids.level_sizes[2] == sids.codes[:, 2].max() + 1
+    tokens = sids.tokens
+    offsets = sids.offsets
+    for level in range(3):  # disjoint token ranges per level, after the special tokens
+        lo, hi = offsets[level], offsets[level] + sids.level_sizes[level]
+        assert tokens[:, level].min() >= lo and tokens[:, level].max() < hi
+    assert sids.vocab_size == tokens.max() + 1 and tokens.min() >= 8
+    assert np.array_equal(semantic_ids(emb, levels=2, codes=4, seed=5).codes, sids.codes)
+    assert not np.array_equal(semantic_ids(emb, levels=2, codes=4, seed=6).codes, sids.codes)
+
+
+@needs_data
+def test_the_whole_workload_at_toy_size_trains_caches_and_evaluates(tmp_path, capsys):
+    """A few users, one epoch: every decoder runs on the trained pair; beam_search equals
+    transformers' constrained beam search and strict speculation equals beam_search for every
+    user; the second run loads the cached pair instead of training."""
+    from decoding.bench.__main__ import main
+
+    argv = ["--workload", "ml-100k", "--max-users", "24", "--train-epochs", "1", "--batch", "12", "--beams", "10",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "a" / "results.json").read_text())["results"][0]
+    by = {m["method"]: m for m in first["methods"]}
+    users = first["config"]["users"]
+    assert users == 24 and not first["config"]["cached"]
+    assert by["transformers beam search + Python trie"]["same_items_as_beam_search"] == users
+    for gamma in (1, 3):
+        strict = by[f"speculative strict, gamma={gamma}"]
+        assert strict["same_items_as_beam_search"] == users and strict["agreement_with_exact_topk"] == 1.0
+        assert 0.0 <= strict["acceptance_rate"] <= 1.0 and strict["target_forwards_per_batch"] >= 1
+    assert by["transformers beam search, unconstrained"]["invalid_item_rate"] > 0.5
+    for m in first["methods"]:
+        assert 0.0 <= m["recall@10"] <= m["recall@20"] <= 1.0
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    second = json.loads((tmp_path / "b" / "results.json").read_text())["results"][0]
+    assert second["config"]["cached"]
+    assert [m["recall@20"] for m in second["methods"][:3]] == [m["recall@20"] for m in first["methods"][:3]]
+    assert "MovieLens-100K" in capsys.readouterr().out
