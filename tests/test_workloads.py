@@ -117,10 +117,14 @@ def test_the_whole_workload_at_toy_size_trains_caches_and_evaluates(tmp_path, ca
     users = first["config"]["users"]
     assert users == 24 and not first["config"]["cached"]
     assert by["transformers beam search + Python trie"]["same_items_as_beam_search"] == users
-    for gamma in (1, 3):
-        strict = by[f"speculative strict, gamma={gamma}"]
-        assert strict["same_items_as_beam_search"] == users and strict["agreement_with_exact_topk"] == 1.0
-        assert 0.0 <= strict["acceptance_rate"] <= 1.0 and strict["target_forwards_per_batch"] >= 1
+    for name in ("speculative strict, gamma={}", "speculative strict, gamma={}, aligned draft"):
+        for gamma in (1, 3):
+            strict = by[name.format(gamma)]
+            assert strict["same_items_as_beam_search"] == users and strict["agreement_with_exact_topk"] == 1.0
+            assert 0.0 <= strict["acceptance_rate"] <= 1.0 and strict["target_forwards_per_batch"] >= 1
+    alignment = first["alignment"]
+    assert alignment["loss_after"] < alignment["loss_before"]
+    assert 0.0 <= alignment["validation_acceptance_after"] <= 1.0
     assert by["transformers beam search, unconstrained"]["invalid_item_rate"] > 0.5
     for m in first["methods"]:
         assert 0.0 <= m["recall@10"] <= m["recall@20"] <= 1.0

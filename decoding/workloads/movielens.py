@@ -193,3 +193,38 @@ def load_or_train(data: InteractionData, recipe: Recipe | None = None, cache_dir
         with open(os.path.join(folder, "done.json"), "w") as f:
             json.dump({"recipe": asdict(recipe), "train_seconds": seconds}, f)
     return TrainedPair(recipe, data, sids, trie, target, draft, seconds, False)
+
+
+def aligned_draft(pair: TrainedPair, *, num_beams: int, epochs: int = 2, batch_size: int = 32, lr: float = 1e-3,
+                  cache_dir: str | None = None, log=print):
+    """A copy of the pair's draft aligned on the target's beams (:func:`decoding.speculative.align_draft`,
+    strict loss) for every user's prompt before their validation item (no held-out item is
+    seen; the teacher is the target itself), with strict acceptance measured on the validation
+    prompts before and after. Cached beside the pair. Returns ``(draft, report dict)``."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from decoding.speculative import align_draft
+
+    recipe, data = pair.recipe, pair.data
+    key = f"aligned-k{num_beams}-e{epochs}-b{batch_size}-lr{lr}"
+    folder = None if cache_dir is None else os.path.join(cache_dir, f"{data.name}-{recipe.key()}", key)
+    if folder is not None and os.path.isfile(os.path.join(folder, "report.json")):
+        return (LlamaForCausalLM.from_pretrained(folder).eval(),
+                json.load(open(os.path.join(folder, "report.json"))))
+    ids, mask = prompts_for([h[:-3] for h in data.histories], pair.sids, recipe.max_items)
+    valid = prompts_for(data.split("valid")[0], pair.sids, recipe.max_items)
+    draft = copy.deepcopy(pair.draft)
+    t0 = time.perf_counter()
+    result = align_draft(draft, pair.target, pair.trie, ids, mask, num_beams=num_beams, epochs=epochs,
+                         batch_size=batch_size, lr=lr, loss="strict", validation=valid, seed=recipe.seed, log=log)
+    report = {"loss_before": result[0], "loss_after": result[1], "epoch_losses": result.losses,
+              "validation_acceptance_before": result.acceptance_before,
+              "validation_acceptance_after": result.acceptance_after, "seconds": time.perf_counter() - t0}
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+        draft.save_pretrained(folder)
+        with open(os.path.join(folder, "report.json"), "w") as f:
+            json.dump(report, f)
+    return draft, report
