@@ -109,7 +109,8 @@ def write_chart(results: list[dict], path: str) -> None:
 
     e2e = [r for r in results if r["suite"] in ("e2e", "vllm", "speculative")]
     step = [r for r in results if r["suite"] == "step"]
-    panels = len(e2e) + len(step)
+    workloads = [r for r in results if r["suite"] == "ml-100k"]
+    panels = len(e2e) + len(step) + len(workloads)
     if panels == 0:
         return
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
@@ -141,6 +142,17 @@ def write_chart(results: list[dict], path: str) -> None:
         ax.set_ylabel("ms per step")
         ax.set_title("trie_beam_step")
         ax.legend()
+    for r in workloads:  # recall of each decoder on the trained model
+        ax = next(ax_iter)
+        names = [m["method"].replace(", ", "\n").replace(" (chosen on validation)", "") for m in r["methods"]]
+        recall = [m["recall@20"] for m in r["methods"]]
+        colors = ["tab:green" if m["method"].startswith(("decoding", "speculative strict")) else "tab:gray"
+                  for m in r["methods"]]
+        ax.barh(names, recall, color=colors)
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlabel("Recall@20 (test users)")
+        ax.set_title(f"MovieLens-100K, {r['config']['users']} users, K={r['config']['beams']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -35,7 +35,13 @@ import numpy as np
 import torch
 
 from decoding.integrations.vllm._version import check_version
-from decoding.integrations.vllm.driver import _full_vocab_logprobs_allowed, _left_padded, _Rows, check_prompts
+from decoding.integrations.vllm.driver import (
+    _full_vocab_logprobs_allowed,
+    _left_padded,
+    _Rows,
+    check_prompts,
+    flatten_logprobs,
+)
 from decoding.search.beam import BeamSearchOutput, search_loop, validate_search
 
 _search_ids = itertools.count()
@@ -140,17 +146,7 @@ class _AsyncScorer:
             if waiting:
                 await self._core.abort_requests_async(waiting)
             raise
-        owners, tokens, values = [], [], []
-        for index, out in enumerate(outputs):
-            if out.new_logprobs is None:
-                raise RuntimeError(f"vLLM engine returned no log-probs for a beam-search request (finish reason "
-                                   f"{out.finish_reason})")
-            ids = out.new_logprobs.logprob_token_ids[0]
-            owners.append(np.full(len(ids), index))
-            tokens.append(ids)
-            values.append(out.new_logprobs.logprobs[0])
-        return (np.concatenate(owners).astype(np.int64), np.concatenate(tokens).astype(np.int64),
-                np.concatenate(values).astype(np.float32))
+        return flatten_logprobs(enumerate(outputs))
 
 
 async def search(engine_client, prompts, *, trie, num_beams: int, length_penalty: float = 0.0, exclude_items=None,

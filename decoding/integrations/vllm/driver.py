@@ -90,27 +90,35 @@ class _EngineCoreScorer:
                     params = self._replace(self._template, logprob_token_ids=ids)
                 self._client.add_request(self._request(rid, prompt, None, params, None, now, None, None, None))
                 pending[rid] = index
-            owners, tokens, values = [], [], []
+            done = []
             while pending:
                 for out in self._client.get_output().outputs:
                     index = pending.pop(out.request_id, None)
-                    if index is None:
-                        continue
-                    if out.new_logprobs is None:
-                        raise RuntimeError(f"vLLM engine returned no log-probs for request {index} "
-                                           f"(finish reason {out.finish_reason})")
-                    ids = out.new_logprobs.logprob_token_ids[0]
-                    owners.append(np.full(len(ids), index))
-                    tokens.append(ids)
-                    values.append(out.new_logprobs.logprobs[0])
+                    if index is not None:
+                        done.append((index, out))
         except BaseException:
             if pending:
                 self._client.abort_requests(list(pending))
             raise
-        if not owners:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return (np.concatenate(owners).astype(np.int64), np.concatenate(tokens).astype(np.int64),
-                np.concatenate(values).astype(np.float32))
+        return flatten_logprobs(done)
+
+
+def flatten_logprobs(outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(request, token, logprob)`` as flat int64/int64/float32 arrays from ``(request index,
+    EngineCoreOutput)`` pairs (each output's log-probs of its one generated position)."""
+    owners, tokens, values = [], [], []
+    for index, out in outputs:
+        if out.new_logprobs is None:
+            raise RuntimeError(f"vLLM engine returned no log-probs for request {index} "
+                               f"(finish reason {out.finish_reason})")
+        ids = out.new_logprobs.logprob_token_ids[0]
+        owners.append(np.full(len(ids), index))
+        tokens.append(ids)
+        values.append(out.new_logprobs.logprobs[0])
+    if not owners:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return (np.concatenate(owners).astype(np.int64), np.concatenate(tokens).astype(np.int64),
+            np.concatenate(values).astype(np.float32))
 
 
 class _Rows:
