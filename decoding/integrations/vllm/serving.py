@@ -5,8 +5,8 @@ A completions request with ``use_beam_search: true, n: K`` and ``vllm_xargs: {"d
 :mod:`decoding.integrations.vllm.async_driver` instead of vLLM's own beam search, which drops
 ``vllm_xargs`` and would return unconstrained beams. The answer is the exact top-K catalog items,
 best first: each choice carries the identifier's ``token_ids`` (with ``return_token_ids``), its text,
-and per-token log-probs when ``logprobs`` is set (``token_logprobs`` sum to the score; the
-alternatives listed are the best other valid continuations). Requests without a catalog get vLLM's
+and per-token log-probs when ``logprobs`` is set (their sum over ``length ** length_penalty`` is the
+score; the alternatives listed are the best other valid continuations). Requests without a catalog get vLLM's
 own beam search, untouched.
 
 What the exact path cannot serve is refused with HTTP 400 saying why, never served unconstrained:
