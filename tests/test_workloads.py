@@ -122,6 +122,8 @@ def test_the_whole_workload_at_toy_size_trains_caches_and_evaluates(tmp_path, ca
             strict = by[name.format(gamma)]
             assert strict["same_items_as_beam_search"] == users and strict["agreement_with_exact_topk"] == 1.0
             assert 0.0 <= strict["acceptance_rate"] <= 1.0 and strict["target_forwards_per_batch"] >= 1
+    pruned = [m for m in first["methods"] if m["method"].startswith("KV 25% of the prompt")]
+    assert len(pruned) == 3 and all(m["prompt_positions_kept"] * 4 <= m["prompt_positions"] + 3 for m in pruned)
     alignment = first["alignment"]
     assert alignment["loss_after"] < alignment["loss_before"]
     assert 0.0 <= alignment["validation_acceptance_after"] <= 1.0

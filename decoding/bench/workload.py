@@ -8,7 +8,7 @@ invalid-item rate of transformers' unconstrained beam search; the recall change 
 user's history; D3 with a popularity assistant (its weight chosen on the validation split);
 speculative beam search, strict (equality with beam search, acceptance per level, target and draft
 forwards per request and per batch) and relaxed (recall, agreement with the exact top-K) at
-γ = 1 and 3.
+γ = 1 and 3; each KV pruning policy keeping 25% of the prompt.
 """
 
 from __future__ import annotations
@@ -125,6 +125,24 @@ def run(args, device) -> dict:
     methods.append({"method": f"D3, popularity assistant, weight {best} (chosen on validation)",
                     "latency_ms": t_d3 * 1e3, "validation_recall20_by_weight": valid_recall,
                     **_quality(torch.cat([o.items for o in d3_outs]).numpy(), targets)})
+
+    # KV pruning at 25% of the prompt (BOS + the last max_items identifiers): recall it costs
+    from decoding.kv import EarnCut, SnapKV, StreamingLLM
+
+    keep = max(4, ids.shape[1] // 4)
+    policies = {f"StreamingLLM (4 sinks + {keep - 4} recent)": StreamingLLM(sink=4, recent=keep - 4),
+                f"SnapKV (window 8, capacity {keep})": SnapKV(window=8, capacity=keep),
+                f"EARN cut at layer 1 (first 4 + last {keep - 4} as registers)": EarnCut(
+                    layer=1, registers=tuple(range(4)) + tuple(range(-(keep - 4), 0)))}
+    for name, policy in policies.items():
+        log(f"[ml-100k] KV pruning: {name}")
+        pruned, t_kv = _timed_batches(lambda sl, policy=policy: ours(sl, kv_policy=policy), n, B)
+        items = torch.cat([o.items for o in pruned]).numpy()
+        methods.append({"method": f"KV 25% of the prompt: {name}", "latency_ms": t_kv * 1e3,
+                        "prompt_positions_kept": keep, "prompt_positions": int(ids.shape[1]),
+                        "agreement_with_exact_topk": float(np.mean([set(r) == set(e) for r, e in
+                                                                    zip(items.tolist(), exact_items.tolist())])),
+                        **_quality(items, targets)})
 
     exact_sets = [set(r) for r in exact_items.tolist()]
     log("[ml-100k] aligning a copy of the draft on the target's beams (strict loss)")
