@@ -44,6 +44,18 @@ def check_decoder_only(model, arg: str = "model") -> None:
                          f"{type(model).__name__} is an encoder-decoder")
 
 
+def left_pad(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as a left-padded int64 batch ``[B, T]`` (pad 0) and its 0/1 mask, the
+    layout :func:`decoding.beam_search` takes for decoder-only models."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return input_ids, mask
+
+
 def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids ``[B, T]`` int64 of a left-padded batch: real tokens count from 0, padding
     gets 0 (transformers' ``generate`` convention)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SPECIAL_TOKENS = 8  # pad=0, bos=1, eos=2, ...: identifier tokens start after them (as decoding.testing)
+SPECIAL_TOKENS = 8  # pad=0, bos=1, eos=2, the rest unused: identifier tokens start after them
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 
-SPECIAL_TOKENS = 8  # pad=0, bos=1, eos=2, the rest unused: identifier tokens start after them
+from decoding.semantic_ids import SPECIAL_TOKENS  # noqa: F401 - re-exported: the tests' and suites' convention
 
 
 def sid_vocab_size(levels: int, codes: int) -> int:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from decoding._hf import left_pad
 from decoding.datasets import InteractionData
 from decoding.semantic_ids import SemanticIDs, item_embeddings, semantic_ids
 from decoding.trie import ItemTrie
@@ -63,22 +64,12 @@ class TrainedPair:
     loaded_from_cache: bool = False
 
 
-def item_tokens(sids: SemanticIDs) -> torch.Tensor:
-    return torch.from_numpy(sids.tokens)
-
-
 def prompts_for(histories, sids: SemanticIDs, max_items: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded int64 ``[users, 1 + max_items * L]`` prompts (BOS + the identifiers of each
     history's last ``max_items`` items) and their 0/1 mask."""
     tokens = sids.tokens
-    rows = [[BOS] + tokens[np.asarray(h[-max_items:], dtype=np.int64)].reshape(-1).tolist() for h in histories]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    return left_pad([[BOS] + tokens[np.asarray(h[-max_items:], dtype=np.int64)].reshape(-1).tolist()
+                     for h in histories])
 
 
 def _training_chunks(sequences, sids: SemanticIDs, max_items: int) -> list[list[int]]:

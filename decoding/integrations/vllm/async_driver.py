@@ -34,10 +34,11 @@ import time
 import numpy as np
 import torch
 
+from decoding._hf import left_pad
 from decoding.integrations.vllm._version import check_version
 from decoding.integrations.vllm.driver import (
+    _front_end_params,
     _full_vocab_logprobs_allowed,
-    _left_padded,
     _Rows,
     check_prompts,
     flatten_logprobs,
@@ -60,7 +61,6 @@ class _OutputRouter:
 
     def __init__(self, output_processor):
         self.pending: dict[str, asyncio.Future] = {}
-        self.batches = 0  # engine output batches that carried this package's requests
         self.most_searches_per_batch = 0  # distinct searches served by one engine output batch
         original = output_processor.process_outputs
 
@@ -78,7 +78,6 @@ class _OutputRouter:
                         if not future.done():
                             future.set_result(out)
                 if searches:
-                    self.batches += 1
                     self.most_searches_per_batch = max(self.most_searches_per_batch, len(searches))
                 outputs = kept
             return original(outputs, *args, **kwargs)
@@ -101,8 +100,6 @@ class _AsyncScorer:
     log-probs come back through the engine's :class:`_OutputRouter`."""
 
     def __init__(self, engine_client, *, data_parallel_rank: int | None, lora_request=None):
-        import msgspec
-        from vllm import SamplingParams
         from vllm.v1.engine import EngineCoreRequest
 
         model_config = engine_client.model_config
@@ -112,14 +109,9 @@ class _AsyncScorer:
                              f"start the engine with max_logprobs=-1 (`--max-logprobs -1`), not "
                              f"{model_config.max_logprobs}")
         self._core, self._router = engine_client.engine_core, _OutputRouter.of(engine_client)
-        self._request, self._replace = EngineCoreRequest, msgspec.structs.replace
-        # what the front end would do to every request's params, done once per search
-        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_clone=True,
-                                logprobs=-1 if model_config.max_logprobs == -1 else self.vocab_size)
-        processor = engine_client.input_processor
-        params.update_from_generation_config(processor.generation_config_fields,
-                                             engine_client.renderer.get_eos_token_id())
-        self._params = params
+        self._request = EngineCoreRequest
+        self._params = _front_end_params(engine_client,
+                                         logprobs=-1 if model_config.max_logprobs == -1 else self.vocab_size)
         self._rank, self._lora = data_parallel_rank, lora_request
         self._tag = f"decoding-beam-{os.getpid()}-{next(_search_ids)}-"
         self._ids = itertools.count()
@@ -166,7 +158,7 @@ async def search(engine_client, prompts, *, trie, num_beams: int, length_penalty
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
         raise TypeError(f"length_penalty: expected a float, got {type(length_penalty).__name__}")
     rows = check_prompts(prompts, trie, vocab, int(model_config.max_model_len))
-    input_ids, mask = _left_padded(rows)
+    input_ids, mask = left_pad(rows)
     validate_search(input_ids, mask, trie, num_beams)
     trie = trie.to("cpu")
     ranks = data_parallel_size(engine_client)

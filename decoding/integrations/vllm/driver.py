@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from decoding._hf import left_pad
 from decoding.integrations.vllm._version import check_version
 from decoding.search.beam import BeamSearchOutput
 from decoding.search.beam import beam_search as _beam_search
@@ -45,12 +46,25 @@ def _full_vocab_logprobs_allowed(engine, vocab_size: int) -> bool:
     return max_logprobs == -1 or max_logprobs >= vocab_size
 
 
+def _front_end_params(engine, **fields):
+    """Greedy one-token ``SamplingParams`` (plus ``fields``) as vLLM's front end would hand them to
+    the engine core: the model's generation config and tokenizer applied, once per driver, since
+    the drivers submit to the engine core directly. ``engine``: an ``LLMEngine`` or ``AsyncLLM``."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_clone=True, **fields)
+    processor = engine.input_processor
+    params.update_from_generation_config(processor.generation_config_fields, engine.renderer.get_eos_token_id())
+    if processor.tokenizer is not None:
+        params.update_from_tokenizer(processor.tokenizer)
+    return params
+
+
 class _EngineCoreScorer:
     """Submits one-token greedy requests to a vLLM engine core and returns their log-probs."""
 
     def __init__(self, llm):
         import msgspec
-        from vllm import SamplingParams
         from vllm.v1.engine import EngineCoreRequest
 
         engine = llm.llm_engine
@@ -58,13 +72,7 @@ class _EngineCoreScorer:
             raise RuntimeError("llm: the engine has unfinished requests; the vLLM driver needs an idle engine")
         self._engine, self._client = engine, engine.engine_core
         self._request, self._replace = EngineCoreRequest, msgspec.structs.replace
-        # what the front end would do to every request's params, done once
-        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_clone=True)
-        processor = engine.input_processor
-        params.update_from_generation_config(processor.generation_config_fields, engine.renderer.get_eos_token_id())
-        if processor.tokenizer is not None:
-            params.update_from_tokenizer(processor.tokenizer)
-        self._template = params
+        self._template = _front_end_params(engine)
         self.vocab_size = _engine_vocab_size(llm)
         self.full_vocab_allowed = _full_vocab_logprobs_allowed(engine, self.vocab_size)
         self._tag = f"decoding-beam-{os.getpid()}-"
@@ -140,8 +148,9 @@ class _Rows:
         self.request_of = list(range(len(rows)))  # which prompt each row belongs to
         self.prompt_len = [len(r) for r in rows]
         self.nodes = torch.zeros(len(rows), dtype=torch.long)
-        # (prompt, identifier prefix) -> {child token: log-prob}: the per-token log-probs of the results
+        # (prompt, identifier prefix) -> (logits, row, children's node range): read by children_of
         self.children_logprobs: dict | None = {} if record else None
+        self._scored: list[tuple[int, int, int]] = []
 
     def advance(self, beam_index: torch.Tensor, tokens: torch.Tensor) -> None:
         beam_index, tokens = beam_index.cpu(), tokens.cpu()
@@ -161,7 +170,7 @@ class _Rows:
     def requests(self):
         """(prompts, token ids per request or None for the whole vocabulary, owning row per request)."""
         node_token = self.trie.node_token
-        live = self._live()
+        live = self._scored = self._live()  # the rows logits() fills in
         whole = self.full_vocab == "always" or (
             self.full_vocab == "wide" and any(hi - lo > MAX_TOKEN_IDS_PER_REQUEST for _, lo, hi in live))
         prompts, wanted, owners = [], [], []
@@ -179,7 +188,7 @@ class _Rows:
         return prompts, wanted, owners
 
     def logits(self, owners: list[int], request: np.ndarray, token: np.ndarray, value: np.ndarray) -> torch.Tensor:
-        """float32 ``[rows, V]``: the returned log-probs, -inf elsewhere."""
+        """float32 ``[rows, V]``: the returned log-probs of the last :meth:`requests`, -inf elsewhere."""
         # NumPy, single-threaded: in a server process beside a busy engine, torch's intra-op
         # threads wait for cores far longer than this scatter takes (measured: most of a search)
         scores = np.full((len(self.tokens), self.vocab_size), -np.inf, dtype=np.float32)
@@ -188,7 +197,7 @@ class _Rows:
         out = torch.from_numpy(scores)
         if self.children_logprobs is not None:
             # kept by reference; read for the results' prefixes only (children_of)
-            for row, lo, hi in self._live():
+            for row, lo, hi in self._scored:
                 request = self.request_of[row]
                 key = (request, tuple(self.tokens[row][self.prompt_len[request]:]))
                 self.children_logprobs[key] = (out, row, lo, hi)
@@ -252,16 +261,6 @@ def check_prompts(prompts, trie, vocab: int, max_len: int) -> list[list[int]]:
     return rows
 
 
-def _left_padded(rows: list[list[int]]):
-    width = max(len(r) for r in rows)
-    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for i, r in enumerate(rows):  # left padding, as decoding.beam_search expects
-        input_ids[i, width - len(r):] = torch.as_tensor(r)
-        mask[i, width - len(r):] = 1
-    return input_ids, mask
-
-
 def beam_search(llm, prompts, *, trie, num_beams: int, length_penalty: float = 0.0, exclude_items=None,
                 backend: str = "auto") -> BeamSearchOutput:
     """Trie-constrained beam search with vLLM running the model.
@@ -278,7 +277,7 @@ def beam_search(llm, prompts, *, trie, num_beams: int, length_penalty: float = 0
     check_version()
     model_config = llm.llm_engine.model_config
     rows = check_prompts(prompts, trie, _engine_vocab_size(llm), int(model_config.max_model_len))
-    input_ids, mask = _left_padded(rows)
+    input_ids, mask = left_pad(rows)
     return _beam_search(VLLMBeamModel(llm, trie), input_ids, mask, trie=trie, num_beams=num_beams,
                         length_penalty=length_penalty, normalize="none", exclude_items=exclude_items,
                         backend=backend)

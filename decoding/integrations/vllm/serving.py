@@ -32,11 +32,9 @@ logger = logging.getLogger("decoding.integrations.vllm")
 EXCLUDE_KEY = "decoding_exclude"
 MAX_EXCLUDED = 100_000
 _OPTIONS = "_decoding_beam"  # the attribute of BeamSearchParams that carries the catalog arguments
-_UNSUPPORTED = (  # request field, its value when unset, what to say
-    ("echo", False, "echo"), ("stop", None, "stop"), ("stop_token_ids", None, "stop_token_ids"),
-    ("min_tokens", 0, "min_tokens"), ("structured_outputs", None, "structured_outputs"),
-    ("response_format", None, "response_format"), ("prompt_logprobs", None, "prompt_logprobs"),
-    ("suffix", None, "suffix"),
+_UNSUPPORTED = (  # request field, its value when unset
+    ("echo", False), ("stop", None), ("stop_token_ids", None), ("min_tokens", 0), ("structured_outputs", None),
+    ("response_format", None), ("prompt_logprobs", None), ("suffix", None),
 )
 
 CHAT_BEAM_SEARCH_REFUSED = (
@@ -57,10 +55,9 @@ def beam_options(request, xargs: dict) -> dict:
     for key in xargs:
         if key.startswith("decoding_") and key not in (CATALOG_KEY, EXCLUDE_KEY):
             raise ValueError(_unsupported(key))
-    for field, unset, name in _UNSUPPORTED:
-        value = getattr(request, field, unset)
-        if value not in (unset, None, [], ""):
-            raise ValueError(_unsupported(name))
+    for field, unset in _UNSUPPORTED:
+        if getattr(request, field, unset) not in (unset, None, [], ""):
+            raise ValueError(_unsupported(field))
     exclude = xargs.get(EXCLUDE_KEY, [])
     if (not isinstance(exclude, list) or len(exclude) > MAX_EXCLUDED
             or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in exclude)):
