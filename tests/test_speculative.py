@@ -217,3 +217,50 @@ def test_relaxed_is_reproducible_and_valid(sid_catalog, sid_models, drafts):
     excl = [a.items[0].tolist(), [], [], []]
     f = speculative_beam_search(target, drafts["small"], ids, mask, seed=11, exclude_items=excl, **kwargs)
     assert not set(f.items[0].tolist()) & set(excl[0])
+
+
+@pytest.mark.parametrize("mode", ["strict", "relaxed"])
+@pytest.mark.parametrize("max_batch_size", [1, 3, 7, 100])
+def test_finished_requests_retire_and_waiting_ones_are_admitted(sid_catalog, sid_models, drafts, max_batch_size,
+                                                                mode):
+    """Every target forward runs only requests in flight (at most max_batch_size, finished ones
+    retired); strict results are still exactly beam_search's, relaxed ones valid and reproducible."""
+    _, trie = sid_catalog
+    target = sid_models["llama"]
+    ids, mask = prompts(SID_VOCAB, batch=7, seed=11)
+    exclude = [[0, 1], [], [5], [], [2, 3, 4], [], [9]]
+    kwargs = dict(trie=trie, num_beams=5, num_drafts=10, draft_steps=2, mode=mode, seed=3, exclude_items=exclude,
+                  max_batch_size=max_batch_size)
+    widths = []
+    hook = target.register_forward_pre_hook(lambda m, args, kw: widths.append(kw["input_ids"].shape[0]),
+                                            with_kwargs=True)
+    try:
+        got = speculative_beam_search(target, drafts["small"], ids, mask, **kwargs)
+    finally:
+        hook.remove()
+    s = got.stats
+    assert len(widths) == s.target_forwards == s.admissions + s.rounds
+    assert max(widths) <= max_batch_size
+    assert s.admissions == -(-7 // max_batch_size) if max_batch_size >= 7 or max_batch_size == 1 else s.admissions > 2
+    # prefills run each prompt once; each round's forward runs exactly the requests still live
+    assert sum(widths) == 7 + sum(sum(a >= 0 for a in r) for r in s.accepted_levels)
+    for b in range(7):
+        assert sum(r[b] + 1 for r in s.accepted_levels if r[b] >= 0) == trie.depth
+    if mode == "strict":
+        ref = beam_search(target, ids, mask, trie=trie, num_beams=5, exclude_items=exclude)
+        assert torch.equal(got.items, ref.items)
+        assert torch.equal(got.sequences, ref.sequences)
+        assert torch.allclose(got.scores, ref.scores, atol=1e-4)
+    else:
+        again = speculative_beam_search(target, drafts["small"], ids, mask, **kwargs)
+        assert torch.equal(again.items, got.items)
+        for b, row in enumerate(got.items.tolist()):
+            assert all(0 <= i < trie.num_items and i not in exclude[b] for i in row) and len(set(row)) == 5
+
+
+def test_max_batch_size_is_checked(sid_catalog, sid_models):
+    _, trie = sid_catalog
+    ids, mask = prompts(SID_VOCAB, batch=2)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        speculative_beam_search(sid_models["llama"], sid_models["llama"], ids, mask, trie=trie, num_beams=2,
+                                num_drafts=2, draft_steps=1, max_batch_size=0)

@@ -131,3 +131,63 @@ def test_tree_attention_op_rejects_what_it_cannot_run(sid_catalog):
         beam_search(model, ids, mask, trie=trie, num_beams=2, tree_attention="op")
     with pytest.raises(ValueError, match="tree_attention"):
         beam_search(model, ids, mask, trie=trie, num_beams=2, layout="tree", tree_attention="fast")
+
+
+@pytest.mark.parametrize("attention", ["model", "op"])
+def test_retire_admit_and_compact_keep_every_row_exact(attention):
+    """Continuous batching on the tree layout: requests retire (select), new prompts join a
+    running batch (admit), rows nobody needs leave (compact, pending rows included). Every row
+    run afterwards still has the logits of a plain forward of its prompt + path."""
+    from decoding.search.tree import compaction_plan, remap_rows
+
+    model = bm.tiny_llama(50, hidden_size=32, layers=2, heads=2, seed=5)
+    ids, mask = bm.left_padded_prompts(5, 50, 2, 6, seed=4)
+    gen = torch.Generator().manual_seed(1)
+    tree = TreeModel(model, attention=attention)
+    tree.prefill(ids[:3], mask[:3])
+    requests = [0, 1, 2]  # the prompt of each batch entry
+    paths = [{0: []} for _ in requests]  # per batch entry: row id -> tokens after the prompt
+
+    def add(parents, computed=True):
+        tokens = torch.randint(3, 50, parents.shape, generator=gen)
+        rows = tree.add(parents, tokens)
+        for b, path in enumerate(paths):
+            for m in range(parents.shape[1]):
+                path[int(rows[b, m])] = path[int(parents[b, m])] + [int(tokens[b, m])]
+        return rows
+
+    def check(logits, rows):
+        for b, (req, path) in enumerate(zip(requests, paths)):
+            prompt = ids[req][mask[req].bool()].tolist()
+            for m in range(rows.shape[1]):
+                want = model(torch.tensor([prompt + path[int(rows[b, m])]])).logits[0, -1]
+                assert torch.allclose(logits[b, m], want, atol=1e-4), (req, m)
+
+    lvl1 = add(torch.zeros((3, 4), dtype=torch.long))
+    check(tree.run(), lvl1)
+    lvl2 = add(lvl1[:, [2, 0, 2]])  # pending: not run before the compaction, as a draft's last level
+    tree.select(torch.tensor([2, 0]))  # request 1 retires
+    requests, paths, lvl2 = [2, 0], [paths[2], paths[0]], lvl2[[2, 0]]
+    logits = tree.admit(ids[3:5], mask[3:5])
+    for req in (3, 4):
+        prompt = ids[req][mask[req].bool()].tolist()
+        assert torch.allclose(logits[req - 3], model(torch.tensor([prompt])).logits[0, -1], atol=1e-4)
+    requests += [3, 4]
+    paths += [{0: []}, {0: []}]
+    assert tree.batch_size == 4 and tree.num_computed == 5 and tree.num_rows == 8
+    # keep the ancestors of level-2 rows 0 and 2 (old requests; both under level-1 row 2) and row 0
+    # (new requests)
+    keep_of = torch.cat([lvl2[:, [0, 2]], torch.zeros((2, 2), dtype=torch.long)])
+    plan = compaction_plan(tree.ancestors(keep_of), tree.num_computed)
+    tree.compact(plan)
+    assert tree.num_rows == plan.shape[1] == 4 and tree.num_computed == 2  # row 0, level-1 row 2
+    assert tree.kv_length() == ids.shape[1] + 1
+    kept = remap_rows(keep_of, plan)
+    assert bool((kept >= 0).all())
+    paths = [{int(remap_rows(torch.tensor([[r]]), plan[b:b + 1])): p for r, p in path.items()
+              if int(remap_rows(torch.tensor([[r]]), plan[b:b + 1])) >= 0} for b, path in enumerate(paths)]
+    lvl3 = add(kept)
+    logits = tree.run()  # the kept pending level-2 rows and the new rows, in one forward
+    check(logits[:, -2:], lvl3)
+    with pytest.raises(ValueError, match="input_ids"):
+        tree.admit(ids[:1, 1:], mask[:1, 1:])

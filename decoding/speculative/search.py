@@ -38,20 +38,22 @@ from decoding.ops.trie_beam_step import run_trie_beam_step
 from decoding.ops.verify import run_match_keys, run_verify_relaxed
 from decoding.search.beam import BeamSearchOutput, validate_search
 from decoding.search.model import model_vocab_size
-from decoding.search.tree import TreeModel
+from decoding.search.tree import TreeModel, compaction_plan, remap_rows
 
 
 @dataclass
 class SpeculativeStats:
     """rounds: speculative rounds run. accepted_levels: per round, per request, the drafted levels
     the target accepted (-1 for requests already finished). drafted_levels: per round, per request,
-    the levels drafted. target_forwards / draft_forwards: model calls, prefill included."""
+    the levels drafted. target_forwards / draft_forwards: model calls, prefills included.
+    admissions: prefills (one per model each), one per group of requests admitted."""
 
     rounds: int = 0
     accepted_levels: list[list[int]] = field(default_factory=list)
     drafted_levels: list[list[int]] = field(default_factory=list)
     target_forwards: int = 0
     draft_forwards: int = 0
+    admissions: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -90,7 +92,8 @@ class SpeculativeOutput(BeamSearchOutput):
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
 
 
-def _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_drafts, draft_steps, mode, seed):
+def _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_drafts, draft_steps, mode, seed,
+              max_batch_size):
     check_decoder_only(target, "target")
     check_decoder_only(draft, "draft")
     validate_search(input_ids, attention_mask, trie, num_beams)
@@ -108,6 +111,8 @@ def _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_dra
     check_choice("mode", mode, {"strict", "relaxed"})
     if seed is not None:
         check_seed("seed", seed)
+    if max_batch_size is not None:
+        check_positive_int("max_batch_size", max_batch_size)
 
 
 def _append_token(history: torch.Tensor, parent: torch.Tensor, token: torch.Tensor, column: torch.Tensor):
@@ -261,6 +266,7 @@ def speculative_beam_search(
     exclude_items=None,
     backend: str = "auto",
     tree_attention: str = "model",
+    max_batch_size: int | None = None,
 ) -> SpeculativeOutput:
     """Top ``num_beams`` catalog items per request from ``target``, with a draft model proposing
     ``num_drafts`` beams for ``draft_steps`` levels per round.
@@ -285,68 +291,105 @@ def speculative_beam_search(
         exclude_items, backend: as in :func:`decoding.beam_search`.
         tree_attention: ``"model"`` or ``"op"``, as in ``beam_search(..., layout="tree")``, for
             both models.
+        max_batch_size: requests in flight at once (None: all ``B``). Requests finish after
+            different numbers of rounds; a finished request always retires (later forwards run
+            only the live ones), and with ``max_batch_size < B`` the next waiting requests are
+            admitted into the freed slots before the next round (their prompts prefilled together,
+            one forward of each model), so a batch no longer waits for its slowest request. Strict
+            results do not depend on it; relaxed samples do (the random stream is drawn per round).
     Returns:
         :class:`SpeculativeOutput`: ``items``, ``scores`` (the target's cumulative
         log-probabilities), ``sequences`` as ``beam_search``, and ``stats``.
     """
-    _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_drafts, draft_steps, mode, seed)
+    _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_drafts, draft_steps, mode, seed,
+              max_batch_size)
     B, K, N, L = input_ids.shape[0], num_beams, num_drafts, trie.depth
+    capacity = B if max_batch_size is None else min(max_batch_size, B)
     stats = SpeculativeStats()
     tgt = TreeModel(target, attention=tree_attention, backend=backend)
     drf = TreeModel(draft, attention=tree_attention, backend=backend)
-    target_level0 = tgt.prefill(input_ids, attention_mask)[:, None, :]  # [B, 1, V]
-    draft_level0 = drf.prefill(input_ids, attention_mask)[:, None, :]
-    stats.target_forwards += 1
-    stats.draft_forwards += 1
-    device = target_level0.device
+    device = tgt.device
     trie = trie.to(device)
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    excluded_all = trie.excluded_ranks(exclude_items, B)
     generator = seeded_generator(seed, device) if mode == "relaxed" else None
-    search = _Search(tgt, drf, trie, trie.excluded_ranks(exclude_items, B), resolve_backend(backend, device),
-                     stats, K, N, trie.vocab_size, generator)
+    search = _Search(tgt, drf, trie, None, resolve_backend(backend, device), stats, K, N, trie.vocab_size, generator)
     draft_phase = search.draft_strict if mode == "strict" else search.draft_relaxed
     verify_phase = search.verify_strict if mode == "strict" else search.verify_relaxed
+    V = search.V
 
-    # current beams: rows (identical ids in both trees), target scores, trie nodes, tokens
-    beam_rows = torch.zeros((B, 1), dtype=torch.long, device=device)
-    beam_scores = torch.zeros((B, 1), device=device)
-    beam_nodes = torch.zeros((B, 1), dtype=torch.long, device=device)
-    beam_tokens = torch.full((B, 1, L), -1, dtype=torch.long, device=device)
-    depth = torch.zeros(B, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     out_items = torch.full((B, K), -1, dtype=torch.long, device=device)
     out_scores = torch.full((B, K), NEG_INF, device=device)
     out_tokens = torch.full((B, K, L), -1, dtype=torch.long, device=device)
-    pending_beams = 0  # new beams of the last round, added to both trees but not run yet
+    # per request in flight (a "slot"): its index in the input, its K beams (rows, identical ids in
+    # both trees; target scores; trie nodes; tokens), its depth, whether its beams' rows are added
+    # but not run yet (pending), and each model's log-probs at its beams
+    slots = torch.zeros(0, dtype=torch.long, device=device)
+    beam_rows = torch.zeros((0, K), dtype=torch.long, device=device)
+    beam_scores = torch.zeros((0, K), device=device)
+    beam_nodes = torch.zeros((0, K), dtype=torch.long, device=device)
+    beam_tokens = torch.zeros((0, K, L), dtype=torch.long, device=device)
+    depth = torch.zeros(0, dtype=torch.long, device=device)
+    pending = torch.zeros(0, dtype=torch.bool, device=device)
+    target_level0 = torch.zeros((0, K, V), device=device)
+    draft_level0 = torch.zeros((0, K, V), device=device)
+    queued = 0  # requests admitted so far (in input order)
 
-    while not bool(done.all()):
+    while True:
+        if queued < B and slots.numel() < capacity:  # admit waiting requests into the free slots
+            admitted = torch.arange(queued, min(B, queued + capacity - slots.numel()), device=device)
+            queued += admitted.numel()
+            t_logits = tgt.admit(input_ids[admitted], attention_mask[admitted])
+            d_logits = drf.admit(input_ids[admitted], attention_mask[admitted])
+            stats.target_forwards += 1
+            stats.draft_forwards += 1
+            stats.admissions += 1
+            n = admitted.numel()
+            first = torch.arange(K, device=device) == 0  # a new request's one beam: its prompt (row 0)
+            beam_rows = torch.cat([beam_rows, torch.zeros((n, K), dtype=torch.long, device=device)])
+            beam_scores = torch.cat([beam_scores, torch.where(first, 0.0, NEG_INF).expand(n, K)])
+            beam_nodes = torch.cat([beam_nodes, torch.where(first, 0, -1).expand(n, K)])
+            beam_tokens = torch.cat([beam_tokens, torch.full((n, K, L), -1, dtype=torch.long, device=device)])
+            depth = torch.cat([depth, torch.zeros(n, dtype=torch.long, device=device)])
+            pending = torch.cat([pending, torch.zeros(n, dtype=torch.bool, device=device)])
+            target_level0 = torch.cat([target_level0, t_logits[:, None, :].float().expand(n, K, V)])
+            draft_level0 = torch.cat([draft_level0, d_logits[:, None, :].float().expand(n, K, V)])
+            slots = torch.cat([slots, admitted])
+            search.excluded = None if excluded_all is None else excluded_all[slots]
+        if slots.numel() == 0:
+            break
+        b = slots.numel()
         stats.rounds += 1
-        gamma = torch.where(done, 0, (L - 1 - depth).clamp(min=0).clamp(max=draft_steps))
-        rnd = _Round(gamma, int(gamma.max()), depth[~done].tolist())
-        if pending_beams:  # the draft's log-probs at the current beams
-            draft_level0 = search.run_draft(pending_beams)
+        gamma = (L - 1 - depth).clamp(min=0).clamp(max=draft_steps)
+        rnd = _Round(gamma, int(gamma.max()), depth.tolist())
+        has_pending = bool(pending.any())
+        if has_pending:  # the draft's log-probs at the beams the last round chose
+            draft_level0 = torch.where(pending[:, None, None], search.run_draft(K).float(), draft_level0)
 
         # 1. draft G levels (rows added to both trees)
         draft_phase(rnd, beam_rows, beam_scores, beam_nodes, draft_level0)
 
         # 2. one target forward over the new beams and every drafted level
-        level_logits = [target_level0] if not pending_beams else []
-        if pending_beams or rnd.G:
+        level_logits = []
+        if has_pending or rnd.G:
             logits = tgt.run()
             stats.target_forwards += 1
-            if pending_beams:
-                level_logits.append(logits[:, :pending_beams])
-            start = pending_beams
+            start = K if has_pending else 0
+            if has_pending:
+                target_level0 = torch.where(pending[:, None, None], logits[:, :K].float(), target_level0)
             for level in rnd.drafted:
                 width = level.rows.shape[1]
                 level_logits.append(logits[:, start: start + width])
                 start += width
+        level_logits.insert(0, target_level0)
 
         # 3. verify level by level; at the first rejected level (or after the last drafted one)
         #    the target's own beams of that level become the new beams
         p_rows, p_scores, p_nodes, p_tokens = beam_rows, beam_scores, beam_nodes, beam_tokens
         p_logits = level_logits[0]
-        stopped = done.clone()
-        accepted = torch.zeros(B, dtype=torch.long, device=device)
+        stopped = torch.zeros(b, dtype=torch.bool, device=device)
+        accepted = torch.zeros(b, dtype=torch.long, device=device)
         new = None
         for i in range(rnd.G + 1):
             out, accept, index = verify_phase(rnd, i, p_rows, p_scores, p_nodes, p_logits, stopped)
@@ -371,32 +414,44 @@ def speculative_beam_search(
             p_scores = torch.where(a & valid, out.scores, NEG_INF)
             p_nodes = torch.where(a & valid, out.node, -1)
             p_tokens = cand.history
-            p_logits = level_logits[i + 1].gather(1, index[..., None].expand(-1, -1, search.V))
+            p_logits = level_logits[i + 1].gather(1, index[..., None].expand(-1, -1, V))
 
-        stats.accepted_levels.append(torch.where(done, -1, accepted).tolist())
-        stats.drafted_levels.append(torch.where(done, -1, gamma).tolist())
-        depth = torch.where(done, depth, depth + accepted + 1)
-        finishing = ~done & (depth >= L)
-        if bool(finishing.any()):
-            f = finishing[:, None]
-            out_items = torch.where(f, trie.leaf_items(new.nodes), out_items)
-            out_scores = torch.where(f, new.scores, out_scores)
-            out_tokens = torch.where(f[..., None], new.history, out_tokens)
-        done |= finishing
-        if bool(done.all()):
-            break
+        for record, values in ((stats.accepted_levels, accepted), (stats.drafted_levels, gamma)):
+            row = [-1] * B
+            for s, v in zip(slots.tolist(), values.tolist()):
+                row[s] = v
+            record.append(row)
+        depth = depth + accepted + 1
+        finishing = depth >= L
+        if bool(finishing.any()):  # write the finished requests' results, and retire them
+            done = slots[finishing]
+            out_items[done] = trie.leaf_items(new.nodes[finishing])
+            out_scores[done] = new.scores[finishing]
+            out_tokens[done] = new.history[finishing]
+            live = (~finishing).nonzero().squeeze(1)
+            tgt.select(live)
+            drf.select(live)
+            slots, depth, pending, new = slots[live], depth[live], pending[live], _LevelBeams(*(c[live] for c in new))
+            beam_rows, beam_scores, beam_nodes, beam_tokens = (t[live] for t in (beam_rows, beam_scores, beam_nodes,
+                                                                                 beam_tokens))
+            target_level0, draft_level0 = target_level0[live], draft_level0[live]
+            search.excluded = None if excluded_all is None else excluded_all[slots]
+            if slots.numel() == 0:
+                continue
 
-        # 4. cut rows no live request needs, then add the new beams to both trees
-        live = ~done[:, None]
-        # rows are added after their ancestors, so the highest parent row bounds every row needed
-        needed = int(torch.where(live, new.parent_rows, 0).max()) + 1
-        tgt.truncate(needed)
-        drf.truncate(needed)
-        beam_rows = search.add_rows(new.parent_rows, new.tokens, live.expand(-1, K))
-        beam_scores = torch.where(live, new.scores, NEG_INF)
-        beam_nodes = torch.where(live, new.nodes, -1)
+        # 4. keep only the rows the new beams descend from (both trees, one layout), then add
+        #    the new beams to both trees
+        valid = new.nodes >= 0
+        parent_rows = torch.where(valid, new.parent_rows, 0)
+        plan = compaction_plan(tgt.ancestors(parent_rows), min(tgt.num_computed, drf.num_computed))
+        tgt.compact(plan)
+        drf.compact(plan)
+        parent_rows = remap_rows(parent_rows, plan)
+        beam_rows = search.add_rows(parent_rows, new.tokens, valid)
+        beam_scores = torch.where(valid, new.scores, NEG_INF)
+        beam_nodes = torch.where(valid, new.nodes, -1)
         beam_tokens = new.history
-        pending_beams = K
+        pending = torch.ones(slots.numel(), dtype=torch.bool, device=device)
 
     if mode == "relaxed":  # sampled beams come in draw order
         order = out_scores.sort(dim=1, descending=True, stable=True).indices
