@@ -220,7 +220,7 @@ def test_relaxed_is_reproducible_and_valid(sid_catalog, sid_models, drafts):
 
 
 @pytest.mark.parametrize("mode", ["strict", "relaxed"])
-@pytest.mark.parametrize("max_batch_size", [1, 3, 7, 100])
+@pytest.mark.parametrize("max_batch_size", [1, 3, 4, 7, 100])
 def test_finished_requests_retire_and_waiting_ones_are_admitted(sid_catalog, sid_models, drafts, max_batch_size,
                                                                 mode):
     """Every target forward runs only requests in flight (at most max_batch_size, finished ones
@@ -231,9 +231,14 @@ def test_finished_requests_retire_and_waiting_ones_are_admitted(sid_catalog, sid
     exclude = [[0, 1], [], [5], [], [2, 3, 4], [], [9]]
     kwargs = dict(trie=trie, num_beams=5, num_drafts=10, draft_steps=2, mode=mode, seed=3, exclude_items=exclude,
                   max_batch_size=max_batch_size)
-    widths = []
-    hook = target.register_forward_pre_hook(lambda m, args, kw: widths.append(kw["input_ids"].shape[0]),
-                                            with_kwargs=True)
+    widths, prefills = [], []  # batch of every target forward; of the prefills (2-D masks) only
+
+    def record(module, args, kw):
+        widths.append(kw["input_ids"].shape[0])
+        if kw["attention_mask"].dim() == 2:
+            prefills.append(kw["input_ids"].shape[0])
+
+    hook = target.register_forward_pre_hook(record, with_kwargs=True)
     try:
         got = speculative_beam_search(target, drafts["small"], ids, mask, **kwargs)
     finally:
@@ -241,7 +246,10 @@ def test_finished_requests_retire_and_waiting_ones_are_admitted(sid_catalog, sid
     s = got.stats
     assert len(widths) == s.target_forwards == s.admissions + s.rounds
     assert max(widths) <= max_batch_size
-    assert s.admissions == -(-7 // max_batch_size) if max_batch_size >= 7 or max_batch_size == 1 else s.admissions > 2
+    assert s.admissions == len(prefills) and sum(prefills) == 7
+    assert s.admissions >= -(-7 // max_batch_size) and prefills[0] == min(7, max_batch_size)
+    # later admissions wait for half a batch of free slots (or take the last waiting requests)
+    assert all(p >= (max_batch_size + 1) // 2 for p in prefills[1:-1])
     # prefills run each prompt once; each round's forward runs exactly the requests still live
     assert sum(widths) == 7 + sum(sum(a >= 0 for a in r) for r in s.accepted_levels)
     for b in range(7):

@@ -294,9 +294,11 @@ def speculative_beam_search(
         max_batch_size: requests in flight at once (None: all ``B``). Requests finish after
             different numbers of rounds; a finished request always retires (later forwards run
             only the live ones), and with ``max_batch_size < B`` the next waiting requests are
-            admitted into the freed slots before the next round (their prompts prefilled together,
-            one forward of each model), so a batch no longer waits for its slowest request. Strict
-            results do not depend on it; relaxed samples do (the random stream is drawn per round).
+            admitted into the freed slots before a round once at least half of ``max_batch_size``
+            slots are free (their prompts prefilled together, one forward of each model: fewer
+            requests would not repay that forward), so a batch no longer waits for its slowest
+            request. Strict results do not depend on it; relaxed samples do (the random stream is
+            drawn per round).
     Returns:
         :class:`SpeculativeOutput`: ``items``, ``scores`` (the target's cumulative
         log-probabilities), ``sequences`` as ``beam_search``, and ``stats``.
@@ -337,8 +339,11 @@ def speculative_beam_search(
     queued = 0  # requests admitted so far (in input order)
 
     while True:
-        if queued < B and slots.numel() < capacity:  # admit waiting requests into the free slots
-            admitted = torch.arange(queued, min(B, queued + capacity - slots.numel()), device=device)
+        # admit waiting requests into the free slots once half a batch is free (or none is live):
+        # each admission costs a prefill forward of both models, which fewer requests do not repay
+        free = capacity - slots.numel()
+        if queued < B and free > 0 and (free >= (capacity + 1) // 2 or slots.numel() == 0):
+            admitted = torch.arange(queued, min(B, queued + free), device=device)
             queued += admitted.numel()
             t_logits = tgt.admit(input_ids[admitted], attention_mask[admitted])
             d_logits = drf.admit(input_ids[admitted], attention_mask[admitted])
