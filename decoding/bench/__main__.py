@@ -42,6 +42,8 @@ def parse_args(argv=None):
                    help="workload: where the trained models are cached ('none': train, cache nothing)")
     p.add_argument("--max-users", type=int, default=None, help="workload: the first users only (a toy run)")
     p.add_argument("--train-epochs", type=int, default=None, help="workload: training epochs (default: the recipe's)")
+    p.add_argument("--fresh-baselines", action="store_true",
+                   help="workload: rerun transformers' beam searches even where their results are cached")
     p.add_argument("--decoder", choices=["beam", "speculative", "setid"], default="beam",
                    help="e2e suite: trie beam search vs baselines, speculative vs target-only beam search, or "
                         "set-identifier whole-catalog scoring (SETRec, RPG) vs materialise + topk and beam search")

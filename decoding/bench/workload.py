@@ -5,10 +5,15 @@ Trains (or loads from ``--cache-dir``) the MovieLens-100K pair of
 reports, per decoder, Recall@10/20, NDCG@10/20, latency per batch, and where they apply: whether
 ``decoding.beam_search`` equals transformers' constrained beam search for every user; the
 invalid-item rate of transformers' unconstrained beam search; the recall change from excluding the
-user's history; D3 with a popularity assistant (its weight chosen on the validation split);
-speculative beam search, strict (equality with beam search, acceptance per level, target and draft
-forwards per request and per batch) and relaxed (recall, agreement with the exact top-K) at
-γ = 1 and 3; each KV pruning policy keeping 25% of the prompt.
+user's history; D3 with a popularity assistant (its weight chosen on the validation split); each
+KV pruning policy keeping 25% of a long prompt (the last ``window_items`` items); speculative
+beam search, strict (equality with beam search, acceptance, target and draft forwards per request
+and per batch, in static batches and with continuous batching) and relaxed (recall, agreement
+with the exact top-K) at γ = 1 and 3.
+
+transformers' two beam searches take most of a run's time and depend only on the cached model,
+the prompts, K and transformers' version: their results are cached beside the trained pair
+(``--fresh-baselines`` reruns them), and their rows say when they come from the cache.
 """
 
 from __future__ import annotations
@@ -36,6 +41,44 @@ def _timed_batches(fn, n: int, size: int):
         outs.append(fn(sl))
         times.append(time.perf_counter() - t0)
     return outs, float(np.median(times))
+
+
+def _same_items(ref_items, ref_scores, items, scores, tol: float = 1e-5) -> tuple[int, int]:
+    """Requests whose top-K lists are identical, and those identical up to near-ties: every rank
+    where the items differ has scores within ``tol`` (two items whose scores differ by float
+    rounding can come in either order, at the boundary of the top-K too)."""
+    equal = (ref_items == items).all(1)
+    tied = ((ref_items == items) | (np.abs(ref_scores - scores) <= tol)).all(1)
+    return int(equal.sum()), int(tied.sum())
+
+
+def _transformers_baselines(folder, ids, num_beams, batch, run_batch, n, fresh: bool) -> dict:
+    """transformers' constrained and unconstrained beam search over every batch: items, the
+    constrained scores, median latency per batch. They take minutes and depend only on the
+    cached model, the prompts, K and transformers' version, so their results are kept beside the
+    trained pair (``folder``) and reused unless ``fresh``; reused results say so."""
+    import hashlib
+
+    import transformers
+
+    key = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:12]
+    path = None if folder is None else os.path.join(
+        folder, f"transformers-{transformers.__version__}-k{num_beams}-b{batch}-{key}.npz")
+    if path is not None and os.path.isfile(path) and not fresh:
+        saved = np.load(path)
+        return {name: saved[name] if saved[name].ndim else float(saved[name])
+                for name in saved.files} | {"cached": True}
+    log("[ml-100k] transformers' constrained beam search (Python trie callback)")
+    outs, t_con = _timed_batches(run_batch, n, batch)
+    log("[ml-100k] transformers' unconstrained beam search")
+    free, t_free = _timed_batches(lambda sl: run_batch(sl, constrained=False), n, batch)
+    result = {"constrained": torch.cat([o[0] for o in outs]).numpy(),
+              "constrained_scores": torch.cat([o[1] for o in outs]).float().numpy(),
+              "unconstrained": torch.cat([o[0] for o in free]).numpy(),
+              "constrained_ms": t_con * 1e3, "unconstrained_ms": t_free * 1e3}
+    if path is not None:
+        np.savez(path, **result)
+    return result | {"cached": False}
 
 
 def _quality(items: np.ndarray, targets: np.ndarray) -> dict:
@@ -78,27 +121,27 @@ def run(args, device) -> dict:
 
     outs, t_ours = _timed_batches(ours, n, B)
     exact_items = torch.cat([o.items for o in outs]).numpy()
+    exact_scores = torch.cat([o.scores for o in outs]).numpy()
     methods = [{"method": "decoding.beam_search", "latency_ms": t_ours * 1e3, **_quality(exact_items, targets)}]
-
-    log("[ml-100k] transformers' constrained beam search (Python trie callback)")
 
     def hf(sl, constrained=True):
         width = ids.shape[1]
         gen = transformers_trie_beam_search(target, ids[sl], mask[sl], seqs, num_beams=K, max_new_tokens=L,
                                             **({} if constrained else {"prefix_allowed_tokens_fn": None}))
         rows = gen.sequences[:, width: width + L]
-        return trie.lookup(rows).reshape(-1, K)
+        return trie.lookup(rows).reshape(-1, K), gen.sequences_scores.reshape(-1, K)
 
-    hf_outs, t_hf = _timed_batches(hf, n, B)
-    hf_items = torch.cat(hf_outs).numpy()
-    same = int((np.sort(hf_items, 1) == np.sort(exact_items, 1)).all(1).sum())
-    methods.append({"method": "transformers beam search + Python trie", "latency_ms": t_hf * 1e3,
-                    "same_items_as_beam_search": same, **_quality(hf_items, targets)})
-    log("[ml-100k] transformers' unconstrained beam search")
-    free, t_free = _timed_batches(lambda sl: hf(sl, constrained=False), n, B)
-    free_items = torch.cat(free).numpy()
-    methods.append({"method": "transformers beam search, unconstrained", "latency_ms": t_free * 1e3,
-                    "invalid_item_rate": float((free_items < 0).mean()), **_quality(free_items, targets)})
+    baselines = _transformers_baselines(pair.folder, ids, K, B, hf, n, fresh=args.fresh_baselines)
+    hf_items = baselines["constrained"]
+    same, near = _same_items(exact_items, exact_scores, hf_items, baselines["constrained_scores"])
+    cached_note = {"cached_from_an_earlier_run": True} if baselines["cached"] else {}
+    methods.append({"method": "transformers beam search + Python trie", "latency_ms": baselines["constrained_ms"],
+                    "same_items_as_beam_search": same, "same_up_to_near_ties": near, **cached_note,
+                    **_quality(hf_items, targets)})
+    free_items = baselines["unconstrained"]
+    methods.append({"method": "transformers beam search, unconstrained", "latency_ms": baselines["unconstrained_ms"],
+                    "invalid_item_rate": float((free_items < 0).mean()), **cached_note,
+                    **_quality(free_items, targets)})
 
     log("[ml-100k] excluding each user's history")
     history = [list(map(int, h)) for h in inputs]
@@ -126,55 +169,84 @@ def run(args, device) -> dict:
                     "latency_ms": t_d3 * 1e3, "validation_recall20_by_weight": valid_recall,
                     **_quality(torch.cat([o.items for o in d3_outs]).numpy(), targets)})
 
-    # KV pruning at 25% of the prompt (BOS + the last max_items identifiers): recall it costs
+    # KV pruning on long prompts: each user's last window_items items (the longest prompt the model
+    # was trained on; the whole history for users with no more), pruned to 25% of the prompt width
     from decoding.kv import EarnCut, SnapKV, StreamingLLM
 
-    keep = max(4, ids.shape[1] // 4)
+    long_ids, long_mask = prompts_for(inputs, sids, recipe.window_items)
+    whole = float(np.mean([len(h) <= recipe.window_items for h in inputs]))
+    label = f"last {recipe.window_items} items (whole history for {whole:.0%} of users)"
+    log(f"[ml-100k] long prompts: {label}")
+    long_outs, t_long = _timed_batches(lambda sl: beam_search(target, long_ids[sl], long_mask[sl], trie=trie,
+                                                              num_beams=K), n, B)
+    long_items = torch.cat([o.items for o in long_outs]).numpy()
+    methods.append({"method": f"decoding.beam_search, {label}", "latency_ms": t_long * 1e3,
+                    "prompt_positions": int(long_ids.shape[1]), **_quality(long_items, targets)})
+    keep = long_ids.shape[1] // 4
+    real = long_mask.sum(1).float()
     policies = {f"StreamingLLM (4 sinks + {keep - 4} recent)": StreamingLLM(sink=4, recent=keep - 4),
                 f"SnapKV (window 8, capacity {keep})": SnapKV(window=8, capacity=keep),
                 f"EARN cut at layer 1 (first 4 + last {keep - 4} as registers)": EarnCut(
                     layer=1, registers=tuple(range(4)) + tuple(range(-(keep - 4), 0)))}
     for name, policy in policies.items():
         log(f"[ml-100k] KV pruning: {name}")
-        pruned, t_kv = _timed_batches(lambda sl, policy=policy: ours(sl, kv_policy=policy), n, B)
+        pruned, t_kv = _timed_batches(lambda sl, policy=policy: beam_search(
+            target, long_ids[sl], long_mask[sl], trie=trie, num_beams=K, kv_policy=policy), n, B)
         items = torch.cat([o.items for o in pruned]).numpy()
-        methods.append({"method": f"KV 25% of the prompt: {name}", "latency_ms": t_kv * 1e3,
-                        "prompt_positions_kept": keep, "prompt_positions": int(ids.shape[1]),
-                        "agreement_with_exact_topk": float(np.mean([set(r) == set(e) for r, e in
-                                                                    zip(items.tolist(), exact_items.tolist())])),
+        methods.append({"method": f"KV 25% of the long prompt: {name}", "latency_ms": t_kv * 1e3,
+                        "prompt_positions_kept": keep, "prompt_positions": int(long_ids.shape[1]),
+                        "mean_fraction_of_own_prompt_kept": float((keep / real).clamp(max=1.0).mean()),
+                        "agreement_with_unpruned_topk": float(np.mean([set(r) == set(e) for r, e in
+                                                                       zip(items.tolist(), long_items.tolist())])),
                         **_quality(items, targets)})
 
     exact_sets = [set(r) for r in exact_items.tolist()]
     log("[ml-100k] aligning a copy of the draft on the target's beams (strict loss)")
     aligned, alignment = aligned_draft(pair, num_beams=K, cache_dir=cache, log=log)
     results["alignment"] = alignment
-    runs = [(mode, gamma, "draft trained on the data", draft) for mode in ("strict", "relaxed") for gamma in (1, 3)]
-    runs += [("strict", gamma, "aligned draft", aligned) for gamma in (1, 3)]
-    for mode, gamma, which, drafter in runs:
-        log(f"[ml-100k] speculative beam search, {mode}, gamma={gamma}, {which}")
+    # static batches (a batch runs until its slowest request finishes), then continuous batching
+    # (finished requests retire, waiting ones take their slots: max_batch_size=B over all users)
+    runs = [(mode, gamma, draft, False) for mode in ("strict", "relaxed") for gamma in (1, 3)]
+    runs += [("strict", gamma, aligned, False) for gamma in (1, 3)]
+    runs += [("strict", 1, draft, True), ("strict", 3, draft, True), ("strict", 3, aligned, True)]
+    for mode, gamma, drafter, continuous in runs:
+        name = (f"speculative {mode}, gamma={gamma}" + (", aligned draft" if drafter is aligned else "")
+                + (f", continuous batching ({B} in flight)" if continuous else ""))
+        log(f"[ml-100k] {name}")
 
-        def spec(sl, mode=mode, gamma=gamma, drafter=drafter):
+        def spec(sl, mode=mode, gamma=gamma, drafter=drafter, continuous=continuous):
             return speculative_beam_search(target, drafter, ids[sl], mask[sl], trie=trie, num_beams=K,
-                                           num_drafts=2 * K, draft_steps=gamma, mode=mode, seed=args.seed)
+                                           num_drafts=2 * K, draft_steps=gamma, mode=mode, seed=args.seed,
+                                           max_batch_size=B if continuous else None)
 
-        souts, t_spec = _timed_batches(spec, n, B)
+        if continuous:  # one call over every user; latency and forwards per B requests
+            t0 = time.perf_counter()
+            souts = [spec(slice(0, n))]
+            t_spec = (time.perf_counter() - t0) * B / n
+            batches = n / B
+        else:
+            souts, t_spec = _timed_batches(spec, n, B)
+            batches = len(souts)
         items = torch.cat([o.items for o in souts]).numpy()
+        scores = torch.cat([o.scores for o in souts]).numpy()
         per_request = [1 + sum(1 for r in o.stats.accepted_levels if r[b] >= 0)
                        for o in souts for b in range(o.items.shape[0])]
         drafted = sum(d for o in souts for r in o.stats.drafted_levels for d in r if d > 0)
         accepted = sum(a for o in souts for r in o.stats.accepted_levels for a in r if a > 0)
-        row = {"method": f"speculative {mode}, gamma={gamma}" + (", aligned draft" if drafter is aligned else ""),
-               "latency_ms": t_spec * 1e3,
+        row = {"method": name, "latency_ms": t_spec * 1e3,
                "acceptance_rate": accepted / drafted if drafted else 0.0,
-               "target_forwards_per_batch": float(np.mean([o.stats.target_forwards for o in souts])),
-               "draft_forwards_per_batch": float(np.mean([o.stats.draft_forwards for o in souts])),
+               "target_forwards_per_batch": sum(o.stats.target_forwards for o in souts) / batches,
+               "draft_forwards_per_batch": sum(o.stats.draft_forwards for o in souts) / batches,
                "target_forwards_per_request": float(np.mean(per_request)),
                "beam_search_target_forwards_per_batch": L,
                "agreement_with_exact_topk": float(np.mean([set(r) == exact_sets[i]
                                                            for i, r in enumerate(items.tolist())])),
                **_quality(items, targets)}
+        if continuous:
+            row["prefills_per_batch"] = souts[0].stats.admissions / batches
         if mode == "strict":
-            row["same_items_as_beam_search"] = int((items == exact_items).all(1).sum())
+            row["same_items_as_beam_search"], row["same_up_to_near_ties"] = _same_items(
+                exact_items, exact_scores, items, scores)
         methods.append(row)
     results["methods"] = methods
     results["suite"] = "ml-100k"

@@ -3,10 +3,10 @@
 Items get semantic IDs (:mod:`decoding.semantic_ids`: residual k-means over a truncated SVD of
 the training interactions plus genres, a last code for uniqueness). A user's prompt is BOS then
 the identifier tokens of their last ``max_items`` items; the model (a small Llama, from scratch)
-learns next-token prediction over those token streams, so decoding an identifier after the
-prompt recommends the next item. A one-layer draft learns the same data, for speculative beam
-search. Everything is seeded; :func:`load_or_train` caches the trained pair in a folder keyed by
-the recipe, so later runs load it.
+learns next-token prediction over windows of ``window_items`` items of those token streams, so
+decoding an identifier after the prompt recommends the next item. A one-layer draft learns the
+same data, for speculative beam search. Everything is seeded; :func:`load_or_train` caches the
+trained pair in a folder keyed by the recipe, so later runs load it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class Recipe:
     levels: int = 3  # semantic-ID levels before the disambiguation code
     codes: int = 16
     embedding_dim: int = 32
-    max_items: int = 20  # history items in a prompt
+    max_items: int = 20  # history items in a decoder's prompt
+    window_items: int = 50  # history items per training window: the longest prompt the model learns
     hidden: int = 128
     layers: int = 2
     heads: int = 4
@@ -62,6 +63,7 @@ class TrainedPair:
     draft: torch.nn.Module
     train_seconds: float = 0.0
     loaded_from_cache: bool = False
+    folder: str | None = None  # the cache folder (None: not cached)
 
 
 def prompts_for(histories, sids: SemanticIDs, max_items: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +76,8 @@ def prompts_for(histories, sids: SemanticIDs, max_items: int) -> tuple[torch.Ten
 
 def _training_chunks(sequences, sids: SemanticIDs, max_items: int) -> list[list[int]]:
     """Each training history cut into windows of ``max_items + 1`` items (stride ``max_items``),
-    as BOS + identifier tokens: every window teaches the next item after up to ``max_items``."""
+    as BOS + identifier tokens: every window teaches the next item after 0 to ``max_items``
+    items, so prompts of up to ``max_items`` items are in the model's range."""
     tokens = sids.tokens
     chunks = []
     for seq in sequences:
@@ -163,8 +166,8 @@ def load_or_train(data: InteractionData, recipe: Recipe | None = None, cache_dir
         target = LlamaForCausalLM.from_pretrained(os.path.join(folder, "target")).eval()
         draft = LlamaForCausalLM.from_pretrained(os.path.join(folder, "draft")).eval()
         meta = json.load(open(os.path.join(folder, "done.json")))
-        return TrainedPair(recipe, data, sids, trie, target, draft, meta["train_seconds"], True)
-    chunks = _training_chunks(data.train_sequences, sids, recipe.max_items)
+        return TrainedPair(recipe, data, sids, trie, target, draft, meta["train_seconds"], True, folder)
+    chunks = _training_chunks(data.train_sequences, sids, recipe.window_items)
     t0 = time.perf_counter()
     target = _model(sids.vocab_size, recipe, recipe.layers)
     log(f"[ml-100k] training the target ({sum(p.numel() for p in target.parameters()):,} parameters, "
@@ -183,7 +186,7 @@ def load_or_train(data: InteractionData, recipe: Recipe | None = None, cache_dir
         np.save(os.path.join(folder, "codes.npy"), sids.codes)
         with open(os.path.join(folder, "done.json"), "w") as f:
             json.dump({"recipe": asdict(recipe), "train_seconds": seconds}, f)
-    return TrainedPair(recipe, data, sids, trie, target, draft, seconds, False)
+    return TrainedPair(recipe, data, sids, trie, target, draft, seconds, False, folder)
 
 
 def aligned_draft(pair: TrainedPair, *, num_beams: int, epochs: int = 2, batch_size: int = 32, lr: float = 1e-3,
