@@ -113,7 +113,9 @@ def write_chart(results: list[dict], path: str) -> None:
     panels = len(e2e) + len(step) + len(workloads)
     if panels == 0:
         return
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    rows = max([len(r["methods"]) for r in workloads], default=0)  # one bar per decoder
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 3 * len(workloads), max(4.0, 0.28 * rows + 1.2)),
+                             squeeze=False)
     ax_iter = iter(axes[0])
     for r in e2e:
         ax = next(ax_iter)
@@ -144,7 +146,15 @@ def write_chart(results: list[dict], path: str) -> None:
         ax.legend()
     for r in workloads:  # recall of each decoder on the trained model
         ax = next(ax_iter)
-        names = [m["method"].replace(", ", "\n").replace(" (chosen on validation)", "") for m in r["methods"]]
+        short = ((" (chosen on validation)", ""), ("KV 25% of the long prompt: ", "KV 25%: "), ("gamma=", "γ="),
+                 ("transformers beam search", "transformers"), (" in flight", ""),
+                 ("decoding.beam_search", "beam_search"))
+        names = []
+        for m in r["methods"]:
+            name = m["method"]
+            for old, new in short:
+                name = name.replace(old, new)
+            names.append(name if len(name) <= 52 else name[:49] + "...")
         recall = [m["recall@20"] for m in r["methods"]]
         colors = ["tab:green" if m["method"].startswith(("decoding", "speculative strict")) else "tab:gray"
                   for m in r["methods"]]
