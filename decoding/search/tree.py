@@ -89,7 +89,9 @@ class TreeModel:
 
     ``prefill`` runs the prompts; ``add`` appends rows (tokens and parent rows) without running
     them; ``run`` forwards every pending row in one call and returns their logits; ``truncate``
-    drops rows (and their KV) past a given count.
+    drops rows (and their KV) past a given count. For continuous batching, ``select`` retires
+    requests, ``admit`` prefills new prompts into the running batch, and ``compact`` keeps only
+    the rows each request still needs (see :func:`compaction_plan`).
     """
 
     def __init__(self, model, attention: str = "model", backend: str = "auto"):
