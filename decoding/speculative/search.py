@@ -44,9 +44,10 @@ from decoding.search.tree import TreeModel, compaction_plan, remap_rows
 @dataclass
 class SpeculativeStats:
     """rounds: speculative rounds run. accepted_levels: per round, per request, the drafted levels
-    the target accepted (-1 for requests already finished). drafted_levels: per round, per request,
-    the levels drafted. target_forwards / draft_forwards: model calls, prefills included.
-    admissions: prefills (one per model each), one per group of requests admitted."""
+    the target accepted (-1 for requests not in flight: finished or still waiting).
+    drafted_levels: per round, per request, the levels drafted. target_forwards /
+    draft_forwards: model calls, prefills included. admissions: prefills (one per model each),
+    one per group of requests admitted."""
 
     rounds: int = 0
     accepted_levels: list[list[int]] = field(default_factory=list)
