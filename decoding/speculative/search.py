@@ -86,6 +86,41 @@ class _LevelBeams(NamedTuple):
     history: torch.Tensor
 
 
+class _InFlight(NamedTuple):
+    """The requests in flight, one entry each: its index in the input (``request [b]``), its
+    ``K`` beams (``beam_rows`` with the same ids in both trees, the target's ``beam_scores``, trie
+    ``beam_nodes``, ``beam_tokens [b, K, L]``), its ``depth``, whether its beams' rows are added
+    but not run yet (``pending``), and each model's log-probs at its beams (``[b, K, V]``)."""
+
+    request: torch.Tensor
+    beam_rows: torch.Tensor
+    beam_scores: torch.Tensor
+    beam_nodes: torch.Tensor
+    beam_tokens: torch.Tensor
+    depth: torch.Tensor
+    pending: torch.Tensor
+    target_level0: torch.Tensor
+    draft_level0: torch.Tensor
+
+    @classmethod
+    def admitted(cls, request, target_logits, draft_logits, K: int, L: int) -> _InFlight:
+        """New requests: one live beam each (the prompt, row 0), the prefill's log-probs."""
+        n, V = target_logits.shape
+        device = request.device
+        first = torch.arange(K, device=device) == 0
+        return cls(request, torch.zeros((n, K), dtype=torch.long, device=device),
+                   torch.where(first, 0.0, NEG_INF).expand(n, K), torch.where(first, 0, -1).expand(n, K),
+                   torch.full((n, K, L), -1, dtype=torch.long, device=device),
+                   torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device),
+                   target_logits[:, None, :].float().expand(n, K, V), draft_logits[:, None, :].float().expand(n, K, V))
+
+    def extend(self, other: _InFlight) -> _InFlight:
+        return _InFlight(*(torch.cat([a, b]) for a, b in zip(self, other)))
+
+    def select(self, index: torch.Tensor) -> _InFlight:
+        return _InFlight(*(t[index] for t in self))
+
+
 @dataclass
 class SpeculativeOutput(BeamSearchOutput):
     """:class:`decoding.BeamSearchOutput` plus ``stats`` (:class:`SpeculativeStats`)."""
@@ -325,56 +360,37 @@ def speculative_beam_search(
     out_items = torch.full((B, K), -1, dtype=torch.long, device=device)
     out_scores = torch.full((B, K), NEG_INF, device=device)
     out_tokens = torch.full((B, K, L), -1, dtype=torch.long, device=device)
-    # per request in flight (a "slot"): its index in the input, its K beams (rows, identical ids in
-    # both trees; target scores; trie nodes; tokens), its depth, whether its beams' rows are added
-    # but not run yet (pending), and each model's log-probs at its beams
-    slots = torch.zeros(0, dtype=torch.long, device=device)
-    beam_rows = torch.zeros((0, K), dtype=torch.long, device=device)
-    beam_scores = torch.zeros((0, K), device=device)
-    beam_nodes = torch.zeros((0, K), dtype=torch.long, device=device)
-    beam_tokens = torch.zeros((0, K, L), dtype=torch.long, device=device)
-    depth = torch.zeros(0, dtype=torch.long, device=device)
-    pending = torch.zeros(0, dtype=torch.bool, device=device)
-    target_level0 = torch.zeros((0, K, V), device=device)
-    draft_level0 = torch.zeros((0, K, V), device=device)
+    fl = None  # the requests in flight (_InFlight)
     queued = 0  # requests admitted so far (in input order)
 
     while True:
         # admit waiting requests into the free slots once half a batch is free (or none is live):
         # each admission costs a prefill forward of both models, which fewer requests do not repay
-        free = capacity - slots.numel()
-        if queued < B and free > 0 and (free >= (capacity + 1) // 2 or slots.numel() == 0):
+        live_count = 0 if fl is None else fl.request.numel()
+        free = capacity - live_count
+        if queued < B and free > 0 and (free >= (capacity + 1) // 2 or live_count == 0):
             admitted = torch.arange(queued, min(B, queued + free), device=device)
             queued += admitted.numel()
-            t_logits = tgt.admit(input_ids[admitted], attention_mask[admitted])
-            d_logits = drf.admit(input_ids[admitted], attention_mask[admitted])
+            new_requests = _InFlight.admitted(admitted, tgt.admit(input_ids[admitted], attention_mask[admitted]),
+                                              drf.admit(input_ids[admitted], attention_mask[admitted]), K, L)
             stats.target_forwards += 1
             stats.draft_forwards += 1
             stats.admissions += 1
-            n = admitted.numel()
-            first = torch.arange(K, device=device) == 0  # a new request's one beam: its prompt (row 0)
-            beam_rows = torch.cat([beam_rows, torch.zeros((n, K), dtype=torch.long, device=device)])
-            beam_scores = torch.cat([beam_scores, torch.where(first, 0.0, NEG_INF).expand(n, K)])
-            beam_nodes = torch.cat([beam_nodes, torch.where(first, 0, -1).expand(n, K)])
-            beam_tokens = torch.cat([beam_tokens, torch.full((n, K, L), -1, dtype=torch.long, device=device)])
-            depth = torch.cat([depth, torch.zeros(n, dtype=torch.long, device=device)])
-            pending = torch.cat([pending, torch.zeros(n, dtype=torch.bool, device=device)])
-            target_level0 = torch.cat([target_level0, t_logits[:, None, :].float().expand(n, K, V)])
-            draft_level0 = torch.cat([draft_level0, d_logits[:, None, :].float().expand(n, K, V)])
-            slots = torch.cat([slots, admitted])
-            search.excluded = None if excluded_all is None else excluded_all[slots]
-        if slots.numel() == 0:
+            fl = new_requests if fl is None else fl.extend(new_requests)
+            search.excluded = None if excluded_all is None else excluded_all[fl.request]
+        if fl is None or fl.request.numel() == 0:
             break
-        b = slots.numel()
+        b = fl.request.numel()
         stats.rounds += 1
-        gamma = (L - 1 - depth).clamp(min=0).clamp(max=draft_steps)
-        rnd = _Round(gamma, int(gamma.max()), depth.tolist())
-        has_pending = bool(pending.any())
+        gamma = (L - 1 - fl.depth).clamp(min=0).clamp(max=draft_steps)
+        rnd = _Round(gamma, int(gamma.max()), fl.depth.tolist())
+        has_pending = bool(fl.pending.any())
         if has_pending:  # the draft's log-probs at the beams the last round chose
-            draft_level0 = torch.where(pending[:, None, None], search.run_draft(K).float(), draft_level0)
+            fl = fl._replace(draft_level0=torch.where(fl.pending[:, None, None], search.run_draft(K).float(),
+                                                      fl.draft_level0))
 
         # 1. draft G levels (rows added to both trees)
-        draft_phase(rnd, beam_rows, beam_scores, beam_nodes, draft_level0)
+        draft_phase(rnd, fl.beam_rows, fl.beam_scores, fl.beam_nodes, fl.draft_level0)
 
         # 2. one target forward over the new beams and every drafted level
         level_logits = []
@@ -383,16 +399,17 @@ def speculative_beam_search(
             stats.target_forwards += 1
             start = K if has_pending else 0
             if has_pending:
-                target_level0 = torch.where(pending[:, None, None], logits[:, :K].float(), target_level0)
+                fl = fl._replace(target_level0=torch.where(fl.pending[:, None, None], logits[:, :K].float(),
+                                                           fl.target_level0))
             for level in rnd.drafted:
                 width = level.rows.shape[1]
                 level_logits.append(logits[:, start: start + width])
                 start += width
-        level_logits.insert(0, target_level0)
+        level_logits.insert(0, fl.target_level0)
 
         # 3. verify level by level; at the first rejected level (or after the last drafted one)
         #    the target's own beams of that level become the new beams
-        p_rows, p_scores, p_nodes, p_tokens = beam_rows, beam_scores, beam_nodes, beam_tokens
+        p_rows, p_scores, p_nodes, p_tokens = fl.beam_rows, fl.beam_scores, fl.beam_nodes, fl.beam_tokens
         p_logits = level_logits[0]
         stopped = torch.zeros(b, dtype=torch.bool, device=device)
         accepted = torch.zeros(b, dtype=torch.long, device=device)
@@ -402,7 +419,7 @@ def speculative_beam_search(
             valid = out.node >= 0
             parent = out.parent.clamp(min=0)
             cand = _LevelBeams(p_rows.gather(1, parent), out.token.clamp(min=0), out.scores, out.node,
-                               _append_token(p_tokens, parent, out.token.clamp(min=0), depth + i))
+                               _append_token(p_tokens, parent, out.token.clamp(min=0), fl.depth + i))
             stop_now = ~stopped & ~accept
             if i == 0:
                 new = cand
@@ -424,25 +441,22 @@ def speculative_beam_search(
 
         for record, values in ((stats.accepted_levels, accepted), (stats.drafted_levels, gamma)):
             row = [-1] * B
-            for s, v in zip(slots.tolist(), values.tolist()):
-                row[s] = v
+            for r, v in zip(fl.request.tolist(), values.tolist()):
+                row[r] = v
             record.append(row)
-        depth = depth + accepted + 1
-        finishing = depth >= L
+        fl = fl._replace(depth=fl.depth + accepted + 1)
+        finishing = fl.depth >= L
         if bool(finishing.any()):  # write the finished requests' results, and retire them
-            done = slots[finishing]
+            done = fl.request[finishing]
             out_items[done] = trie.leaf_items(new.nodes[finishing])
             out_scores[done] = new.scores[finishing]
             out_tokens[done] = new.history[finishing]
             live = (~finishing).nonzero().squeeze(1)
             tgt.select(live)
             drf.select(live)
-            slots, depth, pending, new = slots[live], depth[live], pending[live], _LevelBeams(*(c[live] for c in new))
-            beam_rows, beam_scores, beam_nodes, beam_tokens = (t[live] for t in (beam_rows, beam_scores, beam_nodes,
-                                                                                 beam_tokens))
-            target_level0, draft_level0 = target_level0[live], draft_level0[live]
-            search.excluded = None if excluded_all is None else excluded_all[slots]
-            if slots.numel() == 0:
+            fl, new = fl.select(live), _LevelBeams(*(c[live] for c in new))
+            search.excluded = None if excluded_all is None else excluded_all[fl.request]
+            if fl.request.numel() == 0:
                 continue
 
         # 4. keep only the rows the new beams descend from (both trees, one layout), then add
@@ -452,12 +466,10 @@ def speculative_beam_search(
         plan = compaction_plan(tgt.ancestors(parent_rows), min(tgt.num_computed, drf.num_computed))
         tgt.compact(plan)
         drf.compact(plan)
-        parent_rows = remap_rows(parent_rows, plan)
-        beam_rows = search.add_rows(parent_rows, new.tokens, valid)
-        beam_scores = torch.where(valid, new.scores, NEG_INF)
-        beam_nodes = torch.where(valid, new.nodes, -1)
-        beam_tokens = new.history
-        pending = torch.ones(slots.numel(), dtype=torch.bool, device=device)
+        fl = fl._replace(beam_rows=search.add_rows(remap_rows(parent_rows, plan), new.tokens, valid),
+                         beam_scores=torch.where(valid, new.scores, NEG_INF),
+                         beam_nodes=torch.where(valid, new.nodes, -1), beam_tokens=new.history,
+                         pending=torch.ones(fl.request.numel(), dtype=torch.bool, device=device))
 
     if mode == "relaxed":  # sampled beams come in draw order
         order = out_scores.sort(dim=1, descending=True, stable=True).indices
