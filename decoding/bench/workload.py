@@ -116,8 +116,8 @@ def run(args, device) -> dict:
     n = len(targets)
     log(f"[ml-100k] {n} test users, K={K}, {L}-token identifiers, batches of {B}")
 
-    def ours(sl, **kw):
-        return beam_search(target, ids[sl], mask[sl], trie=trie, num_beams=K, **kw)
+    def ours(sl, prompts=(ids, mask), **kw):
+        return beam_search(target, prompts[0][sl], prompts[1][sl], trie=trie, num_beams=K, **kw)
 
     outs, t_ours = _timed_batches(ours, n, B)
     exact_items = torch.cat([o.items for o in outs]).numpy()
@@ -177,8 +177,7 @@ def run(args, device) -> dict:
     whole = float(np.mean([len(h) <= recipe.window_items for h in inputs]))
     label = f"last {recipe.window_items} items (whole history for {whole:.0%} of users)"
     log(f"[ml-100k] long prompts: {label}")
-    long_outs, t_long = _timed_batches(lambda sl: beam_search(target, long_ids[sl], long_mask[sl], trie=trie,
-                                                              num_beams=K), n, B)
+    long_outs, t_long = _timed_batches(lambda sl: ours(sl, (long_ids, long_mask)), n, B)
     long_items = torch.cat([o.items for o in long_outs]).numpy()
     methods.append({"method": f"decoding.beam_search, {label}", "latency_ms": t_long * 1e3,
                     "prompt_positions": int(long_ids.shape[1]), **_quality(long_items, targets)})
@@ -190,8 +189,8 @@ def run(args, device) -> dict:
                     layer=1, registers=tuple(range(4)) + tuple(range(-(keep - 4), 0)))}
     for name, policy in policies.items():
         log(f"[ml-100k] KV pruning: {name}")
-        pruned, t_kv = _timed_batches(lambda sl, policy=policy: beam_search(
-            target, long_ids[sl], long_mask[sl], trie=trie, num_beams=K, kv_policy=policy), n, B)
+        pruned, t_kv = _timed_batches(lambda sl, policy=policy: ours(sl, (long_ids, long_mask), kv_policy=policy),
+                                      n, B)
         items = torch.cat([o.items for o in pruned]).numpy()
         methods.append({"method": f"KV 25% of the long prompt: {name}", "latency_ms": t_kv * 1e3,
                         "prompt_positions_kept": keep, "prompt_positions": int(long_ids.shape[1]),
