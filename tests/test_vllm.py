@@ -112,12 +112,12 @@ def test_driver_matches_decoding_beam_search_on_the_same_weights(llm, served_mod
                                                                  full_vocab):
     from transformers import AutoModelForCausalLM
 
-    from decoding.integrations.vllm import driver
+    from decoding.integrations.vllm import _compat, rows
 
     # the root has 256 children: one full-vocabulary request, or two requests of 128 token ids
-    monkeypatch.setattr(driver, "_full_vocab_logprobs_allowed", lambda engine, vocab: full_vocab)
+    monkeypatch.setattr(_compat.SyncEngine, "full_vocab_logprobs_allowed", full_vocab)
     _, trie, _ = catalog
-    assert trie.max_branch_at(0) > driver.MAX_TOKEN_IDS_PER_REQUEST
+    assert trie.max_branch_at(0) > rows.MAX_TOKEN_IDS_PER_REQUEST
     prompts = random_prompts(6, seed=4)
     got = dv.beam_search(llm, prompts, trie=trie, num_beams=5)
     hf = AutoModelForCausalLM.from_pretrained(served_model_dir).eval()
@@ -139,13 +139,13 @@ def test_driver_is_exact_when_a_step_has_both_wide_and_narrow_nodes(llm, served_
     a batch that also holds logprob_token_ids requests, so such a step must use one kind only."""
     from transformers import AutoModelForCausalLM
 
-    from decoding.integrations.vllm import driver
+    from decoding.integrations.vllm import rows as driver_rows
 
     S = bm.SPECIAL_TOKENS
     rows = [[S + c, S + 256 + s, S + 512 + (c + s) % 256, S + 768 + s % 256]
             for c in range(256) for s in range(150 if c % 2 == 0 else 2)]
     trie = ItemTrie.from_sequences(rows, vocab_size=VOCAB)
-    assert trie.max_branch_at(1) > driver.MAX_TOKEN_IDS_PER_REQUEST
+    assert trie.max_branch_at(1) > driver_rows.MAX_TOKEN_IDS_PER_REQUEST
     prompts = random_prompts(6, seed=31)
     got = dv.beam_search(llm, prompts, trie=trie, num_beams=12)
     hf = AutoModelForCausalLM.from_pretrained(served_model_dir).eval()
@@ -256,14 +256,18 @@ def test_import_without_vllm_names_the_extra():
     assert res.returncode != 0 and "genrec-decoding[vllm]" in res.stderr
 
 
-def test_untested_vllm_versions_are_named_and_the_driver_refuses_them():
-    from decoding.integrations.vllm._version import check_version, untested_message
+def test_unsupported_vllm_versions_are_named_and_the_driver_refuses_them():
+    from decoding.integrations.vllm._compat import check_version, untested_message
 
-    assert untested_message("0.32.0+cpu") is None and untested_message() is None
-    for version in ("0.31.2", "0.33.0", "0.33.1", "not-a-version"):
+    for version in ("0.32.0+cpu", "0.33.0", "0.33.1", "0.34.0"):
+        assert untested_message(version) is None
+        check_version(version)
+    assert untested_message() is None
+    for version in ("0.31.2", "0.35.0", "0.35.1", "1.0.0", "not-a-version"):
         message = untested_message(version)
-        assert f"this server runs vLLM {version}" in message and "vLLM >= 0.32.0, < 0.33.0" in message
-        with pytest.raises(RuntimeError, match="tested with vLLM >= 0.32.0, < 0.33.0"):
+        assert f"this server runs vLLM {version}" in message and "vLLM >= 0.32.0, < 0.35.0" in message
+        assert '"allow_untested_vllm": true' in message  # how to opt in
+        with pytest.raises(RuntimeError, match="supports vLLM >= 0.32.0, < 0.35.0"):
             check_version(version)
 
 

@@ -16,7 +16,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 from decoding import ItemTrie, beam_search  # noqa: E402
 from decoding import testing as bm  # noqa: E402
 from decoding.integrations import vllm as dv  # noqa: E402
-from decoding.integrations.vllm.async_driver import _OutputRouter  # noqa: E402
+from decoding.integrations.vllm._compat import output_router  # noqa: E402
 
 VOCAB = bm.sid_vocab_size(4, 256)
 
@@ -84,16 +84,16 @@ def test_async_driver_is_exact_and_concurrent_searches_share_engine_steps(served
             pair = await dv.beam_search_async(engine, prompts[:2], trie=trie, num_beams=6, length_penalty=1.0)
             # a cancelled search (a client that went away) leaves nothing behind in the engine
             task = asyncio.ensure_future(dv.beam_search_async(engine, prompts[:4], trie=trie, num_beams=6))
-            router = _OutputRouter.of(engine)
+            router = output_router(engine)
             while not router.pending:  # its requests are in the engine
                 await asyncio.sleep(0)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            assert not _OutputRouter.of(engine).pending
+            assert not output_router(engine).pending
             again = await dv.beam_search_async(engine, prompts[:1], trie=trie, num_beams=6)
             assert torch.equal(again.items[0], outs[0].items[0])
-            return client, outs, pair, _OutputRouter.of(engine).most_searches_per_batch
+            return client, outs, pair, output_router(engine).most_searches_per_batch
         finally:
             engine.shutdown()
 

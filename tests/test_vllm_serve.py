@@ -245,7 +245,7 @@ def test_beam_search_cases_the_exact_path_cannot_serve_are_400(server, extra, me
 
 
 def test_chat_beam_search_naming_a_catalog_is_refused(server):
-    from decoding.integrations.vllm.serving import CHAT_BEAM_SEARCH_REFUSED
+    from decoding.integrations.vllm.arguments import CHAT_BEAM_SEARCH_REFUSED
 
     client, model, _ = server
     body = {"model": model, "messages": [{"role": "user", "content": "t10 t11"}], "max_tokens": 4,
@@ -349,54 +349,75 @@ import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 import vllm
-vllm.__version__ = "0.33.1"  # what an upgrade reports, set before any plugin loads
+served_model_dir, path, prompts, version, opt_in = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], \\
+    sys.argv[5] == "1"
+if version:
+    vllm.__version__ = version  # what an upgrade reports, set before any plugin loads
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.v1.sample.logits_processor import _load_logitsprocs_plugins
 from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_plugins
-served_model_dir, path, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 loaded = [c.__name__ for c in _load_logitsprocs_plugins()] + [c.__name__ for c in _load_v2_logitsprocs_plugins()]
+config = {"catalogs": {"items": path}}
+if opt_in:
+    config["allow_untested_vllm"] = True
 engine = vllm.LLM(served_model_dir, dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
-                  additional_config={"decoding": {"catalogs": {"items": path}}})
+                  additional_config={"decoding": config})
 plain = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                         SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
 try:
-    engine.generate([TokensPrompt(prompt_token_ids=prompts[0])],
-                    SamplingParams(max_tokens=4, extra_args={"decoding_catalog": "items"}), use_tqdm=False)
-    refused = None
+    out = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                          SamplingParams(max_tokens=4, extra_args={"decoding_catalog": "items"}), use_tqdm=False)
+    refused, constrained = None, [list(o.outputs[0].token_ids)[:4] for o in out]
 except Exception as exc:
-    refused = f"{type(exc).__name__}: {exc}"
+    refused, constrained = f"{type(exc).__name__}: {exc}", None
+try:
+    engine.generate([TokensPrompt(prompt_token_ids=prompts[0])],
+                    SamplingParams(max_tokens=4, extra_args={"decoding_catalog": "/etc/passwd"}), use_tqdm=False)
+    unknown = None
+except Exception as exc:
+    unknown = f"{type(exc).__name__}: {exc}"
 again = engine.generate([TokensPrompt(prompt_token_ids=prompts[0])], SamplingParams(max_tokens=4, temperature=0.0,
                         ignore_eos=True), use_tqdm=False)
 print("RESULT" + json.dumps({"loaded": loaded, "plain": [list(o.outputs[0].token_ids) for o in plain],
-                             "refused": refused, "again": list(again[0].outputs[0].token_ids)}))
+                             "refused": refused, "constrained": constrained, "unknown": unknown,
+                             "again": list(again[0].outputs[0].token_ids)}))
 """
 
 
-def test_untested_vllm_version_starts_serves_and_refuses_catalog_requests(served_model_dir, catalogs):
-    """vLLM reports a version outside the tested range: the plugins load, the engine starts and
-    serves plain requests exactly as a tested engine does (the processor is inert), a request
-    naming a catalog is refused with the version message, one warning is logged."""
-    prompts = random_prompts(4, seed=2)
+def _engine_reporting(served_model_dir, catalogs, prompts, version, opt_in=False):
     res = subprocess.run([sys.executable, "-c", UNTESTED_ENGINE_SCRIPT, served_model_dir,
-                          str(catalogs["root"] / "items.trie"), json.dumps(prompts)],
+                          str(catalogs["root"] / "items.trie"), json.dumps(prompts), version, "1" if opt_in else "0"],
                          capture_output=True, text=True, timeout=300)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")]
     assert lines, res.stderr[-3000:]
-    got = json.loads(lines[0][len("RESULT"):])
+    return json.loads(lines[0][len("RESULT"):]), res.stderr
+
+
+def test_unsupported_vllm_version_starts_serves_and_refuses_catalog_requests_unless_opted_in(served_model_dir,
+                                                                                             catalogs):
+    """vLLM reports a version outside the supported range: the plugins load, the engine starts and
+    serves plain requests exactly as a supported engine does (the processor is inert), a request
+    naming a catalog is refused with the version message, one warning is logged. With the
+    operator's opt-in the same engine constrains catalog requests, with one warning."""
+    prompts = random_prompts(4, seed=2)
+    got, stderr = _engine_reporting(served_model_dir, catalogs, prompts, "0.35.1")
     assert got["loaded"] == ["TrieLogitsProcessor", "TrieLogitsProcessor"]
-    assert got["refused"] is not None and "this server runs vLLM 0.33.1" in got["refused"]
-    assert "tested with vLLM >= 0.32.0, < 0.33.0" in got["refused"]
-    assert res.stderr.count("this server runs vLLM 0.33.1, so it is inert") == 1
+    assert got["refused"] is not None and "this server runs vLLM 0.35.1" in got["refused"]
+    assert "supports vLLM >= 0.32.0, < 0.35.0" in got["refused"] and "allow_untested_vllm" in got["refused"]
+    assert stderr.count("this server runs vLLM 0.35.1, so it is inert") == 1
     assert got["again"] == got["plain"][0]
-    # plain requests: what a tested engine returns (in a fresh process: one engine per process)
-    ref = subprocess.run([sys.executable, "-c", UNTESTED_ENGINE_SCRIPT.replace('vllm.__version__ = "0.33.1"', ""),
-                          served_model_dir, str(catalogs["root"] / "items.trie"), json.dumps(prompts)],
-                         capture_output=True, text=True, timeout=300)
-    ref_lines = [ln for ln in ref.stdout.splitlines() if ln.startswith("RESULT")]
-    assert ref_lines, ref.stderr[-3000:]
-    tested = json.loads(ref_lines[0][len("RESULT"):])
+    # plain requests: what a supported engine returns (in a fresh process: one engine per process)
+    tested, _ = _engine_reporting(served_model_dir, catalogs, prompts, "")
     assert tested["refused"] is None and tested["plain"] == got["plain"]
+    # opted in: catalog requests are served, constrained, and admission still refuses unknown names
+    opted, stderr = _engine_reporting(served_model_dir, catalogs, prompts, "0.35.1", opt_in=True)
+    assert opted["refused"] is None and opted["plain"] == got["plain"]
+    assert opted["constrained"] == tested["constrained"]
+    assert bool((catalogs["items"].lookup(torch.tensor(opted["constrained"])) >= 0).all())
+    assert UNKNOWN_CATALOG in opted["unknown"]
+    assert stderr.count("vLLM 0.35.1 is outside the supported range") == 1
+    assert "so it is inert" not in stderr
 
 
 def test_bench_cli_vllm_http_small_run(tmp_path, capsys):

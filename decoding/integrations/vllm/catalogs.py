@@ -5,7 +5,8 @@ The operator registers catalogs when the engine starts,
 
     additional_config={"decoding": {"catalogs": {"items": "/srv/items.trie", ...},
                                     "catalog_dir": "/srv/catalogs",      # optional
-                                    "max_catalog_bytes": 4 << 30}}       # optional
+                                    "max_catalog_bytes": 4 << 30,        # optional
+                                    "allow_untested_vllm": false}}      # optional
 
 (``vllm serve ... --additional-config '{"decoding": {...}}'``), or in-process with
 :func:`register_catalog`. With ``catalog_dir`` a request may also name a plain file name inside
@@ -30,6 +31,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from decoding.integrations.vllm import _compat
 from decoding.trie import ItemTrie
 
 CATALOG_KEY = "decoding_catalog"
@@ -37,7 +39,7 @@ CONFIG_KEY = "decoding"
 DEFAULT_MAX_CATALOG_BYTES = 4 << 30
 UNKNOWN_CATALOG = (f"{CATALOG_KEY}: not a catalog this server serves; name a catalog that the operator "
                    "registered")
-_CONFIG_FIELDS = ("catalog", "offset", "catalogs", "catalog_dir", "max_catalog_bytes")
+_CONFIG_FIELDS = ("catalog", "offset", "catalogs", "catalog_dir", "max_catalog_bytes", _compat.OPT_IN_KEY)
 
 
 class CatalogError(ValueError):
@@ -76,6 +78,7 @@ class CatalogOptions:
     max_catalog_bytes: int = DEFAULT_MAX_CATALOG_BYTES
     default: str | None = None  # engine-wide catalog: a registered name or an operator path
     default_offset: int | None = None
+    allow_untested_vllm: bool = False  # run on a vLLM outside the supported range (one warning)
 
 
 def _config_error(field: str, expected: str, got) -> ValueError:
@@ -85,8 +88,7 @@ def _config_error(field: str, expected: str, got) -> ValueError:
 def catalog_options(vllm_config) -> CatalogOptions:
     """Parse ``vllm_config.additional_config["decoding"]``; raises ValueError naming the field
     (an operator error, reported when the engine starts)."""
-    extra = getattr(vllm_config, "additional_config", None) or {}
-    conf = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+    conf = _compat.additional_config(vllm_config).get(CONFIG_KEY)
     if conf is None:
         return CatalogOptions()
     if not isinstance(conf, dict) or set(conf) - set(_CONFIG_FIELDS):
@@ -114,7 +116,10 @@ def catalog_options(vllm_config) -> CatalogOptions:
         raise _config_error("offset", "a non-negative int (a token index)", offset)
     if offset is not None and default is None:
         raise _config_error("offset", '"catalog" beside it', offset)
-    return CatalogOptions(tuple(sorted(catalogs.items())), directory, budget, default, offset)
+    opt_in = conf.get(_compat.OPT_IN_KEY, False)
+    if not isinstance(opt_in, bool):
+        raise _config_error(_compat.OPT_IN_KEY, "true or false", opt_in)
+    return CatalogOptions(tuple(sorted(catalogs.items())), directory, budget, default, offset, opt_in)
 
 
 class _FileCache:
@@ -218,9 +223,7 @@ def catalogs_for(vllm_config=None) -> CatalogSet:
     """The :class:`CatalogSet` of an engine's config: one per distinct configuration and process,
     so the front end's admission checks and the engine's processor share loaded files, and the
     configuration is checked once, not per request."""
-    extra = getattr(vllm_config, "additional_config", None) or {}
-    conf = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
-    key = json.dumps(conf, sort_keys=True, default=repr)
+    key = json.dumps(_compat.additional_config(vllm_config).get(CONFIG_KEY), sort_keys=True, default=repr)
     with _lock:
         found = _sets.get(key)
     if found is None:

