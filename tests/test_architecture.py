@@ -122,3 +122,50 @@ def test_the_checks_see_the_imports():
     assert "decoding.ops._helpers" in GRAPH["decoding.ops._torch.trie_beam_step"]
     assert "decoding.kv.shared_prefix" in GRAPH["decoding.search.model"]  # a function-local import
     assert "decoding.trie" not in GRAPH["decoding.ops._torch.trie_beam_step"]  # TYPE_CHECKING only
+
+
+# vLLM's public API (what its docs show users); everything else of vLLM is internal
+VLLM_PUBLIC = {"vllm": {"LLM", "SamplingParams"}, "vllm.inputs": {"TokensPrompt"},
+               "vllm.sampling_params": {"BeamSearchParams", "SamplingParams"}}
+VLLM_SEAM = "decoding.integrations.vllm._compat"
+
+
+def _vllm_imports(module: str) -> list[tuple[str, set[str]]]:
+    """(vLLM module, names taken from it) for every import of vLLM in ``module``."""
+    found = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, set()) for a in node.names if a.name.split(".")[0] == "vllm"]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "vllm":
+            found.append((node.module, {a.name for a in node.names}))
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("__import__", "import_module"):
+            found += [(a.value, set()) for a in node.args[:1] if isinstance(a, ast.Constant)
+                      and str(a.value).split(".")[0] == "vllm"]
+    return found
+
+
+def test_vllm_internals_are_reached_only_through_the_seam():
+    """Every vLLM import of the package is in integrations/vllm/_compat.py, except vLLM's public API."""
+    wrong = []
+    for module in MODULES:
+        if module == VLLM_SEAM:
+            continue
+        for vllm_module, names in _vllm_imports(module):
+            public = VLLM_PUBLIC.get(vllm_module)
+            inside = module.startswith("decoding.integrations.vllm")
+            if inside or public is None or not names <= public:
+                wrong.append(f"{module}: {vllm_module} {sorted(names)}")
+    assert not wrong, "vLLM imports outside the seam:\n" + "\n".join(wrong)
+    assert any(m for m, _ in _vllm_imports(VLLM_SEAM)), "the seam check sees no import at all"
+
+
+def test_the_vllm_seam_check_sees_a_violation(monkeypatch, tmp_path):
+    offender = tmp_path / "offender.py"
+    offender.write_text("from vllm.v1.engine import EngineCoreRequest\n")
+    monkeypatch.setitem(MODULES, "decoding.integrations.vllm.offender", offender)
+    try:
+        test_vllm_internals_are_reached_only_through_the_seam()
+    except AssertionError as exc:
+        assert "decoding.integrations.vllm.offender: vllm.v1.engine ['EngineCoreRequest']" in str(exc)
+    else:
+        raise AssertionError("the seam check let an internal vLLM import through")

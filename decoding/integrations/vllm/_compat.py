@@ -122,10 +122,17 @@ def warn_if_untested() -> bool:
     return True
 
 
-def _opted_in(vllm_config) -> bool:
-    from decoding.integrations.vllm.catalogs import catalogs_for
+def opt_in_of(conf) -> bool:
+    """The operator's opt-in in ``additional_config["decoding"]`` (``conf``); ValueError naming the
+    key unless it is a bool."""
+    value = conf.get(OPT_IN_KEY, False) if isinstance(conf, dict) else False
+    if not isinstance(value, bool):
+        raise ValueError(f'additional_config["decoding"]["{OPT_IN_KEY}"]: expected true or false, got {value!r}')
+    return value
 
-    return catalogs_for(vllm_config).options.allow_untested_vllm
+
+def _opted_in(vllm_config) -> bool:
+    return opt_in_of(additional_config(vllm_config).get("decoding"))
 
 
 def enabled(vllm_config) -> bool:
@@ -166,6 +173,150 @@ def admitting_engine_enabled() -> bool:
     the installed vLLM is supported."""
     config = _admitting.get()
     return enabled(config) if config is not None else is_supported(installed_version())
+
+
+# ============================================================================ what the package relies on
+@dataclass(frozen=True)
+class Relied:
+    """One vLLM thing the package relies on: ``module:name`` exists, a callable takes ``params``
+    as its first parameters, a class has ``fields`` (dataclass, msgspec, pydantic or NamedTuple
+    fields, enum members, or class attributes), and its ``__init__`` assigns ``self.<attr>`` for
+    each of ``assigns``. ``until``: the last minor release that has it (None: all supported)."""
+
+    module: str
+    name: str
+    params: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()
+    assigns: tuple[str, ...] = ()
+    until: str | None = None
+
+
+_LEGACY, _V2 = "vllm.v1.sample.logits_processor", "vllm.v1.worker.gpu.sample.logits_processor"
+RELIED_ON = (
+    # logits processors: both runners' interfaces and loaders
+    Relied(_LEGACY, "LogitsProcessor", fields=("validate_params", "update_state", "apply", "is_argmax_invariant"),
+           until="0.33"),
+    Relied(_LEGACY, "BatchUpdate", fields=("removed", "added", "moved"), until="0.33"),
+    Relied(_LEGACY, "MoveDirectionality", fields=("SWAP",), until="0.33"),
+    Relied(_LEGACY, "_load_logitsprocs_plugins", until="0.33"),
+    Relied(f"{_V2}.interface", "LogitsProcessor", fields=("validate_params", "add_request", "apply_staged_writes",
+                                                          "apply")),
+    Relied(f"{_V2}.interface", "LogitsProcRequestState", fields=("device", "max_num_reqs", "all_token_ids",
+                                                                 "prompt_len", "total_len")),
+    Relied(f"{_V2}.interface", "LogitsContext", fields=("expanded_idx_mapping", "idx_mapping_np", "pos",
+                                                        "input_ids")),
+    Relied(f"{_V2}.loader", "_load_v2_logitsprocs_plugins"),
+    Relied(f"{_V2}.loader", "build_custom_logits_processors", params=("vllm_config", "req_states")),
+    # admission
+    Relied("vllm.v1.engine.input_processor", "InputProcessor.process_inputs",
+           params=("self", "request_id", "prompt", "params")),
+    Relied("vllm.v1.engine.input_processor", "InputProcessor", assigns=("vllm_config", "generation_config_fields")),
+    Relied("vllm.exceptions", "VLLMValidationError.__init__", params=("self", "message", "parameter")),
+    Relied("vllm.sampling_params", "SamplingParams", fields=("extra_args", "logprobs", "logprob_token_ids")),
+    # the OpenAI beam route
+    Relied("vllm.entrypoints.openai.completion.protocol", "CompletionRequest.to_beam_search_params",
+           params=("self", "max_tokens")),
+    Relied("vllm.entrypoints.openai.completion.protocol", "CompletionRequest",
+           fields=("vllm_xargs", "logprobs", "echo", "stop", "suffix", "prompt_logprobs")),
+    Relied("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest.to_beam_search_params",
+           params=("self", "max_tokens")),
+    Relied("vllm.entrypoints.generate.beam_search.online", "BeamSearchOnlineMixin.beam_search",
+           params=("self", "prompt", "request_id", "params", "lora_request")),
+    Relied("vllm.sampling_params", "BeamSearchParams", fields=("beam_width", "max_tokens", "length_penalty",
+                                                               "include_stop_str_in_output", "skip_special_tokens")),
+    Relied("vllm.outputs", "CompletionOutput", params=("index", "text", "token_ids", "cumulative_logprob", "logprobs")),
+    Relied("vllm.outputs", "RequestOutput.__init__", params=("self", "request_id", "prompt", "prompt_token_ids",
+                                                             "prompt_logprobs", "outputs", "finished")),
+    Relied("vllm.logprobs", "Logprob", params=("logprob", "rank")),
+    # the engine core (the drivers)
+    Relied("vllm.v1.engine", "EngineCoreRequest", fields=("request_id", "prompt_token_ids", "mm_features",
+                                                          "sampling_params", "pooling_params", "arrival_time",
+                                                          "lora_request", "cache_salt", "data_parallel_rank")),
+    Relied("vllm.v1.engine", "EngineCoreOutput", fields=("request_id", "new_logprobs", "finish_reason")),
+    Relied("vllm.v1.outputs", "LogprobsLists", fields=("logprob_token_ids", "logprobs")),
+    Relied("vllm.sampling_params", "SamplingParams.update_from_generation_config",
+           params=("self", "generation_config", "eos_token_id")),
+    Relied("vllm.sampling_params", "SamplingParams.update_from_tokenizer", params=("self", "tokenizer")),
+    Relied("vllm.v1.engine.core_client", "InprocClient", fields=("add_request", "get_output", "abort_requests")),
+    Relied("vllm.v1.engine.core_client", "SyncMPClient", fields=("add_request", "get_output", "abort_requests")),
+    Relied("vllm.v1.engine.core_client", "AsyncMPClient.add_request_async", params=("self", "request")),
+    Relied("vllm.v1.engine.core_client", "AsyncMPClient.abort_requests_async", params=("self", "request_ids")),
+    Relied("vllm.v1.engine.output_processor", "OutputProcessor.process_outputs",
+           params=("self", "engine_core_outputs")),
+    Relied("vllm.v1.engine.llm_engine", "LLMEngine", fields=("has_unfinished_requests",),
+           assigns=("vllm_config", "model_config", "renderer", "input_processor", "engine_core")),
+    Relied("vllm.v1.engine.async_llm", "AsyncLLM", assigns=("vllm_config", "model_config", "renderer",
+                                                           "input_processor", "output_processor", "engine_core")),
+    Relied("vllm.config", "ModelConfig", fields=("max_logprobs", "max_model_len", "logprobs_mode", "get_vocab_size")),
+    Relied("vllm.config", "ParallelConfig", fields=("data_parallel_size",)),
+)
+
+
+def _fields_of(cls) -> set[str]:
+    import dataclasses
+
+    names = set(dir(cls))
+    if dataclasses.is_dataclass(cls):
+        names |= {f.name for f in dataclasses.fields(cls)}
+    for attr in ("__struct_fields__", "_fields", "model_fields", "__members__"):
+        names |= set(getattr(cls, attr, None) or ())
+    return names
+
+
+def _assigned_in_init(cls) -> set[str]:
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.__init__)))
+    except (OSError, TypeError, SyntaxError):
+        return set()
+    return {t.attr for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            for t in ([t] if not isinstance(t, ast.Tuple) else t.elts)
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+
+
+def _minor(version: str | None) -> tuple[int, int] | None:
+    try:
+        major, minor = (version or "").split("+")[0].split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
+def contract_breaks(version: str | None = None) -> list[str]:
+    """What of :data:`RELIED_ON` the importable vLLM breaks, one line each (empty: none)."""
+    current = _minor(installed_version() if version is None else version)
+    broken = []
+    for entry in RELIED_ON:
+        if entry.until is not None and current is not None and current > _minor(entry.until):
+            continue
+        where = f"{entry.module}:{entry.name}"
+        head, _, attr = entry.name.partition(".")
+        obj = _import(entry.module, head)
+        if obj is not None and attr:
+            obj = getattr(obj, attr, None)
+        if obj is None:
+            broken.append(f"{where}: missing")
+            continue
+        if entry.params and not _accepts(obj, entry.params):
+            try:
+                found = tuple(inspect.signature(obj).parameters)
+            except (TypeError, ValueError):
+                found = "?"
+            broken.append(f"{where}: expected parameters {entry.params} first, found {found}")
+        missing = [f for f in entry.fields if f not in _fields_of(obj)]
+        if missing:
+            broken.append(f"{where}: missing fields {missing}")
+        unassigned = [a for a in entry.assigns if a not in _assigned_in_init(obj)]
+        if unassigned:
+            broken.append(f"{where}: __init__ no longer sets {unassigned}")
+    return broken
+
+
+def _expected_params(module: str, name: str) -> tuple[str, ...]:
+    return next(e.params for e in RELIED_ON if e.module == module and e.name == name)
 
 
 # ============================================================================ logits processors
@@ -334,7 +485,7 @@ def install_admission(check: Callable[[dict, list | None, object], None]) -> boo
 
         return process_inputs
 
-    return _patch(cls, "process_inputs", make, ("self", "request_id", "prompt", "params"))
+    return _patch(cls, "process_inputs", make, _expected_params(INPUT_PROCESSOR[0], "InputProcessor.process_inputs"))
 
 
 COMPLETION_REQUEST = ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest")
@@ -410,7 +561,8 @@ def install_beam_route(options_of: Callable[[dict, Callable[[str, Any], Any], bo
     routed = True
     for where, chat in ((COMPLETION_REQUEST, False), (CHAT_REQUEST, True)):
         cls = _import(*where)
-        if cls is None or not _patch(cls, "to_beam_search_params", make_to_params(chat), ("self", "max_tokens")):
+        expect = _expected_params(where[0], f"{where[1]}.to_beam_search_params")
+        if cls is None or not _patch(cls, "to_beam_search_params", make_to_params(chat), expect):
             routed = False
     if mixin is None:
         return False
@@ -436,7 +588,8 @@ def install_beam_route(options_of: Callable[[dict, Callable[[str, Any], Any], bo
 
         return beam_search
 
-    return _patch(mixin, "beam_search", make_beam_search, ("self", "prompt", "request_id", "params")) and routed
+    expect = _expected_params(BEAM_SEARCH_MIXIN[0], "BeamSearchOnlineMixin.beam_search")
+    return _patch(mixin, "beam_search", make_beam_search, expect) and routed
 
 
 def _beam_call(serving, prompt, request_id, params, lora_request) -> BeamCall:

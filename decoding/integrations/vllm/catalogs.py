@@ -116,10 +116,8 @@ def catalog_options(vllm_config) -> CatalogOptions:
         raise _config_error("offset", "a non-negative int (a token index)", offset)
     if offset is not None and default is None:
         raise _config_error("offset", '"catalog" beside it', offset)
-    opt_in = conf.get(_compat.OPT_IN_KEY, False)
-    if not isinstance(opt_in, bool):
-        raise _config_error(_compat.OPT_IN_KEY, "true or false", opt_in)
-    return CatalogOptions(tuple(sorted(catalogs.items())), directory, budget, default, offset, opt_in)
+    return CatalogOptions(tuple(sorted(catalogs.items())), directory, budget, default, offset,
+                          _compat.opt_in_of(conf))
 
 
 class _FileCache:
