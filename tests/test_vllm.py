@@ -227,6 +227,9 @@ def test_engine_default_catalog_constrains_vllm_beam_search(served_model_dir, ca
     ({"decoding_catalog": "items", "decoding_offset": 0}, "do not start any identifier"),
     ({"decoding_catalog": "items", "decoding_offset": -3}, "decoding_offset: expected a non-negative int"),
     ({"decoding_offset": 2}, "decoding_offset: given without decoding_catalog"),
+    ({"decoding_catalog": "items", "decoding_catlog": "x"}, "decoding_catlog: not a decoding argument of this route"),
+    ({"decoding_catlog": "items"}, "decoding_catlog: not a decoding argument of this route"),  # never unconstrained
+    ({"decoding_catalog": "items", "decoding_exclude": [1]}, "served by beam search over the OpenAI API"),
 ])
 def test_bad_extra_args_are_rejected_at_admission(llm, catalog, tmp_path, extra, match):
     import re

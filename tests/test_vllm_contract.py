@@ -407,7 +407,7 @@ def test_openai_beam_route_over_the_releases_http_app_is_exact(server_args, vllm
             answers = await asyncio.gather(*[http.post("/v1/completions", json=body(p)) for p in prompts])
             refused = [await http.post("/v1/completions", json=body(prompts[0], **extra)) for extra in (
                 {"echo": True, "logprobs": None}, {"n": 5000}, {"max_tokens": 2},
-                {"vllm_xargs": {"decoding_catalog": "/etc/passwd"}})]
+                {"vllm_xargs": {"decoding_catalog": "/etc/passwd"}}, {"allowed_token_ids": [5, 6]})]
             chat = await http.post("/v1/chat/completions", json={
                 "model": model, "messages": [{"role": "user", "content": "t10"}], "max_completion_tokens": 4,
                 "use_beam_search": True, "n": 2, "vllm_xargs": {"decoding_catalog": "items"}})
@@ -426,6 +426,7 @@ def test_openai_beam_route_over_the_releases_http_app_is_exact(server_args, vllm
     assert all(r.status_code == 400 for r in refused), messages
     assert messages[0].startswith("echo: not supported") and "more than the catalog's" in messages[1]
     assert "shorter than the catalog's identifiers" in messages[2] and dv.UNKNOWN_CATALOG in messages[3]
+    assert messages[4].startswith("allowed_token_ids: not supported by exact beam search")
     assert chat.status_code == 400 and "chat completions with use_beam_search" in chat.json()["error"]["message"]
 
 
