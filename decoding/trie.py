@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zlib
 from typing import Sequence
 
@@ -29,6 +30,7 @@ import torch
 from decoding._ext import _C
 from decoding._validate import check_choice, check_positive_int, exclusion_ids
 
+_COMPACT_LOCK = threading.Lock()
 _FORMAT = "decoding.ItemTrie"
 _VERSION = 1
 _ARRAYS = (
@@ -187,6 +189,35 @@ class ItemTrie:
             return self
         arrays = {k: v.to(device) for k, v in self._arrays.items()}
         return ItemTrie(arrays, vocab_size=self.vocab_size, eos_token_id=self.eos_token_id, depth=self.depth)
+
+    def compact(self) -> tuple["ItemTrie", torch.Tensor]:
+        """The same trie over a compact vocabulary: the catalog's distinct tokens, in order,
+        renumbered ``0 .. C-1`` (the nodes, items and ranks are unchanged, and so is the order of
+        every node's children). For a search whose scores only ever touch catalog tokens, so that
+        a beam row is ``C`` numbers instead of the model's vocabulary.
+
+        Returns:
+            ``(trie, tokens)``: the compact trie (``vocab_size = C``, on this trie's device) and
+            ``tokens`` int64 ``[C]``, the real token of each compact id (sorted). Computed once
+            per trie.
+        """
+        with _COMPACT_LOCK:
+            found = getattr(self, "_compact_view", None)
+        if found is not None:
+            return found
+        node_token = self.node_token.long()
+        tokens = torch.unique(node_token[1:]) if self.num_nodes > 1 else node_token[:0]
+        remapped = torch.searchsorted(tokens, node_token.clamp(min=0))
+        remapped = torch.where(node_token >= 0, remapped, node_token).to(self.node_token.dtype)
+        arrays = {**self._arrays, "node_token": remapped}
+        eos = None
+        if self.eos_token_id is not None:
+            at = int(torch.searchsorted(tokens, torch.tensor(self.eos_token_id, device=tokens.device)))
+            eos = at if at < tokens.numel() and int(tokens[at]) == self.eos_token_id else None
+        view = (ItemTrie(arrays, vocab_size=max(int(tokens.numel()), 1), eos_token_id=eos, depth=self.depth), tokens)
+        with _COMPACT_LOCK:
+            self._compact_view = view
+        return view
 
     # ------------------------------------------------------------------ queries
     def is_leaf(self, nodes: torch.Tensor) -> torch.Tensor:

@@ -213,3 +213,20 @@ def test_large_catalog_builds():
     found = trie.lookup(torch.as_tensor(rows[sample]))
     # every sampled row resolves to a row holding the same identifier
     assert np.array_equal(rows[found.numpy()], rows[sample])
+
+
+def test_compact_trie_has_the_same_nodes_over_the_catalogs_tokens_only():
+    from decoding import testing as bm
+
+    seqs = bm.random_semantic_ids(3000, seed=5) + 500  # tokens from 508 on, in a 2,000-token vocabulary
+    trie = ItemTrie.from_sequences(seqs, vocab_size=2000)
+    compact, tokens = trie.compact()
+    assert compact.vocab_size == tokens.numel() == len(np.unique(seqs)) < trie.vocab_size
+    assert torch.equal(tokens, torch.as_tensor(np.unique(seqs)))
+    ids = torch.searchsorted(tokens, torch.as_tensor(seqs))
+    assert torch.equal(compact.lookup(ids), trie.lookup(torch.as_tensor(seqs)))
+    assert torch.equal(compact.walk(ids[:, :2]), trie.walk(torch.as_tensor(seqs[:, :2])))
+    assert trie.compact()[0] is compact  # computed once
+    titles = ItemTrie.from_sequences([[5, 9, 2], [5, 2], [7, 2]], vocab_size=10, eos_token_id=2)
+    c, t = titles.compact()
+    assert t.tolist() == [2, 5, 7, 9] and c.eos_token_id == 0

@@ -107,15 +107,18 @@ def test_complete_identifier_only_allows_eos(llm, catalog):
         assert out[4:] == [EOS]  # the engine stops at EOS
 
 
-@pytest.mark.parametrize("full_vocab", [True, False], ids=["wide-nodes-full-vocab", "wide-nodes-split"])
-def test_driver_matches_decoding_beam_search_on_the_same_weights(llm, served_model_dir, catalog, monkeypatch,
-                                                                 full_vocab):
+@pytest.mark.parametrize("wide", ["whole-row", "top-n", "by-id"])
+def test_driver_matches_decoding_beam_search_on_the_same_weights(llm, served_model_dir, catalog, monkeypatch, wide):
     from transformers import AutoModelForCausalLM
 
-    from decoding.integrations.vllm import _compat, rows
+    from decoding.integrations.vllm import rows
 
-    # the root has 256 children: one full-vocabulary request, or two requests of 128 token ids
-    monkeypatch.setattr(_compat.SyncEngine, "full_vocab_logprobs_allowed", full_vocab)
+    # the root has 256 children: on this small vocabulary one request for the whole row; else the
+    # top-N (random weights: falling back by id), or straight by id (two requests of 128 ids)
+    if wide != "whole-row":
+        monkeypatch.setattr(rows, "SMALL_VOCAB", 0)
+    if wide == "by-id":
+        monkeypatch.setattr(rows, "top_n_for", lambda keep, vocab, cap: (0, False))
     _, trie, _ = catalog
     assert trie.max_branch_at(0) > rows.MAX_TOKEN_IDS_PER_REQUEST
     prompts = random_prompts(6, seed=4)

@@ -62,7 +62,7 @@ def start_engine(model_dir, **kwargs):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = dict(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=256, max_logprobs=-1, seed=0)
+    args = dict(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=256, max_logprobs=64, seed=0)
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**{**args, **kwargs}))
 
 
@@ -117,20 +117,30 @@ def test_async_driver_is_exact_and_concurrent_searches_share_engine_steps(served
     assert set().union(*client.ranks_of.values()) == {None}  # one rank: no rank is named
 
 
-def test_async_driver_refuses_engines_it_cannot_be_exact_on(served_model_dir):
-    trie = ItemTrie.from_sequences(bm.random_semantic_ids(2_000, seed=12), vocab_size=VOCAB)
+def test_async_driver_on_vllms_default_max_logprobs_and_the_engines_it_refuses(served_model_dir):
+    """vLLM's default max_logprobs (20) is enough: rows ask their children by id (O(children)
+    numbers), exact all the same; an engine whose log-probs are not the raw ones is refused."""
+    from transformers import AutoModelForCausalLM
+
+    trie = ItemTrie.from_sequences(bm.random_semantic_ids(12_000, seed=12), vocab_size=VOCAB)
+    prompts = random_prompts(3, seed=44)
 
     async def attempt(**engine_kwargs):
         engine = start_engine(served_model_dir, **engine_kwargs)
         try:
-            with pytest.raises(ValueError) as info:
-                await dv.beam_search_async(engine, [[10, 11, 12]], trie=trie, num_beams=4)
-            return str(info.value)
+            if "logprobs_mode" in engine_kwargs:
+                with pytest.raises(ValueError) as info:
+                    await dv.beam_search_async(engine, [[10, 11, 12]], trie=trie, num_beams=4)
+                return str(info.value)
+            return await dv.beam_search_async(engine, prompts, trie=trie, num_beams=12)
         finally:
             engine.shutdown()
 
-    message = asyncio.run(attempt(max_logprobs=20))
-    assert "max_logprobs=-1" in message and "not 20" in message
+    got = asyncio.run(attempt(max_logprobs=20))
+    hf = AutoModelForCausalLM.from_pretrained(served_model_dir).eval()
+    for i, p in enumerate(prompts):
+        ref = beam_search(hf, torch.tensor([p]), None, trie=trie, num_beams=12)
+        assert torch.equal(got.items[i], ref.items[0]) and torch.allclose(got.scores[i], ref.scores[0], atol=1e-4)
     message = asyncio.run(attempt(logprobs_mode="processed_logprobs"))
     assert "logprobs_mode is 'processed_logprobs'" in message
 

@@ -341,7 +341,12 @@ class FakeEngineCore:
             ids = torch.tensor([list(request.prompt_token_ids)])
             logprobs = torch.log_softmax(self.model(ids).logits[0, -1].float(), -1)
         params = request.sampling_params
-        wanted = params.logprob_token_ids or list(range(len(logprobs)))
+        if params.logprob_token_ids:
+            wanted = list(params.logprob_token_ids)
+        elif params.logprobs == -1:
+            wanted = list(range(len(logprobs)))
+        else:
+            wanted = torch.topk(logprobs, params.logprobs).indices.tolist()
         top = int(logprobs.argmax())
         tokens = np.array([[top, *wanted]], dtype=np.int64)
         out = EngineCoreOutput(request_id=request.request_id, new_token_ids=[top],
@@ -424,7 +429,8 @@ def test_openai_beam_route_over_the_releases_http_app_is_exact(server_args, vllm
             assert abs(sum(choice["logprobs"]["token_logprobs"]) - score) < 1e-4
     messages = [r.json()["error"]["message"] for r in refused]
     assert all(r.status_code == 400 for r in refused), messages
-    assert messages[0].startswith("echo: not supported") and "more than the catalog's" in messages[1]
+    assert messages[0].startswith("echo: not supported")
+    assert "n: 5000 beams is above this server's max_beams (1024)" in messages[1] and '"max_beams"' in messages[1]
     assert "shorter than the catalog's identifiers" in messages[2] and dv.UNKNOWN_CATALOG in messages[3]
     assert messages[4].startswith("allowed_token_ids: not supported by exact beam search")
     assert chat.status_code == 400 and "chat completions with use_beam_search" in chat.json()["error"]["message"]
@@ -458,7 +464,13 @@ def test_beam_route_through_the_releases_serving_mixin_is_exact(vllm_config, inp
         chosen = [step[token].logprob for step, token in zip(choice.logprobs, choice.token_ids)]
         assert abs(sum(chosen) / len(chosen) - score) < 1e-4  # length_penalty 1: the mean
     assert client.engine_core.aborted == []
-    assert all(r.sampling_params.logprobs == -1 for r in client.engine_core.added)
+    # O(children) per beam: children by id (at most the engine's cap: 128 on the current runner,
+    # which 0.34 only has), or a top-N; never "the whole vocabulary" (-1)
+    asked = [r.sampling_params for r in client.engine_core.added]
+    cap = _compat.max_logprob_token_ids(vllm_config)
+    assert cap == (128 if _compat.LegacyProcessorBase is None or vllm_config.use_v2_model_runner else 4096)
+    assert all(p.logprobs != -1 and len(p.logprob_token_ids or []) <= cap for p in asked)
+    assert any(p.logprob_token_ids for p in asked)
 
 
 def test_a_cancelled_search_aborts_its_requests_in_the_engine(vllm_config, input_processor, hf_model, catalog):
@@ -536,6 +548,50 @@ def test_output_router_on_the_releases_output_processor(vllm_config, input_proce
     scored, result = asyncio.run(run())
     assert scored.token_ids.tolist() == [3, 4] and seen == ["someone-else"]
     assert list(result.request_outputs) == []  # an unknown request: skipped, nothing raised
+
+
+# ---------------------------------------------------------------------------- the legacy sampler's mixed batches
+def _sampling_metadata(rows: int, *, top_n, token_ids):
+    """The release's own SamplingMetadata for a greedy batch of ``rows``."""
+    import dataclasses
+
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    known = dict(temperature=None, all_greedy=True, all_random=False, top_p=None, top_k=None, generators={},
+                 max_num_logprobs=top_n, no_penalties=True, prompt_token_ids=None,
+                 frequency_penalties=torch.zeros(rows), presence_penalties=torch.zeros(rows),
+                 repetition_penalties=torch.ones(rows), output_token_ids=[[] for _ in range(rows)],
+                 allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors(),
+                 logprob_token_ids=token_ids)
+    fields = {f.name for f in dataclasses.fields(SamplingMetadata)}
+    return SamplingMetadata(**{k: v for k, v in known.items() if k in fields})
+
+
+@pytest.mark.skipif(_compat.LegacyProcessorBase is None, reason="this vLLM has no legacy runner (0.34 removed it)")
+def test_legacy_sampler_answers_each_row_of_a_mixed_batch_as_an_unmixed_batch_would(input_processor, monkeypatch):
+    """Row 0 asks its top 3 log-probs, row 1 two token ids, row 2 nothing. vLLM's legacy sampler
+    answers row 0 with -inf alternatives (the bug); with the package's fix it gets its top 3."""
+    from vllm.v1.sample.sampler import Sampler
+
+    if not _runs_engines():  # the release's CPU greedy sampling is a compiled op: argmax stands in
+        monkeypatch.setattr(Sampler, "greedy_sample", staticmethod(lambda logits: logits.argmax(dim=-1).view(-1)))
+
+    assert getattr(Sampler.forward, "_decoding_patch", False)  # installed by the plugin (input_processor)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    mixed = _sampling_metadata(3, top_n=3, token_ids={1: [5, 9]})
+    out = Sampler().forward(logits.clone(), mixed)
+    alone = Sampler().forward(logits.clone(), _sampling_metadata(3, top_n=3, token_ids=None))
+    tensors, ref = out.logprobs_tensors, alone.logprobs_tensors
+    assert torch.equal(tensors.logprob_token_ids[0, :4].long(), ref.logprob_token_ids[0].long())
+    assert torch.allclose(tensors.logprobs[0, :4], ref.logprobs[0])
+    assert tensors.logprob_token_ids[1, 1:3].tolist() == [5, 9]
+    assert torch.allclose(tensors.logprobs[1, 1:3], torch.log_softmax(logits[1], -1)[[5, 9]])
+    assert torch.equal(out.sampled_token_ids, alone.sampled_token_ids)
+    # the bug the fix mends: vLLM's own forward gives row 0 nothing but its sampled token
+    bare = Sampler.forward.__wrapped__(Sampler(), logits.clone(), mixed).logprobs_tensors
+    assert torch.isinf(bare.logprobs[0, 1:]).all()
 
 
 # ---------------------------------------------------------------------------- every supported release

@@ -40,6 +40,7 @@ def catalogs(tmp_path_factory):
     ItemTrie.from_sequences(bm.random_semantic_ids(50, seed=14), vocab_size=VOCAB).save(private / "secret.trie")
     (directory / "link-out.trie").symlink_to(private / "secret.trie")
     ItemTrie.from_sequences([[10, 300, 600, 900]], vocab_size=VOCAB).save(root / "swap.trie")
+    ItemTrie.from_sequences(bm.random_semantic_ids(20_000, seed=15), vocab_size=VOCAB).save(root / "big.trie")
     return {"root": root, "dir": directory, "items": items, "in_dir": in_dir}
 
 
@@ -60,8 +61,9 @@ def running_server(model_dir, log_path, config=None, args=(), env=None):
 
 def server_config(catalogs):
     root = catalogs["root"]
-    return {"decoding": {"catalogs": {"items": str(root / "items.trie"), "swap": str(root / "swap.trie")},
-                         "catalog_dir": str(catalogs["dir"])}}
+    return {"decoding": {"catalogs": {"items": str(root / "items.trie"), "swap": str(root / "swap.trie"),
+                                      "big": str(root / "big.trie")},
+                         "catalog_dir": str(catalogs["dir"]), "max_beams": 16384, "max_exclude": 1000}}
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +237,9 @@ def test_beam_search_exclusions_and_length_penalty(server, catalogs, reference):
     ({"vllm_xargs": {"decoding_exclude": [10 ** 9]}}, "decoding_exclude: item ids must be below"),
     ({"vllm_xargs": {"decoding_catalog": "/etc/passwd"}}, UNKNOWN_CATALOG),
     ({"n": 2, "vllm_xargs": {"decoding_catalog": "swap"}}, "n: 2 beams is more than the catalog's 1 items"),
+    ({"vllm_xargs": {"decoding_exclude": list(range(1001))}},
+     "decoding_exclude: 1001 item ids is above this server's max_exclude (1000); the operator raises it with "
+     '--additional-config \'{"decoding": {"max_exclude": <ids>}}\''),
 ])
 def test_beam_search_cases_the_exact_path_cannot_serve_are_400(server, extra, message):
     client, model, proc = server
@@ -281,10 +286,10 @@ def test_beam_search_without_a_catalog_equals_a_server_without_the_package(serve
 
 
 def test_other_clients_log_probs_are_unchanged_while_beam_searches_run(server, catalogs):
-    """Never break the host: the exact path's scoring requests share engine batches with other
-    clients' requests, which must get exactly what they get alone. (Scoring with
-    logprob_token_ids would fail this: vLLM 0.32's legacy runner then returns -inf for the other
-    requests' top log-probs.)"""
+    """Never break the host: the exact path's scoring requests (children's log-probs by id) share
+    engine batches with other clients' top-N log-prob requests, which must get exactly what they
+    get alone. (vLLM 0.32's legacy sampler alone would answer such a batch with -inf for the other
+    requests' top log-probs; the package's plugin mends it.)"""
     client, model, _ = server
     prompts = random_prompts(16, seed=25)
 
@@ -311,18 +316,120 @@ def test_other_clients_log_probs_are_unchanged_while_beam_searches_run(server, c
 
 
 
-def test_a_server_that_cannot_give_full_vocabulary_log_probs_refuses_catalog_beam_search(served_model_dir, catalogs):
-    """Started with vLLM's default --max-logprobs (20): the exact path cannot score a beam, so a
-    catalog beam request is a 400 naming the flag; everything else keeps being served."""
+def test_a_server_on_vllms_default_max_logprobs_serves_exact_catalog_beam_search(served_model_dir, catalogs,
+                                                                                  reference):
+    """Started with vLLM's default --max-logprobs (20): no beam needs more than its children's
+    log-probs (asked by id), so catalog beam search is exact there too."""
     log = catalogs["root"] / "server-max-logprobs.log"
     with running_server(served_model_dir, log, server_config(catalogs), args=("--max-logprobs", "20")) as running:
         client, model, proc = running
-        response = beam_request(client, model, [10, 11, 12], 4, logprobs=None)
-        assert response.status_code == 400, response.text
-        assert "--max-logprobs -1" in response.json()["error"]["message"]
-        assert beam_request(client, model, [10, 11, 12], 4, catalog=None, logprobs=None).status_code == 200
+        check_exact(client, model, catalogs["items"], reference, random_prompts(12, seed=29), n=12)
         assert tokens_of(complete(client, model, [10, 11, 12], catalog="items"))
         assert proc.poll() is None
+
+
+def server_state(client) -> dict:
+    """The engine's own gauges and counters (running and waiting requests, prefix-cache queries)
+    and the exact path's requests in flight, from /metrics."""
+    state = {"engine_requests": 0.0, "prefix_cache_queries": 0.0, "in_flight": 0.0}
+    for line in client.get("/metrics").text.splitlines():
+        value = line.rsplit(" ", 1)[-1]
+        if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{")):
+            state["engine_requests"] += float(value)
+        elif line.startswith("vllm:prefix_cache_queries_total{"):
+            state["prefix_cache_queries"] += float(value)
+        elif line.startswith("decoding_beam_requests_in_flight "):
+            state["in_flight"] = float(value)
+    return state
+
+
+def test_a_search_at_the_beam_cap_leaves_room_for_others_and_stops_when_its_client_leaves(server, catalogs):
+    """n=16000 (the operator raised max_beams to 16384): a bystander's 4-token completion is
+    served within 5 s while the search runs; once the search's client hangs up, within a second
+    the engine holds none of its requests and receives no more (its own gauges and prefix-cache
+    counter stop), and the exact path has none in flight."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    client, model, proc = server
+    body = json.dumps({"model": model, "prompt": [10, 11, 12], "max_tokens": 4, "use_beam_search": True,
+                       "n": 16000, "vllm_xargs": {"decoding_catalog": "big"}}).encode()
+    url = urlparse(str(client.base_url))
+    big = socket.create_connection((url.hostname, url.port))
+    big.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    try:
+        deadline = time.monotonic() + 120
+        while server_state(client)["in_flight"] < 100:  # the search's 16000-row steps are in the engine
+            assert time.monotonic() < deadline, "the n=16000 search never reached the engine"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        assert len(tokens_of(complete(client, model, [10, 11, 12, 13]))) == 4
+        waited = time.monotonic() - t0
+        assert server_state(client)["in_flight"] > 0, "the search ended before the bystander was measured"
+        assert waited < 5, f"a bystander's 4-token completion took {waited:.1f} s beside an n=16000 search"
+    finally:
+        big.close()  # the client hangs up
+    hung_up = time.monotonic()
+    while True:
+        state = server_state(client)
+        if state["in_flight"] == 0 and state["engine_requests"] == 0:
+            break
+        assert time.monotonic() - hung_up < 1.0, f"a second after the client left: {state}"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert server_state(client)["prefix_cache_queries"] == state["prefix_cache_queries"], "requests kept coming"
+    assert proc.poll() is None and tokens_of(complete(client, model, [10, 11, 12]))
+
+
+TEXT_VOCAB = 150_904  # with the 1,032 semantic-ID and special tokens: Qwen3's 151,936
+
+
+@pytest.fixture(scope="module")
+def llm_vocab(tmp_path_factory, catalogs):
+    """A server whose model has an LLM's vocabulary (151,936 tokens, the semantic-ID codes among
+    them), the operator's default caps, and its reference in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from decoding import beam_search
+
+    root = tmp_path_factory.mktemp("llm_vocab")
+    model_dir = bm.save_for_serving(bm.tiny_llama(VOCAB + TEXT_VOCAB, hidden_size=64, layers=2, heads=2, seed=31),
+                                    root / "model")
+    trie = ItemTrie.from_sequences(bm.random_semantic_ids(12_000, seed=12), vocab_size=VOCAB + TEXT_VOCAB)
+    trie.save(root / "items.trie")
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def search(prompt, trie, n, exclude=None, length_penalty=1.0):
+        return beam_search(hf, torch.tensor([prompt]), None, trie=trie, num_beams=n, length_penalty=length_penalty)
+
+    config = {"decoding": {"catalogs": {"items": str(root / "items.trie")}}}
+    with running_server(model_dir, root / "server.log", config, env={"VLLM_CPU_KVCACHE_SPACE": "3"}) as running:
+        yield running, trie, search
+
+
+def test_exact_beam_search_at_an_llms_vocabulary_under_concurrency(llm_vocab):
+    """151,936 tokens, 32 concurrent requests: exact against decoding.beam_search, and no request
+    moved the vocabulary (the server's counters: log-probs per engine request stay O(children))."""
+    (client, model, proc), trie, reference = llm_vocab
+    before = {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines()
+              if line.startswith("decoding_beam_") and "_total " in line}
+    check_exact(client, model, trie, reference, random_prompts(32, seed=30), n=8)
+    after = {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines()
+             if line.startswith("decoding_beam_") and "_total " in line}
+    requests = after["decoding_beam_engine_requests_total"] - before.get("decoding_beam_engine_requests_total", 0)
+    logprobs = after["decoding_beam_logprobs_total"] - before.get("decoding_beam_logprobs_total", 0)
+    assert requests > 0 and logprobs / requests <= 129  # at most 128 children by id (+ the sampled token)
+    assert proc.poll() is None
+
+
+def test_operator_caps_on_beams(llm_vocab):
+    (client, model, _), _, _ = llm_vocab
+    response = beam_request(client, model, [10, 11, 12], 1025)
+    assert response.status_code == 400
+    assert ("n: 1025 beams is above this server's max_beams (1024); the operator raises it with "
+            '--additional-config \'{"decoding": {"max_beams": <beams>}}\'') in response.json()["error"]["message"]
 
 @pytest.mark.parametrize("parallel", ["--data-parallel-size", "--tensor-parallel-size"])
 def test_exact_beam_search_on_a_server_with_two_ranks(served_model_dir, catalogs, reference, parallel):

@@ -10,10 +10,18 @@ identifier length) per run:
 (b) the same requests naming the catalog (``vllm_xargs: {"decoding_catalog": ...}``), served by
     the package's exact path.
 
-Columns: requests/s, p50 and p99 latency, invalid-item rate, agreement with the exact top-K
-(``decoding.beam_search`` on the same weights in transformers). A last row measures the model work
-any beam search must do, as plain requests over HTTP (each prompt prefilled, then ``beams`` rows
-decoding the identifier's other tokens; no ranking): the most any beam search on this server could gain.
+Columns: requests/s, p50 and p99 latency, invalid-item rate, and agreement with the exact top-K
+(``decoding.beam_search`` on the same weights in transformers), split into exact (the same item
+set), near-tie (sets differing only in items whose scores lie within 1e-5 relative of the K-th
+score: a tie at the boundary that float rounding between the two engines decides) and wrong.
+While each method runs, a bystander sends plain 4-token completions one after another; their
+latency is reported beside the same completion's alone. For the exact path, the engine requests
+and log-probs it asked per search and how many wide rows fell back (the server's
+``decoding_beam_*`` counters). ``--text-vocab`` adds text tokens to the model's vocabulary (an
+LLM recommender's: Qwen3's 151,936 tokens is ``--text-vocab 150904``). A last row measures the
+model work any beam search must do, as plain requests over HTTP (each prompt prefilled, then
+``beams`` rows decoding the identifier's other tokens; no ranking): the most any beam search on
+this server could gain.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,10 +39,65 @@ from decoding import beam_search
 from decoding import testing as bm
 from decoding.bench._common import catalog_and_model, log
 
+NEAR_TIE = 1e-5  # relative
+
 
 def _percentile(values, q):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def classify(got: dict, items: list[int], scores: list[float]) -> str:
+    """``exact``, ``near-tie`` or ``wrong``: ``got`` ({item: score}) against the exact top-K
+    (``items``, ``scores`` best first)."""
+    missing, extra = set(items) - set(got), set(got) - set(items)
+    if not missing and not extra:
+        return "exact"
+    kth = scores[-1]
+    near = [dict(zip(items, scores))[i] for i in missing] + [got[i] for i in extra]
+    if all(abs(v - kth) <= NEAR_TIE * max(abs(kth), 1.0) for v in near):
+        return "near-tie"
+    return "wrong"
+
+
+def _server_counters(client) -> dict:
+    text = client.get("/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("decoding_beam_") and "_total " in line:
+            name, value = line.rsplit(" ", 1)
+            out[name.removeprefix("decoding_beam_").removesuffix("_total")] = float(value)
+    return out
+
+
+class Bystander:
+    """Plain 4-token completions, one after another, while something else runs: their latencies."""
+
+    def __init__(self, client, model, prompt):
+        self.client, self.body = client, {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0.0,
+                                          "ignore_eos": True}
+        self.latencies, self._stop = [], threading.Event()
+
+    def once(self) -> float:
+        t0 = time.perf_counter()
+        response = self.client.post("/v1/completions", json=self.body)
+        if response.status_code != 200:
+            raise RuntimeError(f"bystander answered {response.status_code}: {response.text[:300]}")
+        return time.perf_counter() - t0
+
+    def __enter__(self):
+        def loop():
+            while not self._stop.is_set():
+                self.latencies.append(self.once())
+                time.sleep(0.05)
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def run(args, device) -> dict:
@@ -45,21 +109,31 @@ def run(args, device) -> dict:
     from decoding.testing.serving import vllm_server
 
     K, L, N, C = args.beams, args.levels, args.batch, args.clients
-    log(f"[vllm-http] catalog: {args.items:,} semantic IDs; {N} requests of {args.prompt_len} tokens per run, "
-        f"{C} concurrent clients, {K} beams")
     V, _, trie, model, _ = catalog_and_model(args)
+    log(f"[vllm-http] catalog: {args.items:,} semantic IDs, vocabulary {V:,} tokens; {N} requests of "
+        f"{args.prompt_len} tokens per run, {C} concurrent clients, {K} beams")
     g = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(bm.SPECIAL_TOKENS, V, (N, args.prompt_len), generator=g)
+    prompts = torch.randint(bm.SPECIAL_TOKENS, bm.sid_vocab_size(L, args.codes), (N, args.prompt_len), generator=g)
     log("[vllm-http] exact top-K: decoding.beam_search on the same weights in transformers")
-    exact = [set(beam_search(model, prompts[i: i + 16], None, trie=trie, num_beams=K).items[j].tolist())
-             for i in range(0, N, 16) for j in range(min(16, N - i))]
+    exact = []
+    for i in range(0, N, 16):
+        out = beam_search(model, prompts[i: i + 16], None, trie=trie, num_beams=K)
+        exact += [(out.items[j].tolist(), out.scores[j].tolist()) for j in range(out.items.shape[0])]
     prompt_lists = prompts.tolist()
 
-    def score(item_lists):
-        rows = [it for items in item_lists for it in items]
+    def score(answers):
+        rows = [it for items, _ in answers for it in items]
         invalid = sum(i < 0 for i in rows) / max(len(rows), 1)
-        agree = sum({i for i in items if i >= 0} == exact[b] for b, items in enumerate(item_lists)) / N
-        return invalid, agree
+        kinds, wrong = [], []
+        for b, (items, scores) in enumerate(answers):
+            got = {i: s for i, s in zip(items, scores) if i >= 0}
+            kinds.append(classify(got, *exact[b]))
+            if kinds[-1] != "exact" and len(wrong) < 8:  # what differs, for a reader to judge
+                ref = dict(zip(*exact[b]))
+                wrong.append({"request": b, "kind": kinds[-1], "kth_score": exact[b][1][-1],
+                              "missing": {i: ref[i] for i in set(ref) - set(got)},
+                              "extra": {i: got[i] for i in set(got) - set(ref)}})
+        return invalid, {k: kinds.count(k) / N for k in ("exact", "near-tie", "wrong")}, wrong
 
     methods, floor = [], None
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,12 +147,16 @@ def run(args, device) -> dict:
         with vllm_server(model_dir, server_log, additional_config=config,
                          max_model_len=max(512, args.prompt_len + L + 8),
                          env={"VLLM_CPU_KVCACHE_SPACE": "4"}) as (url, _), \
-                httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=C)) as client:
+                httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=C + 2)) as client:
             model_name = model_dir
+            bystander_prompt = prompt_lists[0][: max(4, args.prompt_len // 2)]
+            alone = Bystander(client, model_name, bystander_prompt)
+            alone.once()  # warm-up
+            bystander_alone = statistics.median(alone.once() for _ in range(5))
 
             def beam(i, catalog):
                 body = {"model": model_name, "prompt": prompt_lists[i], "max_tokens": L, "use_beam_search": True,
-                        "n": K, "temperature": 0.0, "length_penalty": 0.0, "return_token_ids": True}
+                        "n": K, "temperature": 0.0, "length_penalty": 0.0, "return_token_ids": True, "logprobs": 0}
                 if catalog:
                     body["vllm_xargs"] = {"decoding_catalog": "items"}
                 t0 = time.perf_counter()
@@ -86,10 +164,11 @@ def run(args, device) -> dict:
                 elapsed = time.perf_counter() - t0
                 if response.status_code != 200:
                     raise RuntimeError(f"server answered {response.status_code}: {response.text[:500]}")
-                tokens = [c["token_ids"][:L] + [-1] * (L - len(c["token_ids"][:L]))
-                          for c in response.json()["choices"]]
+                choices = response.json()["choices"]
+                tokens = [c["token_ids"][:L] + [-1] * (L - len(c["token_ids"][:L])) for c in choices]
+                scores = [sum(c["logprobs"]["token_logprobs"][:L]) for c in choices]
                 items = trie.lookup(torch.tensor(tokens)).tolist() if tokens else []
-                return elapsed, items
+                return elapsed, (items, scores)
 
             def model_work(i):
                 t0 = time.perf_counter()
@@ -101,11 +180,12 @@ def run(args, device) -> dict:
                     client.post("/v1/completions", json={"model": model_name, "prompt": prompt_lists[i] + [token],
                                                          "max_tokens": L - 1, "n": K, "temperature": 1.0,
                                                          "ignore_eos": True})
-                return time.perf_counter() - t0, []
+                return time.perf_counter() - t0, None
 
             def measure(label, fn):
                 walls, latencies, results = [], [], None
-                with ThreadPoolExecutor(C) as pool:
+                before = _server_counters(client)
+                with ThreadPoolExecutor(C) as pool, Bystander(client, model_name, bystander_prompt) as bystander:
                     for r in range(args.repeats + 1):
                         t0 = time.perf_counter()
                         results = list(pool.map(fn, range(N)))
@@ -114,41 +194,64 @@ def run(args, device) -> dict:
                         if r:
                             walls.append(wall)
                             latencies += [t for t, _ in results]
+                after = _server_counters(client)
+                searches = after.get("searches", 0) - before.get("searches", 0)
                 wall = statistics.median(walls)
-                return {"requests_per_s": N / wall, "wall_ms": wall * 1e3, "runs_ms": [w * 1e3 for w in walls],
-                        "p50_ms": _percentile(latencies, 0.5) * 1e3, "p99_ms": _percentile(latencies, 0.99) * 1e3,
-                        "items": [items for _, items in results]}
+                row = {"requests_per_s": N / wall, "wall_ms": wall * 1e3, "runs_ms": [w * 1e3 for w in walls],
+                       "p50_ms": _percentile(latencies, 0.5) * 1e3, "p99_ms": _percentile(latencies, 0.99) * 1e3,
+                       "bystander_p50_ms": _percentile(bystander.latencies, 0.5) * 1e3,
+                       "bystander_max_ms": max(bystander.latencies) * 1e3, "answers": [a for _, a in results]}
+                if searches:
+                    diff = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                    row["per_search"] = {k: diff.get(k, 0) / searches for k in
+                                         ("engine_requests", "logprobs", "wide_rows", "fallback_rows")}
+                    row["fallback_rows"] = int(diff.get("fallback_rows", 0))
+                    row["wide_rows"] = int(diff.get("wide_rows", 0))
+                return row
 
             for name, catalog in (("vLLM server beam search, unconstrained + post-filter", False),
                                   ("decoding exact beam search (vllm_xargs catalog)", True)):
                 row = measure(name, lambda i, catalog=catalog: beam(i, catalog))
-                row["invalid_item_rate"], row["agreement_with_exact_topk"] = score(row.pop("items"))
+                row["invalid_item_rate"], row["topk"], row["differences"] = score(row.pop("answers"))
+                row["agreement_with_exact_topk"] = row["topk"]["exact"] + row["topk"]["near-tie"]
                 methods.append({"method": name, **row})
             floor = measure("model work alone (plain requests)", model_work)
-            floor.pop("items")
+            floor.pop("answers")
 
     base = methods[0]["requests_per_s"]
     for row in methods:
         row["speedup_vs_baseline"] = row["requests_per_s"] / base
     floor["max_speedup_vs_baseline"] = floor["requests_per_s"] / base
     return {"suite": "vllm-http",
-            "config": {k: getattr(args, k) for k in ("items", "levels", "codes", "batch", "clients", "beams",
-                                                     "prompt_len", "hidden", "layers", "heads", "repeats", "seed")},
-            "methods": methods, "engine_floor": floor}
+            "config": {**{k: getattr(args, k) for k in ("items", "levels", "codes", "batch", "clients", "beams",
+                                                        "prompt_len", "hidden", "layers", "heads", "repeats", "seed",
+                                                        "text_vocab")}, "vocab_size": V},
+            "bystander_alone_ms": bystander_alone * 1e3, "methods": methods, "engine_floor": floor}
 
 
 def show(res: dict) -> None:
     cfg = res["config"]
-    print(f"\nConstrained beam search over vLLM's OpenAI server: {cfg['items']:,} items, {cfg['batch']} requests of "
-          f"{cfg['prompt_len']} tokens per run from {cfg['clients']} concurrent clients, {cfg['beams']} beams, "
-          f"{cfg['levels']}-token identifiers")
-    header = f"{'method':<56} {'req/s':>8} {'vs vLLM':>8} {'p50 ms':>9} {'p99 ms':>9} {'invalid':>8} {'exact':>7}"
+    print(f"\nConstrained beam search over vLLM's OpenAI server: {cfg['items']:,} items, a {cfg['vocab_size']:,}-token "
+          f"vocabulary, {cfg['batch']} requests of {cfg['prompt_len']} tokens per run from {cfg['clients']} concurrent "
+          f"clients, {cfg['beams']} beams, {cfg['levels']}-token identifiers")
+    header = (f"{'method':<56} {'req/s':>8} {'vs vLLM':>8} {'p50 ms':>9} {'p99 ms':>9} {'invalid':>8} "
+              f"{'exact':>6} {'tie':>5} {'wrong':>6} {'bystander ms':>13}")
     print(header)
     print("-" * len(header))
     for row in res["methods"]:
+        topk = row["topk"]
         print(f"{row['method']:<56} {row['requests_per_s']:>8.2f} {row['speedup_vs_baseline']:>7.2f}x "
               f"{row['p50_ms']:>9,.0f} {row['p99_ms']:>9,.0f} {row['invalid_item_rate']:>8.0%} "
-              f"{row['agreement_with_exact_topk']:>7.0%}")
+              f"{topk['exact']:>6.0%} {topk['near-tie']:>5.0%} {topk['wrong']:>6.0%} "
+              f"{row['bystander_p50_ms']:>6,.0f}/{row['bystander_max_ms']:>6,.0f}")
     floor = res["engine_floor"]
     print(f"{'model work alone (prefill + beams x rest of the ID; no ranking)':<56} {floor['requests_per_s']:>8.2f} "
           f"{floor['max_speedup_vs_baseline']:>7.2f}x {floor['p50_ms']:>9,.0f} {floor['p99_ms']:>9,.0f}")
+    print(f"bystander: a plain 4-token completion, median/max ms while each method runs; alone "
+          f"{res['bystander_alone_ms']:,.0f} ms")
+    exact = res["methods"][1]
+    if "per_search" in exact:
+        per = exact["per_search"]
+        print(f"exact path per search: {per['engine_requests']:.1f} engine requests, {per['logprobs']:.0f} log-probs "
+              f"returned; {exact['wide_rows']} wide rows, of which {exact['fallback_rows']} fell back "
+              "(asked again by id)")

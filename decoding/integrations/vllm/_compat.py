@@ -207,6 +207,16 @@ RELIED_ON = (
                                                         "input_ids")),
     Relied(f"{_V2}.loader", "_load_v2_logitsprocs_plugins"),
     Relied(f"{_V2}.loader", "build_custom_logits_processors", params=("vllm_config", "req_states")),
+    # the legacy runner's sampler, whose answer to a batch that mixes log-prob kinds the package fixes
+    Relied("vllm.v1.sample.sampler", "Sampler.forward", params=("self", "logits", "sampling_metadata"), until="0.33"),
+    Relied("vllm.v1.sample.sampler", "Sampler", fields=("compute_logprobs", "gather_logprobs"),
+           assigns=("logprobs_mode",), until="0.33"),
+    Relied("vllm.v1.sample.metadata", "SamplingMetadata", fields=("max_num_logprobs", "logprob_token_ids"),
+           until="0.33"),
+    Relied("vllm.v1.outputs", "SamplerOutput", fields=("sampled_token_ids", "logprobs_tensors"), until="0.33"),
+    Relied("vllm.v1.outputs", "LogprobsTensors", fields=("logprob_token_ids", "logprobs", "selected_token_ranks")),
+    Relied("vllm.config", "VllmConfig", fields=("use_v2_model_runner",), until="0.33"),
+    Relied("vllm.sampling_params", "MAX_LOGPROB_TOKEN_IDS"),
     # admission
     Relied("vllm.v1.engine.input_processor", "InputProcessor.process_inputs",
            params=("self", "request_id", "prompt", "params")),
@@ -249,6 +259,9 @@ RELIED_ON = (
                                                            "input_processor", "output_processor", "engine_core")),
     Relied("vllm.config", "ModelConfig", fields=("max_logprobs", "max_model_len", "logprobs_mode", "get_vocab_size")),
     Relied("vllm.config", "ParallelConfig", fields=("data_parallel_size",)),
+    Relied("vllm.config", "SchedulerConfig", fields=("max_num_seqs",)),
+    Relied("vllm.config", "VllmConfig", fields=("model_config", "parallel_config", "scheduler_config",
+                                                "additional_config")),
 )
 
 
@@ -488,6 +501,60 @@ def install_admission(check: Callable[[dict, list | None, object], None]) -> boo
     return _patch(cls, "process_inputs", make, _expected_params(INPUT_PROCESSOR[0], "InputProcessor.process_inputs"))
 
 
+LEGACY_SAMPLER = ("vllm.v1.sample.sampler", "Sampler")
+
+
+def _merge_logprob_rows(by_ids, top, rows):
+    """``by_ids`` (the token-id gather) for ``rows``, ``top`` (the top-N gather) for the others,
+    padded to one width with token 0 at -inf (the front end reads each request's own count)."""
+    import torch
+
+    width = max(by_ids.logprobs.shape[1], top.logprobs.shape[1])
+
+    def pad(t, fill):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+
+    mine = torch.zeros(by_ids.logprobs.shape[0], dtype=torch.bool, device=by_ids.logprobs.device)
+    mine[list(rows)] = True
+    tokens = torch.where(mine[:, None], pad(by_ids.logprob_token_ids, 0),
+                         pad(top.logprob_token_ids.to(by_ids.logprob_token_ids.dtype), 0))
+    values = torch.where(mine[:, None], pad(by_ids.logprobs, float("-inf")), pad(top.logprobs, float("-inf")))
+    return by_ids._replace(logprob_token_ids=tokens, logprobs=values)
+
+
+def install_mixed_logprobs_fix() -> bool:
+    """The legacy runner's sampler (vLLM 0.32-0.33; vLLM's CPU build) answers a batch that mixes
+    ``logprob_token_ids`` requests with ``logprobs=N`` requests with the token-id gather for every
+    row: the top-N requests get -inf alternatives. The package's exact beam search asks token ids,
+    so on a shared engine it would corrupt other clients' log-probs: this patch answers each row
+    of such a batch as an unmixed batch would (the top-N rows their top N), and leaves every other
+    batch to vLLM untouched. The current runner (MRV2) answers mixed batches per row itself."""
+    cls = _import(*LEGACY_SAMPLER)
+    if cls is None:
+        return False  # vLLM 0.34 has no legacy runner
+
+    def make(original):
+        def forward(self, logits, sampling_metadata, *args, **kwargs):
+            ids = getattr(sampling_metadata, "logprob_token_ids", None)
+            top_n = sampling_metadata.max_num_logprobs
+            mode = kwargs.get("logprobs_mode_override") or (args[1] if len(args) > 1 else None) or self.logprobs_mode
+            if not ids or top_n is None or top_n < 0 or mode not in ("raw_logprobs", "raw_logits"):
+                return original(self, logits, sampling_metadata, *args, **kwargs)
+            # before the logits processors, which may write into ``logits``
+            raw = self.compute_logprobs(logits) if mode == "raw_logprobs" else logits.float().clone()
+            out = original(self, logits, sampling_metadata, *args, **kwargs)
+            tensors = out.logprobs_tensors
+            if tensors is None or tensors.logprobs.shape[0] != raw.shape[0] or out.sampled_token_ids.shape[1] != 1:
+                return out
+            top = self.gather_logprobs(raw, top_n, token_ids=out.sampled_token_ids[:, 0].long())
+            out.logprobs_tensors = _merge_logprob_rows(tensors, top, ids.keys())
+            return out
+
+        return forward
+
+    return _patch(cls, "forward", make, _expected_params(LEGACY_SAMPLER[0], "Sampler.forward"))
+
+
 COMPLETION_REQUEST = ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest")
 CHAT_REQUEST = ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest")
 BEAM_SEARCH_MIXIN = ("vllm.entrypoints.generate.beam_search.online", "BeamSearchOnlineMixin")
@@ -637,6 +704,20 @@ def _scored(output) -> Scored:
     return Scored(output.new_logprobs.logprob_token_ids[0], output.new_logprobs.logprobs[0])
 
 
+MAX_LOGPROB_TOKEN_IDS = 128  # vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS: the front end's cap and MRV2's buffer
+LEGACY_MAX_LOGPROB_TOKEN_IDS = 4096
+
+
+def max_logprob_token_ids(vllm_config) -> int:
+    """How many ``logprob_token_ids`` one request of the package may ask the engine. The current
+    runner (MRV2) keeps them in a per-slot buffer of 128; the legacy runner's sampler gathers any
+    number (the 128 is the front end's check, which the drivers' engine-core requests do not
+    pass through), so there a node of up to 4096 children is one request, not several."""
+    if LegacyProcessorBase is None or getattr(vllm_config, "use_v2_model_runner", True):
+        return MAX_LOGPROB_TOKEN_IDS
+    return LEGACY_MAX_LOGPROB_TOKEN_IDS
+
+
 class _Engine:
     """What the drivers read of an engine (``LLMEngine`` or ``AsyncLLM``) and how they build its
     requests: greedy one-token ``SamplingParams`` finished as vLLM's front end finishes them (the
@@ -656,21 +737,24 @@ class _Engine:
         self.max_logprobs = int(model.max_logprobs)
         self.logprobs_mode = str(getattr(model, "logprobs_mode", "raw_logprobs"))
         self.data_parallel_size = int(getattr(engine.vllm_config.parallel_config, "data_parallel_size", 1) or 1)
-        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_clone=True)
+        scheduler = getattr(engine.vllm_config, "scheduler_config", None)
+        self.max_num_seqs = int(getattr(scheduler, "max_num_seqs", None) or 256)
+        self.max_logprob_token_ids = max_logprob_token_ids(engine.vllm_config)
         processor = engine.input_processor
-        params.update_from_generation_config(processor.generation_config_fields, engine.renderer.get_eos_token_id())
-        if processor.tokenizer is not None:
-            params.update_from_tokenizer(processor.tokenizer)
+        params = getattr(processor, "_decoding_template", None)  # built once per engine
+        if params is None:
+            params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_clone=True)
+            params.update_from_generation_config(processor.generation_config_fields,
+                                                 engine.renderer.get_eos_token_id())
+            if processor.tokenizer is not None:
+                params.update_from_tokenizer(processor.tokenizer)
+            processor._decoding_template = params
         self._template = params
-
-    @property
-    def full_vocab_logprobs_allowed(self) -> bool:
-        return self.max_logprobs == -1 or self.max_logprobs >= self.vocab_size
 
     def request(self, request_id: str, prompt: list[int], *, logprobs: int | None = None,
                 token_ids: list[int] | None = None, data_parallel_rank: int | None = None, lora_request=None):
-        """A greedy one-token engine request returning ``logprobs`` (``-1``: the whole
-        vocabulary) or the log-probs of ``token_ids``."""
+        """A greedy one-token engine request returning the top-``logprobs`` log-probs or the
+        log-probs of ``token_ids`` (at most 128)."""
         fields = {"logprobs": logprobs} if token_ids is None else {"logprob_token_ids": token_ids}
         return self._request(request_id=request_id, prompt_token_ids=prompt, mm_features=None,
                              sampling_params=self._replace(self._template, **fields), pooling_params=None,
@@ -757,6 +841,7 @@ class AsyncEngine(_Engine):
     @property
     def router(self) -> _OutputRouter:
         return _OutputRouter.of(self._output_processor)
+
 
     async def add(self, request, future) -> None:
         """Send ``request``; ``future`` receives its :class:`Scored` log-probs."""

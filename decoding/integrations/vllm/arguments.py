@@ -23,7 +23,6 @@ from decoding.integrations.vllm.catalogs import CATALOG_KEY, CatalogError, catal
 
 OFFSET_KEY = "decoding_offset"
 EXCLUDE_KEY = "decoding_exclude"
-MAX_EXCLUDED = 100_000
 ROUTE_KEYS = {"sampling": (CATALOG_KEY, OFFSET_KEY), "beam": (CATALOG_KEY, EXCLUDE_KEY)}
 # OpenAI request fields the exact beam route does not implement: (field, its value when unset)
 BEAM_UNSUPPORTED_FIELDS = (
@@ -80,12 +79,31 @@ def parse(extra, route: str) -> CatalogArgs | None:
     if offset is not None and (not _is_int(offset) or offset < 0):
         raise ValueError(f"{OFFSET_KEY}: expected a non-negative int (a token index), got {offset!r}")
     exclude = extra.get(EXCLUDE_KEY, [])
-    if (not isinstance(exclude, list) or len(exclude) > MAX_EXCLUDED
-            or not all(_is_int(i) and i >= 0 for i in exclude)):
-        raise ValueError(f"{EXCLUDE_KEY}: expected a list of at most {MAX_EXCLUDED} item ids (non-negative ints)")
+    if not isinstance(exclude, list):
+        raise ValueError(f"{EXCLUDE_KEY}: expected a list of item ids (non-negative ints)")
     if not isinstance(catalog, str):
         raise CatalogError(f"{CATALOG_KEY}: expected the name of a catalog (a string), got {catalog!r}")
-    return CatalogArgs(catalog, offset, tuple(exclude))
+    return CatalogArgs(catalog, offset, tuple(exclude))  # the ids are checked against the operator's cap first
+
+
+def check_exclusions(exclude, max_exclude: int, num_ids: int) -> list[int]:
+    """``exclude`` checked: at most the operator's ``max_exclude`` ids (checked before each id is,
+    so an oversized list costs nothing), each a non-negative int below ``num_ids``."""
+    if len(exclude) > max_exclude:
+        raise ValueError(f"{EXCLUDE_KEY}: {len(exclude)} item ids is above this server's max_exclude ({max_exclude}); "
+                         f"the operator raises it with --additional-config "
+                         f"'{{\"decoding\": {{\"max_exclude\": <ids>}}}}'")
+    if not all(_is_int(i) and i >= 0 for i in exclude):
+        raise ValueError(f"{EXCLUDE_KEY}: expected a list of item ids (non-negative ints)")
+    if any(i >= num_ids for i in exclude):
+        raise ValueError(f"{EXCLUDE_KEY}: item ids must be below {num_ids} (the catalog's item ids)")
+    return list(exclude)
+
+
+def check_beams(beams: int, max_beams: int) -> None:
+    if beams > max_beams:
+        raise ValueError(f"n: {beams} beams is above this server's max_beams ({max_beams}); the operator raises it "
+                         f"with --additional-config '{{\"decoding\": {{\"max_beams\": <beams>}}}}'")
 
 
 def beam_options(xargs, field, chat: bool) -> dict | None:

@@ -2,23 +2,28 @@
 process runs, or one an application builds with ``AsyncLLM.from_engine_args``).
 
 The search is :func:`decoding.search.beam.search_loop`, the same code as :func:`decoding.beam_search`.
-Each live beam is one greedy one-token request returning the full-vocabulary log-probs of the next
-token. All requests of a step are in flight together, and so are the steps of every concurrent
-search, so the engine batches the beams of all in-flight searches into the same forward passes;
-vLLM's prefix cache reuses the prompt KV across beams and steps.
+Each live beam is one-token greedy requests returning the exact full-vocabulary log-probs the beam
+needs: O(children) numbers per beam and step, never the vocabulary (the plan is
+:mod:`decoding.integrations.vllm.rows`). The requests of every concurrent search share the
+engine's forward passes; vLLM's prefix cache reuses the prompt KV across beams and steps.
 
 Requests go to the engine core and their outputs are taken out of the engine's output stream
-before vLLM's output processor (``_compat``'s output router, installed once per engine): the
-log-probs arrive as arrays, where the front end would build one Python object per token and
-request (measured: most of the time of a search at full-vocabulary log-probs). This is internal
-vLLM interface (reached through :mod:`decoding.integrations.vllm._compat`), which is why the
-driver refuses vLLM versions outside the supported range unless the engine opted in.
+before vLLM's output processor (``_compat``'s output router, installed once per engine), as
+arrays. This is internal vLLM interface (reached through :mod:`decoding.integrations.vllm._compat`),
+which is why the driver refuses vLLM versions outside the supported range unless the engine opted in.
 
-Full-vocabulary log-probs (``logprobs=-1``: the engine needs ``max_logprobs=-1``, or at least the
-vocabulary size), not ``logprob_token_ids`` with only the beam's children: in vLLM 0.32's legacy
-model runner (the CPU build's) one such request in a batch makes every other request of the batch
-that asks for ``logprobs`` get -inf (the sampler prefers the token-id gather for the whole batch),
-and a shared engine serves other clients' requests in the same batches.
+Sharing an engine:
+
+- **fairness**: one search keeps at most ``max_requests_per_search`` requests in the engine
+  (operator config, default twice the engine's ``max_num_seqs``: enough to keep the engine's next
+  batch full), sending the next as each is answered: a search at thousands of beams interleaves
+  with the other clients' requests and never queues more than that ahead of them;
+- **cancellation**: a search whose caller is cancelled (a client that disconnects) sends nothing
+  more and aborts its requests in flight;
+- **other clients' log-probs**: asking token ids beside other clients' ``logprobs=N`` requests is
+  safe: the current runner answers each row for itself, and on vLLM 0.32-0.33's legacy runner the
+  package's plugin mends the sampler, which otherwise answers such a batch with -inf alternatives
+  (``_compat.install_mixed_logprobs_fix``).
 
 Under data parallelism every request of one search goes to one rank (``data_parallel_rank``,
 round-robin over searches unless the caller names one), so its prompt stays in that rank's
@@ -35,7 +40,8 @@ import torch
 
 from decoding._hf import left_pad
 from decoding.integrations.vllm import _compat
-from decoding.integrations.vllm.rows import BeamRows, check_prompts
+from decoding.integrations.vllm.catalogs import catalogs_for
+from decoding.integrations.vllm.rows import BeamRows, ScoreRequest, check_prompts
 from decoding.search.beam import BeamSearchOutput, search_loop, validate_search
 
 _search_ids = itertools.count()
@@ -43,46 +49,48 @@ _search_ranks = itertools.count()
 
 
 class _AsyncScorer:
-    """One search's one-token greedy requests, sent to the engine core; their full-vocabulary
-    log-probs come back through the engine's output router."""
+    """One search's one-token greedy requests, sent to the engine core under the search's
+    in-flight bound; their log-probs come back through the engine's output router."""
 
     def __init__(self, engine: _compat.AsyncEngine, *, data_parallel_rank: int | None, lora_request=None):
-        if not engine.full_vocab_logprobs_allowed:
-            raise ValueError(f"engine_client: exact beam search needs the full-vocabulary log-probs of each beam; "
-                             f"start the engine with max_logprobs=-1 (`--max-logprobs -1`), not "
-                             f"{engine.max_logprobs}")
         self.engine = engine
-        self._logprobs = -1 if engine.max_logprobs == -1 else engine.vocab_size
         self._rank, self._lora = data_parallel_rank, lora_request
         self._tag = f"decoding-beam-{os.getpid()}-{next(_search_ids)}-"
         self._ids = itertools.count()
+        bound = catalogs_for(engine.vllm_config).options.max_requests_per_search
+        self._slots = asyncio.Semaphore(bound if bound is not None else 2 * engine.max_num_seqs)
 
-    async def run(self, prompts: list[list[int]]):
-        """Full-vocabulary log-probs at the end of each prompt, all requests in flight together:
-        ``(request index, Scored)`` pairs."""
+    async def run(self, requests: list[ScoreRequest]):
+        """The :class:`Scored` answer of each request, in order."""
         loop = asyncio.get_running_loop()
         engine, futures = self.engine, {}
         try:
-            for prompt in prompts:
+            for request in requests:
+                await self._slots.acquire()
+                future = loop.create_future()
+                future.add_done_callback(lambda _: self._slots.release())  # answered, failed or cancelled
                 rid = f"{self._tag}{next(self._ids)}"
-                futures[rid] = loop.create_future()
-                await engine.add(engine.request(rid, prompt, logprobs=self._logprobs,
-                                                data_parallel_rank=self._rank, lora_request=self._lora),
-                                 futures[rid])
-            answers = await asyncio.gather(*futures.values())
+                futures[rid] = future
+                await engine.add(engine.request(rid, request.prompt, logprobs=request.top_n,
+                                                token_ids=request.token_ids, data_parallel_rank=self._rank,
+                                                lora_request=self._lora), future)
+            return list(await asyncio.gather(*futures.values()))
         except BaseException:
             # a cancelled search (its client left) cancels the futures too: every request without
             # an answer is still in the engine, and is aborted there
-            await engine.abort([rid for rid, f in futures.items() if not f.done() or f.cancelled()])
+            unanswered = [rid for rid, f in futures.items() if not f.done() or f.cancelled()]
+            for rid in unanswered:
+                futures[rid].cancel()
+            await engine.abort(unanswered)
             raise
-        return list(enumerate(answers))
 
 
 async def search(engine_client, prompts, *, trie, num_beams: int, length_penalty: float = 0.0, exclude_items=None,
                  backend: str = "auto", data_parallel_rank: int | None = None, lora_request=None,
                  record_logprobs: bool = False):
-    """:func:`beam_search_async`, also returning the rows' book (:class:`BeamRows`), whose
-    ``children_logprobs`` holds every scored prefix's children log-probs with ``record_logprobs``."""
+    """:func:`beam_search_async`, also returning the rows' book (:class:`BeamRows`): its ``stats``
+    say what the search asked of the engine, and with ``record_logprobs`` its ``children_logprobs``
+    hold every scored prefix's children log-probs."""
     engine = engine_client if isinstance(engine_client, _compat.AsyncEngine) else _compat.AsyncEngine(engine_client)
     _compat.check_version(vllm_config=engine.vllm_config)
     if engine.logprobs_mode != "raw_logprobs":
@@ -100,15 +108,22 @@ async def search(engine_client, prompts, *, trie, num_beams: int, length_penalty
     if data_parallel_rank is None and engine.data_parallel_size > 1:
         data_parallel_rank = next(_search_ranks) % engine.data_parallel_size  # one rank per search: its prefix cache
     scorer = _AsyncScorer(engine, data_parallel_rank=data_parallel_rank, lora_request=lora_request)
-    book = BeamRows(trie, rows, vocab, "always", record=record_logprobs)
+    keep = 2 * num_beams if trie.eos_token_id is not None else num_beams
+    excluded = trie.excluded_ranks(exclude_items, len(rows)) if exclude_items is not None else None
+    book = BeamRows(trie, rows, vocab, keep=keep, max_logprobs=engine.max_logprobs,
+                    max_ids=engine.max_logprob_token_ids, excluded=excluded, record=record_logprobs)
 
     async def score() -> torch.Tensor:
-        prompts_, _, owners = book.requests()
-        return book.logits(owners, await scorer.run(prompts_) if prompts_ else [])
+        requests = book.requests()
+        answers = await scorer.run(requests) if requests else []
+        more = book.followups(requests, answers)
+        if more:
+            requests, answers = requests + more, answers + await scorer.run(more)
+        return book.logits(requests, answers)
 
     logits = await score()
-    loop = search_loop(logits, trie=trie, num_beams=num_beams, length_penalty=length_penalty, normalize="none",
-                       exclude_items=exclude_items, backend=backend)
+    loop = search_loop(logits, trie=book.search_trie, num_beams=num_beams, length_penalty=length_penalty,
+                       normalize="none", exclude_items=exclude_items, backend=backend)
     # grad mode is per thread and every search shares the event loop's thread: a mode held across
     # an await would be restored out of order by the other searches (and leak into the host), so
     # each synchronous stretch of the search sets it for itself
@@ -121,7 +136,7 @@ async def search(engine_client, prompts, *, trie, num_beams: int, length_penalty
             with torch.inference_mode():
                 beam_index, tokens = loop.send(logits)
     except StopIteration as done:
-        return done.value, book
+        return book.to_real(done.value), book
 
 
 async def beam_search_async(engine_client, prompts, *, trie, num_beams: int, length_penalty: float = 0.0,
@@ -131,9 +146,9 @@ async def beam_search_async(engine_client, prompts, *, trie, num_beams: int, len
 
     Args:
         engine_client: a running ``vllm.v1.engine.async_llm.AsyncLLM`` (or the engine client of
-            vLLM's OpenAI server) whose model has ``trie.vocab_size`` tokens, started with
-            ``max_logprobs=-1`` (or at least the vocabulary size) and the default
-            ``logprobs_mode="raw_logprobs"``.
+            vLLM's OpenAI server) whose model has ``trie.vocab_size`` tokens, with the default
+            ``logprobs_mode="raw_logprobs"``. A ``max_logprobs`` of at least twice ``num_beams``
+            (or -1) lets a trie node with more than 128 children cost one request, not several.
         prompts: token-id lists (or ``TokensPrompt`` dicts with ``prompt_token_ids``), one per request.
         trie, num_beams, length_penalty, exclude_items, backend: as in :func:`decoding.beam_search`.
         data_parallel_rank: the rank every request of this search goes to; default: round-robin

@@ -39,7 +39,10 @@ CONFIG_KEY = "decoding"
 DEFAULT_MAX_CATALOG_BYTES = 4 << 30
 UNKNOWN_CATALOG = (f"{CATALOG_KEY}: not a catalog this server serves; name a catalog that the operator "
                    "registered")
-_CONFIG_FIELDS = ("catalog", "offset", "catalogs", "catalog_dir", "max_catalog_bytes", _compat.OPT_IN_KEY)
+_CONFIG_FIELDS = ("catalog", "offset", "catalogs", "catalog_dir", "max_catalog_bytes", "max_beams", "max_exclude",
+                  "max_requests_per_search", _compat.OPT_IN_KEY)
+DEFAULT_MAX_BEAMS = 1024
+DEFAULT_MAX_EXCLUDE = 100_000
 
 
 class CatalogError(ValueError):
@@ -79,10 +82,20 @@ class CatalogOptions:
     default: str | None = None  # engine-wide catalog: a registered name or an operator path
     default_offset: int | None = None
     allow_untested_vllm: bool = False  # run on a vLLM outside the supported range (one warning)
+    max_beams: int = DEFAULT_MAX_BEAMS  # most beams (n) one beam-search request may ask
+    max_exclude: int = DEFAULT_MAX_EXCLUDE  # most item ids one request may exclude
+    max_requests_per_search: int | None = None  # requests one search keeps in the engine (None: 2 x max_num_seqs)
 
 
 def _config_error(field: str, expected: str, got) -> ValueError:
     return ValueError(f'additional_config["{CONFIG_KEY}"]["{field}"]: expected {expected}, got {got!r}')
+
+
+def _positive(conf: dict, key: str, default, expected: str):
+    value = conf.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise _config_error(key, expected, value)
+    return value
 
 
 def catalog_options(vllm_config) -> CatalogOptions:
@@ -106,9 +119,10 @@ def catalog_options(vllm_config) -> CatalogOptions:
         if not isinstance(directory, str) or not os.path.isdir(directory):
             raise _config_error("catalog_dir", "an existing directory", directory)
         directory = os.path.realpath(directory)
-    budget = conf.get("max_catalog_bytes", DEFAULT_MAX_CATALOG_BYTES)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-        raise _config_error("max_catalog_bytes", "a positive number of bytes", budget)
+    budget = _positive(conf, "max_catalog_bytes", DEFAULT_MAX_CATALOG_BYTES, "a positive number of bytes")
+    limits = {key: _positive(conf, key, default, "a positive int")
+              for key, default in (("max_beams", DEFAULT_MAX_BEAMS), ("max_exclude", DEFAULT_MAX_EXCLUDE),
+                                   ("max_requests_per_search", None))}
     default, offset = conf.get("catalog"), conf.get("offset")
     if default is not None and (not isinstance(default, str) or not default):
         raise _config_error("catalog", "a catalog name or an ItemTrie file path", default)
@@ -117,7 +131,7 @@ def catalog_options(vllm_config) -> CatalogOptions:
     if offset is not None and default is None:
         raise _config_error("offset", '"catalog" beside it', offset)
     return CatalogOptions(tuple(sorted(catalogs.items())), directory, budget, default, offset,
-                          _compat.opt_in_of(conf))
+                          _compat.opt_in_of(conf), **limits)
 
 
 class _FileCache:

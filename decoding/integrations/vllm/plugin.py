@@ -10,6 +10,10 @@ rendered prompt, which vLLM's input processing has: the plugin hooks it (through
 error, HTTP 400 when serving) instead of reaching the engine. vLLM may load plugins several times
 per process; hooking happens once.
 
+It mends vLLM 0.32-0.33's legacy sampler, which answers a batch that mixes token-id log-prob
+requests (the exact path's) with top-N ones (other clients') with -inf alternatives for the
+latter (``_compat.install_mixed_logprobs_fix``).
+
 It also routes OpenAI completions requests that ask for beam search (``use_beam_search``) and
 name a catalog to the exact beam search (:mod:`decoding.integrations.vllm.serving`): vLLM's own
 server beam search drops per-request arguments, so it would return unconstrained beams.
@@ -33,3 +37,5 @@ def register() -> None:
     # no version warning here: whether the engine opted in is known only once it has a config
     _compat.install_admission(check_admission)
     serving.install()
+    # in the engine's worker processes: the exact path asks token ids beside other clients' top-N
+    _compat.install_mixed_logprobs_fix()

@@ -1,12 +1,41 @@
-"""The beam rows both vLLM drivers keep between engine calls (no vLLM import: the engine's
-answers arrive as :class:`decoding.integrations.vllm._compat.Scored` arrays)."""
+"""The beam rows both vLLM drivers keep between engine calls, and which log-probs each row asks
+the engine for (no vLLM import: the engine's answers arrive as
+:class:`decoding.integrations.vllm._compat.Scored` arrays).
+
+What a row asks for scales with its trie node, never with the vocabulary:
+
+- a node with at most ``max_ids`` children (the engine's cap on ``logprob_token_ids``: 128 on
+  vLLM's current runner, 4096 on the legacy one): the log-probs of exactly its children, by id,
+  in one request, exact;
+- a wider node, on a small vocabulary (at most :data:`SMALL_VOCAB` tokens) when the engine allows
+  that many top log-probs: the whole row (the top-``V``), one request, exact;
+- else the top-``N`` log-probs over the vocabulary (``N`` about twice the beams the search keeps
+  per step, as vLLM's own beam search asks). That answer decides the row exactly when it holds
+  every child, or at least ``keep`` children the request has not excluded: a child it does not
+  hold scores at most the ``N``-th value, so it could never enter the top ``keep`` of its row
+  ahead of them. Otherwise the row falls back to the children the answer lacks, by id, in
+  requests of at most ``max_ids`` (:meth:`BeamRows.followups`). A search most of whose wide rows
+  fell back in a step (a model that does not rank identifier tokens first, such as random
+  weights) asks by id directly from then on.
+
+Every answer is exact full-vocabulary log-probs (``raw_logprobs``), so the ranks, items and scores
+equal ``decoding.beam_search``'s on the same weights, up to ties at the ``keep``-th score.
+
+The search itself runs over the catalog's compact vocabulary (:meth:`decoding.ItemTrie.compact`:
+only the tokens identifiers use), so a row's scores are ``C`` numbers (1,024 for 4 x 256 semantic
+IDs), whatever the model's vocabulary.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-MAX_TOKEN_IDS_PER_REQUEST = 128  # vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS
+MAX_TOKEN_IDS_PER_REQUEST = 128  # vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS: the default cap per request
+SMALL_VOCAB = 4096  # at most this many tokens, a wide node asks for the whole (explicit top-V) row
 
 
 def check_prompts(prompts, trie, vocab: int, max_len: int) -> list[list[int]]:
@@ -28,51 +57,90 @@ def check_prompts(prompts, trie, vocab: int, max_len: int) -> list[list[int]]:
     return rows
 
 
-def flatten_scored(answers) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(request, token, logprob)`` as flat int64/int64/float32 arrays from ``(request index,
-    Scored)`` pairs."""
-    owners, tokens, values = [], [], []
-    for index, scored in answers:
-        owners.append(np.full(len(scored.token_ids), index))
-        tokens.append(scored.token_ids)
-        values.append(scored.logprobs)
-    if not owners:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return (np.concatenate(owners).astype(np.int64), np.concatenate(tokens).astype(np.int64),
-            np.concatenate(values).astype(np.float32))
+def top_n_for(keep: int, vocab_size: int, max_logprobs: int) -> tuple[int, bool]:
+    """``(N, whole)``: the top-``N`` a wide row asks for (0: none, ask by id), and whether that is
+    the whole vocabulary. ``max_logprobs``: the engine's cap (-1: none)."""
+    allowed = vocab_size if max_logprobs == -1 else min(max_logprobs, vocab_size)
+    if vocab_size <= SMALL_VOCAB and allowed >= vocab_size:
+        return vocab_size, True
+    n = min(2 * keep, allowed)
+    return (n, n >= vocab_size) if n >= keep else (0, False)
+
+
+@dataclass
+class ScoreRequest:
+    """One one-token engine request a row needs: the log-probs of ``token_ids`` (at most 128), or
+    the top-``top_n`` over the vocabulary."""
+
+    row: int
+    prompt: list[int]
+    token_ids: list[int] | None = None
+    top_n: int | None = None
+
+
+@dataclass
+class RowStats:
+    """What one search asked of the engine."""
+
+    requests: int = 0  # one-token engine requests
+    logprobs: int = 0  # (token, log-prob) pairs returned
+    wide_rows: int = 0  # rows whose node has more children than one request may ask by id
+    top_n_rows: int = 0  # ... that asked the top-N first
+    fallback_rows: int = 0  # ... whose top-N could not decide them (then asked by id)
+    per_step: list = field(default_factory=list)  # requests per step
 
 
 class BeamRows:
     """The search's rows between engine calls: each row's tokens (prompt + identifier so far) and
-    trie node, the engine requests that score them, and the log-probs those requests returned.
+    trie node, the requests that score them, and the log-probs those requests returned.
 
-    A row whose node has no children (a finished or dead beam) sends no request. The requests of
-    one engine call all ask for the same kind of log-probs: vLLM 0.32's legacy model runner (the
-    CPU build's) answers a batch that mixes ``logprob_token_ids`` requests with ``logprobs=N``
-    requests with -inf for the latter's tokens (its sampler prefers the token-id gather for the
-    whole batch). So a step asks every row for the whole vocabulary when any row has more than 128
-    children and the engine allows it (``full_vocab="wide"``), or always (``"always"``: a shared
-    engine, whose other requests may ask for ``logprobs``); otherwise each row asks for its
-    children, split over several requests above 128."""
+    Args:
+        trie: the catalog, on the CPU (the search runs on ``search_trie``, its compact twin, and
+            yields compact token ids; :meth:`to_real` maps its output back).
+        rows: the prompts, as token-id lists.
+        vocab_size: the engine's vocabulary.
+        keep: candidates the search keeps per step (``num_beams``, or twice that with EOS).
+        max_logprobs: the engine's cap on top-N log-probs (-1: none).
+        max_ids: the engine's cap on ``logprob_token_ids`` per request.
+        excluded: ``[B, X]`` sorted excluded item ranks per prompt (``trie.excluded_ranks``), or None.
+        record: keep every scored prefix's children log-probs (for per-token log-probs in answers).
+    """
 
-    def __init__(self, trie, rows: list[list[int]], vocab_size: int, full_vocab: str, record: bool = False):
-        self.trie, self.vocab_size, self.full_vocab = trie, vocab_size, full_vocab
+    def __init__(self, trie, rows: list[list[int]], vocab_size: int, *, keep: int, max_logprobs: int,
+                 max_ids: int = MAX_TOKEN_IDS_PER_REQUEST, excluded: torch.Tensor | None = None,
+                 record: bool = False):
+        self.trie, self.vocab_size, self.keep, self.max_ids = trie, vocab_size, keep, max_ids
+        # the search's trie: the same nodes over the catalog's tokens only (compact ids)
+        self.search_trie, real = trie.compact()
+        self.real_tokens = real
+        self._real_np = real.numpy()
+        self.top_n, self._whole = top_n_for(keep, vocab_size, max_logprobs)
+        self.excluded = excluded
         self.tokens = rows
         self.request_of = list(range(len(rows)))  # which prompt each row belongs to
         self.prompt_len = [len(r) for r in rows]
         self.nodes = torch.zeros(len(rows), dtype=torch.long)
+        self.stats = RowStats()
+        self._by_id_only = False  # set once a search's wide rows fell back: ask by id directly
         # (prompt, identifier prefix) -> (logits, row, children's node range): read by children_of
         self.children_logprobs: dict | None = {} if record else None
-        self._scored: list[tuple[int, int, int]] = []
+        self._live_rows: list[tuple[int, int, int]] = []
 
     def advance(self, beam_index: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Row ``r`` of the next step extends row ``beam_index[r]`` with compact token ``tokens[r]``."""
         beam_index, tokens = beam_index.cpu(), tokens.cpu()
-        self.tokens = [self.tokens[i] + [t] for i, t in zip(beam_index.tolist(), tokens.tolist())]
+        real = self.real_tokens[tokens.clamp(min=0)]
+        self.tokens = [self.tokens[i] + [t] for i, t in zip(beam_index.tolist(), real.tolist())]
         self.request_of = [self.request_of[i] for i in beam_index.tolist()]
-        self.nodes = self.trie.walk(tokens[:, None], start=self.nodes[beam_index])
+        self.nodes = self.search_trie.walk(tokens[:, None], start=self.nodes[beam_index])
+
+    def to_real(self, out):
+        """A search's :class:`decoding.BeamSearchOutput` with its sequences in the model's tokens."""
+        sequences = torch.where(out.sequences >= 0, self.real_tokens[out.sequences.clamp(min=0)], out.sequences)
+        return dataclasses.replace(out, sequences=sequences)
 
     def _live(self):
-        """(row, first child node, end) of every row whose node has children, as Python ints."""
+        """(row, first child node - 1, last child node) of every row whose node has children."""
         nodes = self.nodes
         live = (nodes >= 0).nonzero().flatten()
         safe = nodes[live]
@@ -80,46 +148,93 @@ class BeamRows:
         keep = lo < hi
         return list(zip(live[keep].tolist(), lo[keep].tolist(), hi[keep].tolist()))
 
-    def requests(self):
-        """(prompts, token ids per request or None for the whole vocabulary, owning row per request)."""
-        node_token = self.trie.node_token
-        live = self._scored = self._live()  # the rows logits() fills in
-        whole = self.full_vocab == "always" or (
-            self.full_vocab == "wide" and any(hi - lo > MAX_TOKEN_IDS_PER_REQUEST for _, lo, hi in live))
-        prompts, wanted, owners = [], [], []
-        for row, lo, hi in live:
-            if whole:
-                chunks = [None]
-            else:
-                children = node_token[lo + 1: hi + 1].tolist()
-                chunks = [children[c: c + MAX_TOKEN_IDS_PER_REQUEST]
-                          for c in range(0, len(children), MAX_TOKEN_IDS_PER_REQUEST)]
-            for chunk in chunks:
-                prompts.append(self.tokens[row])
-                wanted.append(chunk)
-                owners.append(row)
-        return prompts, wanted, owners
+    def _by_id(self, row: int, tokens) -> list[ScoreRequest]:
+        tokens = [int(t) for t in tokens]
+        return [ScoreRequest(row, self.tokens[row], token_ids=tokens[c: c + self.max_ids])
+                for c in range(0, len(tokens), self.max_ids)]
 
-    def logits(self, owners: list[int], answers) -> torch.Tensor:
-        """float32 ``[rows, V]``: the log-probs ``answers`` (``(request index, Scored)`` pairs of the
-        last :meth:`requests`) returned, -inf elsewhere."""
-        request, token, value = flatten_scored(answers)
+    def requests(self) -> list[ScoreRequest]:
+        """The requests that score the live rows of this step (first round)."""
+        node_token = self.trie.node_token
+        self._live_rows = self._live()
+        out = []
+        for row, lo, hi in self._live_rows:
+            wide = hi - lo > self.max_ids
+            self.stats.wide_rows += wide
+            if wide and self.top_n > 0 and (self._whole or not self._by_id_only):
+                self.stats.top_n_rows += 1
+                out.append(ScoreRequest(row, self.tokens[row], top_n=self.top_n))
+            else:
+                out += self._by_id(row, node_token[lo + 1: hi + 1].tolist())
+        self.stats.per_step.append(len(out))
+        return out
+
+    def _usable(self, row: int, child_nodes: np.ndarray) -> np.ndarray:
+        """Which of ``child_nodes`` still lead to an item the row's request did not exclude."""
+        if self.excluded is None or len(child_nodes) == 0:
+            return np.ones(len(child_nodes), dtype=bool)
+        ranks = self.excluded[self.request_of[row]]
+        nodes = torch.as_tensor(child_nodes, dtype=torch.long)
+        lo, hi = self.trie.item_lo[nodes].long(), self.trie.item_hi[nodes].long()
+        excluded = torch.searchsorted(ranks, hi) - torch.searchsorted(ranks, lo)
+        return (excluded < hi - lo).numpy()
+
+    def followups(self, requests: list[ScoreRequest], answers) -> list[ScoreRequest]:
+        """Second round: for each top-N answer that cannot decide its row exactly, the children
+        it lacks, by id. ``answers``: the :class:`Scored` of each request, in order."""
+        node_token = self.trie.node_token.numpy()
+        out, tried, fell_back = [], 0, 0
+        for request, scored in zip(requests, answers):
+            if request.top_n is None:
+                continue
+            tried += 1
+            lo, hi = self._node_range(request.row)
+            children = np.arange(lo + 1, hi + 1)
+            held = np.isin(node_token[children], scored.token_ids)
+            if held.all() or int((held & self._usable(request.row, children)).sum()) >= self.keep:
+                continue
+            fell_back += 1
+            out += self._by_id(request.row, node_token[children[~held]])
+        self.stats.fallback_rows += fell_back
+        if 2 * fell_back > tried and not self._whole:
+            self._by_id_only = True  # this model does not rank the children first: stop asking the top-N
+        if out:
+            self.stats.per_step[-1] += len(out)
+        return out
+
+    def _node_range(self, row: int) -> tuple[int, int]:
+        node = int(self.nodes[row])
+        return int(self.trie.indptr[node]), int(self.trie.indptr[node + 1])
+
+    def logits(self, requests: list[ScoreRequest], answers) -> torch.Tensor:
+        """float32 ``[rows, C]`` over the compact vocabulary: the log-probs ``answers`` (the
+        :class:`Scored` of each of ``requests``, both rounds) returned for catalog tokens, -inf
+        elsewhere."""
+        self.stats.requests += len(requests)
+        real_np, width = self._real_np, len(self._real_np)
         # NumPy, single-threaded: in a server process beside a busy engine, torch's intra-op
         # threads wait for cores far longer than this scatter takes (measured: most of a search)
-        scores = np.full((len(self.tokens), self.vocab_size), -np.inf, dtype=np.float32)
-        if len(request):
-            scores[np.asarray(owners, dtype=np.int64)[request], token] = value
+        scores = np.full((len(self.tokens), max(width, 1)), -np.inf, dtype=np.float32)
+        for request, scored in zip(requests, answers):
+            self.stats.logprobs += len(scored.token_ids)
+            at = np.searchsorted(real_np, scored.token_ids).clip(max=width - 1)
+            # a catalog token, and a value (the engine pads its answer rows with token 0 at -inf)
+            keep = (real_np[at] == scored.token_ids) & np.isfinite(scored.logprobs)
+            scores[request.row, at[keep]] = scored.logprobs[keep]
         out = torch.from_numpy(scores)
         if self.children_logprobs is not None:
             # kept by reference; read for the results' prefixes only (children_of)
-            for row, lo, hi in self._scored:
+            for row, lo, hi in self._live_rows:
                 request = self.request_of[row]
                 key = (request, tuple(self.tokens[row][self.prompt_len[request]:]))
                 self.children_logprobs[key] = (out, row, lo, hi)
         return out
 
     def children_of(self, request: int, prefix) -> dict[int, float]:
-        """``{child token: log-prob}`` of the node the identifier ``prefix`` of ``request`` reached."""
+        """``{child token: log-prob}`` of the node the identifier ``prefix`` (model tokens) of
+        ``request`` reached (children the engine was not asked for, which cannot rank, are left out)."""
         out, row, lo, hi = self.children_logprobs[(request, tuple(prefix))]
-        children = self.trie.node_token[lo + 1: hi + 1].long()
-        return dict(zip(children.tolist(), out[row, children].tolist()))
+        values = out[row, self.search_trie.node_token[lo + 1: hi + 1].long()]
+        real = self.trie.node_token[lo + 1: hi + 1].long()
+        keep = torch.isfinite(values)
+        return dict(zip(real[keep].tolist(), values[keep].tolist()))

@@ -26,10 +26,47 @@ from __future__ import annotations
 import logging
 
 from decoding.integrations.vllm import _compat
-from decoding.integrations.vllm.arguments import EXCLUDE_KEY, beam_options, beam_unsupported
+from decoding.integrations.vllm.arguments import beam_options, beam_unsupported, check_beams, check_exclusions
 from decoding.integrations.vllm.catalogs import CatalogError, catalogs_for
 
 logger = logging.getLogger("decoding.integrations.vllm")
+
+
+_METRICS = None
+
+
+def _metrics():
+    """The route's Prometheus counters (served at the server's ``/metrics``), made on first use;
+    None without prometheus_client."""
+    global _METRICS
+    if _METRICS is None:
+        try:
+            from prometheus_client import Counter
+        except ImportError:  # pragma: no cover - a vLLM dependency
+            _METRICS = {}
+            return _METRICS
+        from prometheus_client import Gauge
+
+        _METRICS = {"requests_in_flight": Gauge("decoding_beam_requests_in_flight",
+                                                "One-token engine requests of the exact path the engine holds now")}
+        _METRICS |= {name: Counter(f"decoding_beam_{name}", doc) for name, doc in (
+            ("searches", "Catalog beam searches served by the exact path"),
+            ("engine_requests", "One-token engine requests the exact path sent"),
+            ("logprobs", "(token, log-prob) pairs the engine returned to the exact path"),
+            ("wide_rows", "Beam rows whose trie node has more than 128 children"),
+            ("top_n_rows", "Wide rows that asked the engine's top-N log-probs first"),
+            ("fallback_rows", "Wide rows whose top-N could not decide them, asked again by id"))}
+    return _METRICS
+
+
+def _count(stats) -> None:
+    metrics = _metrics()
+    if not metrics:
+        return
+    metrics["searches"].inc()
+    for name in ("logprobs", "wide_rows", "top_n_rows", "fallback_rows"):
+        metrics[name].inc(getattr(stats, name))
+    metrics["engine_requests"].inc(stats.requests)
 
 
 class BeamRouteError(ValueError):
@@ -40,19 +77,20 @@ class BeamRouteError(ValueError):
         self.parameter = parameter
 
 
-def _choice_logprobs(book, prompt_index: int, tokens: list[int], alternatives: int):
-    """Per token, ``(token, logprob, rank)`` triples: the chosen token first, then the best other children."""
+def _choice_logprobs(book, prompt_index: int, tokens: list[int], alternatives: int, ranked: dict):
+    """Per token, ``(token, logprob, rank)`` triples: the chosen token first, then the best
+    ``alternatives`` other children. ``ranked`` caches each prefix's children, best first (the
+    choices of one answer share their prefixes)."""
     out = []
     for t, token in enumerate(tokens):
-        children = book.children_of(prompt_index, tokens[:t])
-        ranked = sorted(children.items(), key=lambda kv: -kv[1])
-        rank = {tok: r + 1 for r, (tok, _) in enumerate(ranked)}
+        prefix = tuple(tokens[:t])
+        if prefix not in ranked:
+            children = book.children_of(prompt_index, prefix)
+            order = sorted(children, key=children.__getitem__, reverse=True)
+            ranked[prefix] = (children, {tok: r + 1 for r, tok in enumerate(order)}, order[: alternatives + 1])
+        children, rank, best = ranked[prefix]
         step = [(token, children[token], rank[token])]
-        for tok, value in ranked:
-            if len(step) > alternatives:
-                break
-            if tok != token:
-                step.append((tok, value, rank[tok]))
+        step += [(tok, children[tok], rank[tok]) for tok in best if tok != token][:alternatives]
         out.append(step)
     return out
 
@@ -69,23 +107,34 @@ async def catalog_beam_search(call: _compat.BeamCall, options: dict) -> list[_co
         trie = catalogs_for(call.vllm_config).resolve(options["catalog"])
     except CatalogError as exc:
         raise BeamRouteError(str(exc), "vllm_xargs") from None
+    limits = catalogs_for(call.vllm_config).options
+    try:
+        check_beams(call.beam_width, limits.max_beams)
+    except ValueError as exc:
+        raise BeamRouteError(str(exc), "n") from None
+    try:
+        exclude = check_exclusions(options["exclude"], limits.max_exclude, trie.num_ids)
+    except ValueError as exc:
+        raise BeamRouteError(str(exc), "vllm_xargs") from None
     if call.max_tokens < trie.depth:
         raise BeamRouteError(f"max_tokens: {call.max_tokens} is shorter than the catalog's identifiers "
                              f"({trie.depth} tokens)", "max_tokens")
-    if any(i >= trie.num_ids for i in options["exclude"]):
-        raise BeamRouteError(f"{EXCLUDE_KEY}: item ids must be below {trie.num_ids} (the catalog's item ids)",
-                             "vllm_xargs")
     if call.beam_width > trie.num_items:
         raise BeamRouteError(f"n: {call.beam_width} beams is more than the catalog's {trie.num_items} items", "n")
+    metrics = _metrics()
+    if metrics:  # the engine's router knows the exact path's requests in flight
+        pending = call.engine.router.pending
+        metrics["requests_in_flight"].set_function(lambda: len(pending))
     try:
         out, book = await search(call.engine, [call.prompt_ids], trie=trie, num_beams=call.beam_width,
-                                 length_penalty=call.length_penalty, exclude_items=[options["exclude"]],
+                                 length_penalty=call.length_penalty, exclude_items=[exclude],
                                  lora_request=call.lora_request, record_logprobs=options["logprobs"] is not None)
     except (ValueError, TypeError) as exc:
         raise BeamRouteError(str(exc), "prompt") from None
+    _count(book.stats)
 
     eos = trie.eos_token_id
-    alternatives = options["logprobs"] or 0
+    alternatives, ranked = options["logprobs"] or 0, {}
     choices = []
     for score, sequence in zip(out.scores[0].tolist(), out.sequences[0].tolist()):
         if score == float("-inf"):
@@ -94,7 +143,7 @@ async def catalog_beam_search(call: _compat.BeamCall, options: dict) -> list[_co
         ended = eos is not None and bool(tokens) and tokens[-1] == eos
         shown = tokens[:-1] if ended and not call.include_stop_str_in_output else tokens
         text = call.tokenizer.decode(shown, skip_special_tokens=call.skip_special_tokens) if call.tokenizer else ""
-        logprobs = (_choice_logprobs(book, 0, tokens, alternatives)[:len(shown)]
+        logprobs = (_choice_logprobs(book, 0, tokens, alternatives, ranked)[:len(shown)]
                     if options["logprobs"] is not None else None)
         choices.append(_compat.Choice(token_ids=shown, text=text, score=score, finished=ended, logprobs=logprobs))
     return choices
