@@ -121,3 +121,19 @@ def test_cli_kv_small_run(tmp_path, capsys):
     assert all(m["prompt_kv_mb"] < shared["prompt_kv_mb"] for m in pruned)
     assert all(m["peak_memory_mb"] >= 0 for m in res["methods"])
     assert "KV cache at long prompts" in capsys.readouterr().out
+
+
+def test_the_http_bench_tells_a_near_tie_from_a_wrong_answer():
+    from decoding.bench._common import classify
+
+    ref_items, ref_scores = [1, 2, 3], [-1.0, -2.0, -3.0]
+    assert classify({1: -1.0, 2: -2.0, 3: -3.0}, ref_items, ref_scores) == "exact"
+    # the K-th item swapped for one scoring the same up to float rounding
+    assert classify({1: -1.0, 2: -2.0, 4: -3.00001}, ref_items, ref_scores) == "near-tie"
+    # an item from another subtree, whose prefix sat on the reference's cut at step 1
+    cuts, prefixes = [-0.6], {4: [-0.600001], 2: [-0.6]}
+    assert classify({1: -1.0, 4: -1.5, 3: -3.0}, ref_items, ref_scores, cuts=cuts,
+                    prefix_scores=prefixes.__getitem__) == "near-tie"
+    # ... or far from any cut: wrong
+    assert classify({1: -1.0, 4: -1.5, 3: -3.0}, ref_items, ref_scores, cuts=[-0.2],
+                    prefix_scores=prefixes.__getitem__) == "wrong"

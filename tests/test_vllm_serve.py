@@ -540,7 +540,10 @@ def test_bench_cli_vllm_http_small_run(tmp_path, capsys):
     assert res["suite"] == "vllm-http" and res["config"]["clients"] == 6
     vllm_own, exact = res["methods"]
     assert exact["agreement_with_exact_topk"] == 1.0 and exact["invalid_item_rate"] == 0.0
+    assert exact["topk"]["wrong"] == 0 and vllm_own["topk"]["wrong"] > 0.5
     assert vllm_own["invalid_item_rate"] > 0.5  # unconstrained beams are (almost) never items here
+    assert exact["per_search"]["engine_requests"] > 0 and exact["fallback_rows"] >= 0
+    assert res["bystander_alone_ms"] > 0 and exact["bystander_max_ms"] >= exact["bystander_p50_ms"] > 0
     for row in (vllm_own, exact, res["engine_floor"]):
         assert row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
     assert (tmp_path / "vllm-server.log").exists()

@@ -166,3 +166,91 @@ def write_chart(results: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+NEAR_TIE = 1e-5  # relative
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= NEAR_TIE * max(abs(b), 1.0)
+
+
+def classify(got: dict, items: list[int], scores: list[float], cuts=(), prefix_scores=None) -> str:
+    """``exact``, ``near-tie`` or ``wrong``: ``got`` ({item: score}) against the exact top-K
+    (``items``, ``scores`` best first). A near-tie: every differing item scores within
+    :data:`NEAR_TIE` of the K-th score, or at some step its prefix scores (in the reference's
+    arithmetic, ``prefix_scores(item) -> [score after step 1, ...]``) within it of the score
+    at which the reference cut its beams that step (``cuts``): two engines' float rounding there
+    decides which subtree survives, and the items below it differ."""
+    missing, extra = set(items) - set(got), set(got) - set(items)
+    if not missing and not extra:
+        return "exact"
+    ref = dict(zip(items, scores))
+    if all(_close(ref[i] if i in ref else got[i], scores[-1]) for i in missing | extra):
+        return "near-tie"
+    if prefix_scores is not None and all(
+            any(_close(s, cut) for s, cut in zip(prefix_scores(i), cuts)) for i in missing | extra):
+        return "near-tie"
+    return "wrong"
+
+
+class CutRecorder:
+    """A :class:`decoding.BeamModel` around the reference model that records, per request and
+    step, the lowest cumulative log-prob among the beams the search kept (its cut)."""
+
+    def __init__(self, inner, num_beams: int):
+        self.inner, self.K, self.cuts = inner, num_beams, []
+
+    def prefill(self, input_ids, attention_mask):
+        logits = self.inner.prefill(input_ids, attention_mask)
+        self._cum, self._logp = torch.zeros(logits.shape[0]), torch.log_softmax(logits.float(), -1)
+        return logits
+
+    def step(self, beam_index, tokens):
+        self._cum = self._cum[beam_index] + self._logp[beam_index, tokens]
+        self.cuts.append(self._cum.view(-1, self.K).min(dim=1).values)
+        logits = self.inner.step(beam_index, tokens)
+        self._logp = torch.log_softmax(logits.float(), -1)
+        return logits
+
+
+class ExactReference:
+    """``decoding.beam_search``'s top-K on the model in transformers (float32) for ``prompts``
+    ``[B, T]``, with the beam cut of every step, to judge another engine's answers."""
+
+    def __init__(self, model, prompts: torch.Tensor, trie, num_beams: int, seqs, batch: int = 16):
+        from decoding import beam_search
+        from decoding.search.model import as_beam_model
+
+        self.model, self.prompts, self.seqs = model, prompts.tolist(), seqs
+        self.items, self.cuts = [], []
+        for i in range(0, prompts.shape[0], batch):
+            recorder = CutRecorder(as_beam_model(model), num_beams)
+            out = beam_search(recorder, prompts[i: i + batch], None, trie=trie, num_beams=num_beams)
+            self.items += [(out.items[j].tolist(), out.scores[j].tolist()) for j in range(out.items.shape[0])]
+            self.cuts += torch.stack(recorder.cuts, dim=1).tolist()
+        self.sets = [set(items) for items, _ in self.items]
+
+    @torch.no_grad()
+    def prefix_scores(self, b: int, item: int) -> list[float]:
+        """The item's cumulative log-probs after each of its tokens but the last, in transformers."""
+        tokens = [int(t) for t in self.seqs[item]]
+        logits = self.model(torch.tensor([self.prompts[b] + tokens])).logits[0, -len(tokens) - 1: -1]
+        steps = torch.log_softmax(logits.float(), -1)[torch.arange(len(tokens)), torch.tensor(tokens)]
+        return steps.cumsum(0)[:-1].tolist()
+
+    def judge(self, answers) -> tuple[dict, list]:
+        """``answers``: per request ``(items, scores)``. Returns the share of exact, near-tie and
+        wrong requests, and what differed in the first few that are not exact."""
+        kinds, differences = [], []
+        for b, (items, scores) in enumerate(answers):
+            got = {i: s for i, s in zip(items, scores) if i >= 0}
+            kinds.append(classify(got, *self.items[b], cuts=self.cuts[b],
+                                  prefix_scores=lambda i, b=b: self.prefix_scores(b, i)))
+            if kinds[-1] != "exact" and len(differences) < 8:  # what differs, for a reader to judge
+                ref = dict(zip(*self.items[b]))
+                differences.append({"request": b, "kind": kinds[-1], "kth_score": self.items[b][1][-1],
+                                    "missing": {i: ref[i] for i in set(ref) - set(got)},
+                                    "extra": {i: got[i] for i in set(got) - set(ref)}})
+        n = max(len(answers), 1)
+        return {k: kinds.count(k) / n for k in ("exact", "near-tie", "wrong")}, differences

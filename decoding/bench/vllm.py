@@ -18,9 +18,8 @@ import tempfile
 
 import torch
 
-from decoding import beam_search
 from decoding import testing as bm
-from decoding.bench._common import METHOD_COLUMNS, catalog_and_model, log, print_methods, timed
+from decoding.bench._common import METHOD_COLUMNS, ExactReference, catalog_and_model, log, print_methods, timed
 
 
 def _engine(model_dir, **kwargs):
@@ -50,14 +49,14 @@ def run(args, device) -> dict:
     prompts = [TokensPrompt(prompt_token_ids=row) for row in ids.tolist()]
 
     log("[vllm] exact top-K: decoding.beam_search on the same weights in transformers")
-    exact = beam_search(model, ids, None, trie=trie, num_beams=K)
-    exact_sets = [set(r) for r in exact.items.tolist()]
+    reference = ExactReference(model, ids, trie, K, seqs)
 
-    def score(item_lists):
+    def score(item_lists, score_lists=None):
         rows = [it for items in item_lists for it in items]
         invalid = sum(i < 0 for i in rows) / max(len(rows), 1)
-        agree = sum({i for i in items if i >= 0} == exact_sets[b] for b, items in enumerate(item_lists)) / B
-        return invalid, agree
+        score_lists = score_lists or [[0.0] * len(items) for items in item_lists]
+        topk, differences = reference.judge(list(zip(item_lists, score_lists)))
+        return invalid, topk["exact"] + topk["near-tie"], topk, differences
 
     def items_of(outputs):
         gen = [[s.tokens[args.prompt_len: args.prompt_len + L] for s in o.sequences] for o in outputs]
@@ -80,7 +79,8 @@ def run(args, device) -> dict:
         methods.append(("vLLM beam_search, unconstrained + post-filter", t, runs, *score(items_of(out))))
         t, runs, out = timed(lambda: dv.beam_search(llm, ids.tolist(), trie=trie, num_beams=K), device,
                              args.repeats, "decoding driver on vLLM")
-        methods.append(("decoding.integrations.vllm.beam_search", t, runs, *score(out.items.tolist())))
+        methods.append(("decoding.integrations.vllm.beam_search", t, runs,
+                        *score(out.items.tolist(), out.scores.tolist())))
         floor, floor_runs, _ = timed(lambda: _engine_floor(llm, prompts, trie, K, L), device, args.repeats,
                                      "engine floor (model work only)")
         llm = None  # release this engine before the next one starts
@@ -91,8 +91,10 @@ def run(args, device) -> dict:
 
     base = methods[0][1]
     rows = [{"method": name, "latency_ms": t * 1e3, "runs_ms": [r * 1e3 for r in runs], "requests_per_s": B / t,
-             "speedup_vs_baseline": base / t, "invalid_item_rate": inv, "agreement_with_exact_topk": agr}
-            for name, t, runs, inv, agr in methods]
+             "speedup_vs_baseline": base / t, "invalid_item_rate": inv, "agreement_with_exact_topk": agr,
+             "topk": topk, "exact_topk": topk["exact"], "near_tie": topk["near-tie"], "wrong": topk["wrong"],
+             "differences": differences}
+            for name, t, runs, inv, agr, topk, differences in methods]
     return {"suite": "vllm", "config": {k: getattr(args, k) for k in ("items", "levels", "codes", "batch", "beams",
                                                                          "prompt_len", "hidden", "layers", "heads",
                                                                          "repeats", "seed")},
@@ -161,7 +163,8 @@ def show(res: dict) -> None:
     cfg = res["config"]
     print_methods(f"Constrained beam search on vLLM: {cfg['items']:,} items, {cfg['batch']} prompts of "
                   f"{cfg['prompt_len']} tokens, {cfg['beams']} beams, {cfg['levels']}-token identifiers",
-                  res["methods"], METHOD_COLUMNS + [("exact top-K", "agreement_with_exact_topk", "{:.0%}")])
+                  res["methods"], METHOD_COLUMNS + [("exact", "exact_topk", "{:.0%}"),
+                                                    ("near-tie", "near_tie", "{:.0%}"), ("wrong", "wrong", "{:.0%}")])
     floor = res.get("engine_floor")
     if floor:
         print(f"Model work alone (prefill + {cfg['beams']} rows per prompt decoding {cfg['levels'] - 1} tokens, "

@@ -12,8 +12,9 @@ identifier length) per run:
 
 Columns: requests/s, p50 and p99 latency, invalid-item rate, and agreement with the exact top-K
 (``decoding.beam_search`` on the same weights in transformers), split into exact (the same item
-set), near-tie (sets differing only in items whose scores lie within 1e-5 relative of the K-th
-score: a tie at the boundary that float rounding between the two engines decides) and wrong.
+set), near-tie (every differing item scores within 1e-5 relative of the K-th score, or its prefix
+scored within 1e-5 of the reference's beam cut at some step: a tie that float rounding between the
+two engines decides) and wrong; ``differences`` in the JSON lists what differed.
 While each method runs, a bystander sends plain 4-token completions one after another; their
 latency is reported beside the same completion's alone. For the exact path, the engine requests
 and log-probs it asked per search and how many wide rows fell back (the server's
@@ -35,29 +36,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from decoding import beam_search
 from decoding import testing as bm
-from decoding.bench._common import catalog_and_model, log
-
-NEAR_TIE = 1e-5  # relative
+from decoding.bench._common import ExactReference, catalog_and_model, log
 
 
 def _percentile(values, q):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def classify(got: dict, items: list[int], scores: list[float]) -> str:
-    """``exact``, ``near-tie`` or ``wrong``: ``got`` ({item: score}) against the exact top-K
-    (``items``, ``scores`` best first)."""
-    missing, extra = set(items) - set(got), set(got) - set(items)
-    if not missing and not extra:
-        return "exact"
-    kth = scores[-1]
-    near = [dict(zip(items, scores))[i] for i in missing] + [got[i] for i in extra]
-    if all(abs(v - kth) <= NEAR_TIE * max(abs(kth), 1.0) for v in near):
-        return "near-tie"
-    return "wrong"
 
 
 def _server_counters(client) -> dict:
@@ -109,31 +94,19 @@ def run(args, device) -> dict:
     from decoding.testing.serving import vllm_server
 
     K, L, N, C = args.beams, args.levels, args.batch, args.clients
-    V, _, trie, model, _ = catalog_and_model(args)
+    V, seqs, trie, model, _ = catalog_and_model(args)
     log(f"[vllm-http] catalog: {args.items:,} semantic IDs, vocabulary {V:,} tokens; {N} requests of "
         f"{args.prompt_len} tokens per run, {C} concurrent clients, {K} beams")
     g = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(bm.SPECIAL_TOKENS, bm.sid_vocab_size(L, args.codes), (N, args.prompt_len), generator=g)
     log("[vllm-http] exact top-K: decoding.beam_search on the same weights in transformers")
-    exact = []
-    for i in range(0, N, 16):
-        out = beam_search(model, prompts[i: i + 16], None, trie=trie, num_beams=K)
-        exact += [(out.items[j].tolist(), out.scores[j].tolist()) for j in range(out.items.shape[0])]
+    reference = ExactReference(model, prompts, trie, K, seqs)
     prompt_lists = prompts.tolist()
 
     def score(answers):
         rows = [it for items, _ in answers for it in items]
         invalid = sum(i < 0 for i in rows) / max(len(rows), 1)
-        kinds, wrong = [], []
-        for b, (items, scores) in enumerate(answers):
-            got = {i: s for i, s in zip(items, scores) if i >= 0}
-            kinds.append(classify(got, *exact[b]))
-            if kinds[-1] != "exact" and len(wrong) < 8:  # what differs, for a reader to judge
-                ref = dict(zip(*exact[b]))
-                wrong.append({"request": b, "kind": kinds[-1], "kth_score": exact[b][1][-1],
-                              "missing": {i: ref[i] for i in set(ref) - set(got)},
-                              "extra": {i: got[i] for i in set(got) - set(ref)}})
-        return invalid, {k: kinds.count(k) / N for k in ("exact", "near-tie", "wrong")}, wrong
+        return (invalid, *reference.judge(answers))
 
     methods, floor = [], None
     with tempfile.TemporaryDirectory() as tmp:

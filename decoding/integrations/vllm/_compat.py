@@ -21,12 +21,16 @@ What the package relies on, by concern:
 - **patches** (each documented in the README, none where a public extension point serves):
   ``InputProcessor.process_inputs`` (admission checks that need the prompt and the engine's
   config), ``CompletionRequest``/``ChatCompletionRequest.to_beam_search_params`` and
-  ``BeamSearchOnlineMixin.beam_search`` (the OpenAI beam route), and, per engine and only while
-  the package's async driver runs, ``OutputProcessor.process_outputs`` (its outputs taken out of
-  the stream before the front end builds Python objects of them).
+  ``BeamSearchOnlineMixin.beam_search`` (the OpenAI beam route), the legacy runner's
+  ``Sampler.forward`` (vLLM 0.32-0.33: a batch mixing token-id and top-N log-prob requests,
+  which vLLM answers with -inf alternatives for the latter), and, per engine and only while the
+  package's async driver runs, ``OutputProcessor.process_outputs`` (its outputs taken out of the
+  stream before the front end builds Python objects of them).
 - **the engine core** (the drivers): ``EngineCoreRequest``, ``SamplingParams`` as the front end
-  finishes them, the core client's ``add_request``/``get_output``/``abort_requests`` and their
-  async twins, ``EngineCoreOutput.new_logprobs``.
+  finishes them (built once per engine and kept on its input processor), the core client's
+  ``add_request``/``get_output``/``abort_requests`` and their async twins,
+  ``EngineCoreOutput.new_logprobs``, and how many ``logprob_token_ids`` a request may carry (128
+  on the current runner's per-slot buffer; the legacy sampler gathers any number).
 - **serving results**: ``RequestOutput``, ``CompletionOutput``, ``Logprob``,
   ``VLLMValidationError`` (HTTP 400 when serving).
 

@@ -6,7 +6,9 @@ The operator registers catalogs when the engine starts,
     additional_config={"decoding": {"catalogs": {"items": "/srv/items.trie", ...},
                                     "catalog_dir": "/srv/catalogs",      # optional
                                     "max_catalog_bytes": 4 << 30,        # optional
-                                    "allow_untested_vllm": false}}      # optional
+                                    "allow_untested_vllm": false,       # optional
+                                    "max_beams": 1024, "max_exclude": 100000,  # caps on a request
+                                    "max_requests_per_search": None}}   # default 2 x max_num_seqs
 
 (``vllm serve ... --additional-config '{"decoding": {...}}'``), or in-process with
 :func:`register_catalog`. With ``catalog_dir`` a request may also name a plain file name inside
