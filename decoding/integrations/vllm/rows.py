@@ -230,6 +230,25 @@ class BeamRows:
                 self.children_logprobs[key] = (out, row, lo, hi)
         return out
 
+    def search(self, score, *, num_beams: int, length_penalty: float = 0.0, exclude_items=None,
+               backend: str = "auto"):
+        """Run :func:`decoding.search.beam.search_loop` over these rows to the end, synchronously:
+        ``score()`` answers each step's rows (the compact logits ``[rows, C]``, e.g. through
+        :meth:`requests`, :meth:`followups` and :meth:`logits`). Returns the
+        :class:`decoding.BeamSearchOutput`, its sequences in the model's tokens."""
+        from decoding.search.beam import search_loop
+
+        with torch.inference_mode():
+            loop = search_loop(score(), trie=self.search_trie, num_beams=num_beams, length_penalty=length_penalty,
+                               normalize="none", exclude_items=exclude_items, backend=backend)
+            try:
+                beam_index, tokens = next(loop)
+                while True:
+                    self.advance(beam_index, tokens)
+                    beam_index, tokens = loop.send(score())
+            except StopIteration as done:
+                return self.to_real(done.value)
+
     def children_of(self, request: int, prefix) -> dict[int, float]:
         """``{child token: log-prob}`` of the node the identifier ``prefix`` (model tokens) of
         ``request`` reached (children the engine was not asked for, which cannot rank, are left out)."""
