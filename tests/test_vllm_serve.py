@@ -316,18 +316,6 @@ def test_other_clients_log_probs_are_unchanged_while_beam_searches_run(server, c
 
 
 
-def test_a_server_on_vllms_default_max_logprobs_serves_exact_catalog_beam_search(served_model_dir, catalogs,
-                                                                                  reference):
-    """Started with vLLM's default --max-logprobs (20): no beam needs more than its children's
-    log-probs (asked by id), so catalog beam search is exact there too."""
-    log = catalogs["root"] / "server-max-logprobs.log"
-    with running_server(served_model_dir, log, server_config(catalogs), args=("--max-logprobs", "20")) as running:
-        client, model, proc = running
-        check_exact(client, model, catalogs["items"], reference, random_prompts(12, seed=29), n=12)
-        assert tokens_of(complete(client, model, [10, 11, 12], catalog="items"))
-        assert proc.poll() is None
-
-
 def server_state(client) -> dict:
     """The engine's own gauges and counters (running and waiting requests, prefix-cache queries)
     and the exact path's requests in flight, from /metrics."""
@@ -389,7 +377,8 @@ TEXT_VOCAB = 150_904  # with the 1,032 semantic-ID and special tokens: Qwen3's 1
 @pytest.fixture(scope="module")
 def llm_vocab(tmp_path_factory, catalogs):
     """A server whose model has an LLM's vocabulary (151,936 tokens, the semantic-ID codes among
-    them), the operator's default caps, and its reference in transformers."""
+    them), vLLM's default --max-logprobs, the operator's default caps, and its reference in
+    transformers."""
     from transformers import AutoModelForCausalLM
 
     from decoding import beam_search
@@ -405,13 +394,16 @@ def llm_vocab(tmp_path_factory, catalogs):
         return beam_search(hf, torch.tensor([prompt]), None, trie=trie, num_beams=n, length_penalty=length_penalty)
 
     config = {"decoding": {"catalogs": {"items": str(root / "items.trie")}}}
-    with running_server(model_dir, root / "server.log", config, env={"VLLM_CPU_KVCACHE_SPACE": "3"}) as running:
+    # vLLM's default --max-logprobs (20): nothing of the exact path needs more
+    with running_server(model_dir, root / "server.log", config, args=("--max-logprobs", "20"),
+                        env={"VLLM_CPU_KVCACHE_SPACE": "3"}) as running:
         yield running, trie, search
 
 
 def test_exact_beam_search_at_an_llms_vocabulary_under_concurrency(llm_vocab):
-    """151,936 tokens, 32 concurrent requests: exact against decoding.beam_search, and no request
-    moved the vocabulary (the server's counters: log-probs per engine request stay O(children))."""
+    """151,936 tokens, 32 concurrent requests, vLLM's default --max-logprobs: exact against
+    decoding.beam_search, and no request moved the vocabulary (the server's counters: log-probs
+    per engine request stay O(children))."""
     (client, model, proc), trie, reference = llm_vocab
     before = {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines()
               if line.startswith("decoding_beam_") and "_total " in line}
