@@ -103,11 +103,12 @@ async def catalog_beam_search(call: _compat.BeamCall, options: dict) -> list[_co
 
     if call.prompt_ids is None:
         raise BeamRouteError(beam_unsupported("a prompt that is not token ids or text"), "prompt")
+    catalogs = catalogs_for(call.vllm_config)
     try:
-        trie = catalogs_for(call.vllm_config).resolve(options["catalog"])
+        trie = catalogs.resolve(options["catalog"])
     except CatalogError as exc:
         raise BeamRouteError(str(exc), "vllm_xargs") from None
-    limits = catalogs_for(call.vllm_config).options
+    limits = catalogs.options
     try:
         check_beams(call.beam_width, limits.max_beams)
     except ValueError as exc:
