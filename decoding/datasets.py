@@ -9,9 +9,9 @@ folder holding ``ml-100k.inter`` and ``ml-100k.item`` in RecBole's atomic-file f
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
 
 import numpy as np
 
@@ -66,10 +66,11 @@ class InteractionData:
 
 
 def _recbole_folder() -> str | None:
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or spec.origin is None:
+    # the installed files, read from the package's metadata: RecBole itself is never imported
+    try:
+        return str(distribution("recbole").locate_file("recbole/dataset_example/ml-100k"))
+    except PackageNotFoundError:
         return None
-    return os.path.join(os.path.dirname(spec.origin), "dataset_example", "ml-100k")
 
 
 def _read_atomic(path: str) -> tuple[list[str], list[list[str]]]:

@@ -1,6 +1,6 @@
 """Every Triton kernel of the package compiles ahead of time for real GPU targets (sm_80, sm_90,
 sm_100) at the block sizes its launcher picks on a GPU, with no register spill: the interpreter
-the other tests use accepts code the compiler rejects. Runs decoding.testing.aot in a fresh
+the other tests use accepts code the compiler rejects. Runs decoding.ops.aot in a fresh
 process without TRITON_INTERPRET."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 def test_every_kernel_compiles_for_gpu_targets_without_spills(tmp_path):
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "decoding.testing.aot", "--json", str(out)], env=env,
+    res = subprocess.run([sys.executable, "-m", "decoding.ops.aot", "--json", str(out)], env=env,
                          capture_output=True, text=True, timeout=1500)
     assert out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -32,3 +32,10 @@ def test_every_kernel_compiles_for_gpu_targets_without_spills(tmp_path):
     assert {r["target"] for r in rows} == {"sm_80", "sm_90", "sm_100"}
     assert all(r["shared_bytes"] <= 227 * 1024 for r in rows), "a configuration needs more shared memory than H100"
     assert len(data["kernels_in_package"]) >= 7 and res.returncode == 0
+
+
+def test_the_tool_imports_every_module_of_the_triton_backend():
+    from decoding.ops import aot
+
+    imported = {m.__name__.rsplit(".", 1)[1] for m in aot.kernel_modules()}
+    assert imported == aot.backend_modules(), "add the new Triton backend module to decoding.ops.aot.kernel_modules"

@@ -1,11 +1,25 @@
-"""The package's layering, read from its source: backends are leaves, dependencies run one way
-(helpers -> trie, data sets, semantic IDs, metrics -> ops -> kv -> search -> speculative, setid ->
-integrations -> the top-level face, testing, workloads -> bench), and nothing imports in a circle."""
+"""The package's layering, read from its source, as the explicit rules of the README's
+Architecture section:
+
+- dependencies run one way, through the layers helpers -> catalog and data -> ops -> kv ->
+  search -> speculative, setid -> the face (``decoding``), testing, workloads -> integrations ->
+  bench; nothing imports in a circle;
+- the library (everything but ``integrations`` and ``bench``) never imports an integration;
+- an op's backends (``ops/_torch``, ``ops/_cpu``, ``ops/_triton``, the packages themselves
+  included) are imported only by that op (and the AOT tool, which compiles every Triton kernel),
+  and import nothing but the shared helpers;
+- nothing is loaded by name at run time: no ``importlib`` (other than ``importlib.metadata``,
+  which reads installed packages' metadata) and no ``__import__`` outside the vLLM seam, which
+  looks up vLLM's names (never the package's) for its table of what it relies on.
+
+Every rule is shown failing on an injected violation."""
 
 from __future__ import annotations
 
 import ast
 import pathlib
+
+import pytest
 
 import decoding
 
@@ -18,13 +32,22 @@ LAYERS = {
     "decoding.kv": 3,
     "decoding.search": 4,
     "decoding.speculative": 5, "decoding.setid": 5,
-    "decoding.integrations": 6,
-    "decoding": 7, "decoding.testing": 7, "decoding.workloads": 7,
+    "decoding": 6, "decoding.testing": 6, "decoding.workloads": 6,
+    "decoding.integrations": 7,
     "decoding.bench": 8,
 }
-BACKENDS = ("decoding.ops._torch.", "decoding.ops._cpu.", "decoding.ops._triton.")
+# layers whose packages are peers: none of them imports another (within one package is fine)
+PEER_LAYERS = (0, 5, 6)
+BACKEND_PACKAGES = ("decoding.ops._torch", "decoding.ops._cpu", "decoding.ops._triton")
 EXTENSIONS = {"decoding._C"}  # compiled: imports nothing of the package
 BACKEND_MAY_IMPORT = {"decoding._ext", "decoding._validate", "decoding.ops._helpers", "decoding.ops._triton._lib"}
+AOT_TOOL = "decoding.ops.aot"  # compiles every Triton kernel: imports the whole Triton backend
+LIBRARY_EXCLUDES = ("decoding.integrations", "decoding.bench")
+VLLM_SEAM = "decoding.integrations.vllm._compat"
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -43,8 +66,8 @@ def _resolve(name: str) -> str | None:
 
 
 def _imports(module: str) -> set[str]:
-    """Every ``decoding`` module ``module`` imports, function-local imports included and
-    ``if TYPE_CHECKING:`` blocks excluded."""
+    """Every ``decoding`` module ``module`` imports, function-local imports and package-level
+    imports included, ``if TYPE_CHECKING:`` blocks excluded."""
     tree = ast.parse(MODULES[module].read_text())
     skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
             for child in node.body for n in ast.walk(child)}
@@ -72,29 +95,83 @@ GRAPH = {m: _imports(m) for m in MODULES}
 
 
 def _layer(module: str) -> int:
-    key = max((k for k in LAYERS if module == k or module.startswith(k + ".")), key=len)
+    key = max((k for k in LAYERS if _within(module, k)), key=len)
     return LAYERS[key]
 
 
-def test_backends_are_leaves_imported_only_by_their_op():
-    for module, deps in GRAPH.items():
-        for dep in deps:
-            if dep.startswith(BACKENDS) and dep not in BACKEND_MAY_IMPORT:
-                op = dep.rsplit(".", 1)[1]
-                assert module == f"decoding.ops.{op}", f"{module} imports the backend module {dep}"
-        if module.startswith(BACKENDS):
-            assert deps <= BACKEND_MAY_IMPORT, f"backend {module} imports {sorted(deps - BACKEND_MAY_IMPORT)}"
+def _backend(module: str) -> str | None:
+    return next((b for b in BACKEND_PACKAGES if _within(module, b)), None)
 
 
-def test_dependencies_run_one_way():
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import in ``graph`` (module -> the package modules it imports) that a rule forbids."""
     wrong = []
-    for module, deps in GRAPH.items():
-        for dep in deps:
+    for module, deps in graph.items():
+        library = not any(_within(module, x) for x in LIBRARY_EXCLUDES)
+        for dep in sorted(deps):
             lm, ld = _layer(module), _layer(dep)
-            sibling = lm == ld and module.split(".")[:2] != dep.split(".")[:2] and lm in (0, 5, 7)
-            if ld > lm or (sibling and not (lm == 0 and dep == "decoding._validate")):
-                wrong.append(f"{module} (layer {lm}) -> {dep} (layer {ld})")
-    assert not wrong, "imports against the layering:\n" + "\n".join(sorted(wrong))
+            peers = lm == ld and lm in PEER_LAYERS and module.split(".")[:2] != dep.split(".")[:2]
+            if ld > lm or (peers and not (lm == 0 and dep == "decoding._validate")):
+                wrong.append(f"layering: {module} (layer {lm}) -> {dep} (layer {ld})")
+            if library and _within(dep, "decoding.integrations"):
+                wrong.append(f"the library imports an integration: {module} -> {dep}")
+            if _backend(dep) and dep not in BACKEND_MAY_IMPORT and not _backend(module):
+                op = dep[len(_backend(dep)) + 1:].split(".")[0] if dep != _backend(dep) else None
+                if module != AOT_TOOL and (op is None or module != f"decoding.ops.{op}"):
+                    wrong.append(f"a backend imported outside its op: {module} -> {dep}")
+        if _backend(module) and module not in BACKEND_MAY_IMPORT and not deps <= BACKEND_MAY_IMPORT:
+            extra = sorted(deps - BACKEND_MAY_IMPORT)
+            wrong.append(f"a backend imports more than the shared helpers: {module} -> {extra}")
+    return wrong
+
+
+def dynamic_loading(module: str, source: str) -> list[str]:
+    """Where ``source`` loads modules by name at run time: ``importlib`` (but its metadata) or
+    ``__import__`` (the vLLM seam excepted)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [f"{module}: import {a.name}" for a in node.names
+                      if a.name.split(".")[0] == "importlib" and a.name != "importlib.metadata"]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "importlib":
+            if node.module != "importlib.metadata":
+                found.append(f"{module}: from {node.module} import {', '.join(a.name for a in node.names)}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__" and module != VLLM_SEAM:
+            found.append(f"{module}: __import__(...)")
+    return found
+
+
+def test_the_package_follows_the_rules():
+    wrong = violations(GRAPH)
+    assert not wrong, "imports against the README's Architecture rules:\n" + "\n".join(wrong)
+
+
+def test_nothing_is_loaded_by_name():
+    wrong = [w for m, path in MODULES.items() for w in dynamic_loading(m, path.read_text())]
+    assert not wrong, "modules loaded by name (import them explicitly, lazily where needed):\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize("module, dep, rule", [
+    ("decoding.search.beam", "decoding.ops._triton", "a backend imported outside its op"),  # a backend package
+    ("decoding.kv.shared_prefix", "decoding.ops._cpu.compact_kv", "a backend imported outside its op"),
+    ("decoding.testing.serving", "decoding.integrations.vllm.driver", "the library imports an integration"),
+    ("decoding.workloads.movielens", "decoding.integrations.hf", "the library imports an integration"),
+    ("decoding.ops.verify", "decoding.ops._torch.compact_kv", "a backend imported outside its op"),
+    ("decoding.ops._torch.verify", "decoding.ops._torch.compact_kv", "a backend imports more than"),
+    ("decoding.ops.verify", "decoding.search.beam", "layering"),
+    ("decoding.speculative.search", "decoding.setid", "layering"),
+    ("decoding.integrations.hf", "decoding.bench", "layering"),
+])
+def test_each_rule_fails_on_an_injected_violation(module, dep, rule):
+    assert not [w for w in violations({module: GRAPH[module]}) if rule in w]
+    assert [w for w in violations({module: GRAPH[module] | {dep}}) if w.startswith(rule) and dep in w]
+
+
+@pytest.mark.parametrize("source", ["import importlib\n", "import importlib.util\n",
+                                    "from importlib import import_module\n", "__import__('decoding.ops')\n"])
+def test_loading_by_name_fails_the_check(source):
+    assert dynamic_loading("decoding.search.beam", source)
+    assert not dynamic_loading("decoding.search.beam", "from importlib.metadata import version\n")
 
 
 def test_no_import_cycle():
@@ -122,12 +199,12 @@ def test_the_checks_see_the_imports():
     assert "decoding.ops._helpers" in GRAPH["decoding.ops._torch.trie_beam_step"]
     assert "decoding.kv.shared_prefix" in GRAPH["decoding.search.model"]  # a function-local import
     assert "decoding.trie" not in GRAPH["decoding.ops._torch.trie_beam_step"]  # TYPE_CHECKING only
+    assert "decoding.ops._triton" in GRAPH[AOT_TOOL]  # a package-level import
 
 
 # vLLM's public API (what its docs show users); everything else of vLLM is internal
 VLLM_PUBLIC = {"vllm": {"LLM", "SamplingParams"}, "vllm.inputs": {"TokensPrompt"},
                "vllm.sampling_params": {"BeamSearchParams", "SamplingParams"}}
-VLLM_SEAM = "decoding.integrations.vllm._compat"
 
 
 def _vllm_imports(module: str) -> list[tuple[str, set[str]]]:
