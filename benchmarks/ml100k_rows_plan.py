@@ -3,7 +3,7 @@
 The served exact beam search (``decoding.integrations.vllm.rows``) asks a wide trie node's top-N
 log-probs over the vocabulary (N = twice the beams kept) and falls back to the children by id
 when those cannot decide the row. Random weights make the fallback common; this measures it on the
-trained MovieLens-100K target of ``decoding-bench --workload ml-100k`` (loaded from its cache, or
+trained MovieLens-100K target of ``decoding-bench workload ml-100k`` (loaded from its cache, or
 trained: about 9 minutes here), with the engine's answers computed by the same model in
 transformers, for every test user:
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from decoding.bench.__main__ import main, parse_args
+from decoding.bench.__main__ import SUITES, main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_small_run_writes_results(tmp_path, capsys):
-    rc = main(["--suite", "all", "--items", "3000", "--batch", "3", "--beams", "5", "--prompt-len", "16",
+    rc = main(["all", "--items", "3000", "--batch", "3", "--beams", "5", "--prompt-len", "16",
                "--hidden", "32", "--layers", "1", "--heads", "2", "--repeats", "1", "--step-repeats", "2",
                "--build-sizes", "20000", "--out", str(tmp_path)])
     assert rc == 0
@@ -33,7 +33,7 @@ def test_cli_small_run_writes_results(tmp_path, capsys):
 
 def test_without_the_bench_extra_the_run_completes_without_a_chart(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a missing package looks like to import
-    rc = main(["--suite", "build", "--build-sizes", "2000", "--out", str(tmp_path)])
+    rc = main(["build", "--build-sizes", "2000", "--out", str(tmp_path)])
     assert rc == 0 and (tmp_path / "results.json").exists() and not (tmp_path / "results.png").exists()
     assert "pip install 'genrec-decoding[bench]'" in capsys.readouterr().err
 
@@ -41,13 +41,15 @@ def test_without_the_bench_extra_the_run_completes_without_a_chart(tmp_path, cap
 @pytest.mark.parametrize("argv, message", [
     (["--beams", "0"], "--beams must be positive"),
     (["--items", "10", "--beams", "20"], "--beams must not exceed --items"),
-    (["--suite", "nope"], "invalid choice"),
-    (["--decoder", "speculative", "--drafts", "5"], "--drafts must be at least --beams"),
-    (["--decoder", "speculative", "--draft-layers", "9"], "--draft-layers in 1..--layers"),
-    (["--decoder", "setid", "--catalog-sizes", "10,x"], "--catalog-sizes must be comma-separated integers"),
-    (["--kv", "--prompt-len", "100"], "--kv needs --prompt-len above 288"),
-    (["--kv", "--decoder", "speculative"], "--kv runs trie beam search"),
-    (["--decoder", "setid", "--catalog-sizes", "10"], "--catalog-sizes must each be at least --beams"),
+    (["nope"], "invalid choice"),
+    (["speculative", "--drafts", "5"], "--drafts must be at least --beams"),
+    (["speculative", "--draft-layers", "9"], "--draft-layers in 1..--layers"),
+    (["setid", "--catalog-sizes", "10,x"], "--catalog-sizes must be comma-separated integers"),
+    (["kv", "--prompt-len", "100"], "kv needs --prompt-len above 288"),
+    (["kv", "--drafts", "5"], "unrecognized arguments: --drafts"),  # a flag of another suite
+    (["e2e", "--clients", "4"], "unrecognized arguments: --clients"),
+    (["vllm-http", "--text-vocab", "-1"], "--text-vocab must be non-negative"),
+    (["setid", "--catalog-sizes", "10"], "--catalog-sizes must each be at least --beams"),
 ])
 def test_cli_rejects_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -55,9 +57,32 @@ def test_cli_rejects_bad_flags(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_no_arguments_is_the_default_e2e_run():
+    args = parse_args([])
+    assert args.suite == "e2e" and args.items == 100_000 and args.beams == 20 and args.batch == 16
+    assert parse_args(["--beams", "5,10"]).beam_widths == [5, 10]  # flags alone: e2e's
+
+
 def test_module_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "decoding.bench", "--help"], capture_output=True, text=True, check=True)
-    assert "--items" in res.stdout
+    for suite in SUITES:
+        assert f"    {suite}" in res.stdout, suite
+    assert "--items" not in res.stdout  # the suites' flags are in their own help
+
+
+@pytest.mark.parametrize("suite, has, lacks", [
+    ("e2e", ["--items", "--dtype", "--backend"], ["--clients", "--drafts", "--catalog-sizes", "--cache-dir"]),
+    ("vllm-http", ["--clients", "--text-vocab", "--items"], ["--drafts", "--dtype", "--cache-dir", "--step-repeats"]),
+    ("workload", ["--cache-dir", "--max-users", "--fresh-baselines"], ["--items", "--clients", "--hidden"]),
+    ("speculative", ["--drafts", "--draft-steps", "--align-steps"], ["--clients", "--catalog-sizes"]),
+    ("build", ["--build-sizes"], ["--beams", "--hidden", "--clients"]),
+])
+def test_each_subcommand_help_shows_only_its_flags(suite, has, lacks, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([suite, "--help"])
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in has), text
+    assert not [flag for flag in lacks if flag in text], text
 
 
 def test_benchmark_suites_smoke_run():
@@ -68,9 +93,9 @@ def test_benchmark_suites_smoke_run():
 
 
 def test_cli_speculative_small_run(tmp_path, capsys):
-    """decoding-bench --decoder speculative: target-only vs strict (exact items) and relaxed
+    """decoding-bench speculative: target-only vs strict (exact items) and relaxed
     (valid items, sampled) speculation, with stats."""
-    rc = main(["--decoder", "speculative", "--items", "3000", "--batch", "3", "--beams", "4", "--prompt-len", "12",
+    rc = main(["speculative", "--items", "3000", "--batch", "3", "--beams", "4", "--prompt-len", "12",
                "--hidden", "32", "--layers", "2", "--heads", "2", "--repeats", "1", "--align-steps", "2",
                "--out", str(tmp_path)])
     assert rc == 0
@@ -93,9 +118,9 @@ def test_cli_speculative_small_run(tmp_path, capsys):
 
 
 def test_cli_setid_small_run(tmp_path, capsys):
-    """decoding-bench --decoder setid: catalog_topk vs materialise + topk (same top-K scores,
+    """decoding-bench setid: catalog_topk vs materialise + topk (same top-K scores,
     peak memory measured) and setid_generate vs trie beam search, on a small catalog."""
-    rc = main(["--decoder", "setid", "--catalog-sizes", "3000", "--batch", "2", "--beams", "5", "--prompt-len", "8",
+    rc = main(["setid", "--catalog-sizes", "3000", "--batch", "2", "--beams", "5", "--prompt-len", "8",
                "--repeats", "1", "--out", str(tmp_path)])
     assert rc == 0
     res = json.loads((tmp_path / "results.json").read_text())["results"][0]
@@ -107,8 +132,8 @@ def test_cli_setid_small_run(tmp_path, capsys):
 
 
 def test_cli_kv_small_run(tmp_path, capsys):
-    """decoding-bench --kv: transformers vs prompt KV per beam vs shared vs each pruning policy."""
-    rc = main(["--kv", "--prompt-len", "320", "--batch", "2", "--beams", "4", "--items", "2000", "--hidden", "32",
+    """decoding-bench kv: transformers vs prompt KV per beam vs shared vs each pruning policy."""
+    rc = main(["kv", "--prompt-len", "320", "--batch", "2", "--beams", "4", "--items", "2000", "--hidden", "32",
                "--layers", "3", "--heads", "2", "--repeats", "1", "--out", str(tmp_path)])
     assert rc == 0
     res = json.loads((tmp_path / "results.json").read_text())["results"][0]

@@ -351,12 +351,12 @@ def test_mrv2_finished_identifier_allows_only_eos(catalog):
 
 
 def test_bench_cli_vllm_engine_small_run(tmp_path, capsys):
-    """decoding-bench --engine vllm compares the three vLLM ways and scores them against the exact top-K."""
+    """decoding-bench vllm compares the three vLLM ways and scores them against the exact top-K."""
     import json
 
     from decoding.bench.__main__ import main
 
-    rc = main(["--engine", "vllm", "--items", "5000", "--batch", "4", "--beams", "3", "--prompt-len", "8",
+    rc = main(["vllm", "--items", "5000", "--batch", "4", "--beams", "3", "--prompt-len", "8",
                "--hidden", "64", "--layers", "1", "--heads", "2", "--repeats", "1", "--out", str(tmp_path)])
     assert rc == 0
     res = json.loads((tmp_path / "results.json").read_text())["results"][0]

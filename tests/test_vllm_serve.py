@@ -520,11 +520,11 @@ def test_unsupported_vllm_version_starts_serves_and_refuses_catalog_requests_unl
 
 
 def test_bench_cli_vllm_http_small_run(tmp_path, capsys):
-    """decoding-bench --engine vllm-http: a real server, concurrent clients, both methods scored
+    """decoding-bench vllm-http: a real server, concurrent clients, both methods scored
     against the exact top-K, and the model-work floor."""
     from decoding.bench.__main__ import main
 
-    rc = main(["--engine", "vllm-http", "--items", "3000", "--batch", "6", "--clients", "6", "--beams", "4",
+    rc = main(["vllm-http", "--items", "3000", "--batch", "6", "--clients", "6", "--beams", "4",
                "--prompt-len", "16", "--hidden", "64", "--layers", "1", "--heads", "2", "--repeats", "1",
                "--out", str(tmp_path)])
     assert rc == 0

@@ -109,7 +109,7 @@ def test_the_whole_workload_at_toy_size_trains_caches_and_evaluates(tmp_path, ca
     user; the second run loads the cached pair instead of training."""
     from decoding.bench.__main__ import main
 
-    argv = ["--workload", "ml-100k", "--max-users", "24", "--train-epochs", "1", "--batch", "12", "--beams", "10",
+    argv = ["workload", "ml-100k", "--max-users", "24", "--train-epochs", "1", "--batch", "12", "--beams", "10",
             "--cache-dir", str(tmp_path / "cache")]
     assert main(argv + ["--out", str(tmp_path / "a")]) == 0
     first = json.loads((tmp_path / "a" / "results.json").read_text())["results"][0]

@@ -1,4 +1,4 @@
-"""``decoding-bench --kv``: KV-cache memory and latency of beam search at long prompts.
+"""``decoding-bench kv``: KV-cache memory and latency of beam search at long prompts.
 
 Same catalog, prompts (``--prompt-len`` tokens, default 1,024) and model for every method:
 transformers' beam search (a prompt KV copy per beam) with a Python trie callback,

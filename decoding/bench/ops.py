@@ -1,5 +1,5 @@
-"""``decoding-bench --suite step`` (``trie_beam_step``: each backend against the torch reference,
-same inputs, same run) and ``--suite build`` (ItemTrie build time and size)."""
+"""``decoding-bench step`` (``trie_beam_step``: each backend against the torch reference,
+same inputs, same run) and ``decoding-bench build`` (ItemTrie build time and size)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``decoding-bench --decoder setid``: whole-catalog scoring for set identifiers (SETRec, RPG).
+"""``decoding-bench setid``: whole-catalog scoring for set identifiers (SETRec, RPG).
 
 For each catalog size in ``--catalog-sizes``:
 

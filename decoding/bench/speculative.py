@@ -1,4 +1,4 @@
-"""``decoding-bench --decoder speculative``: target-only beam search vs strict and relaxed
+"""``decoding-bench speculative``: target-only beam search vs strict and relaxed
 speculative beam search, on the same catalog, prompts and target.
 
 The draft is the target's first ``--draft-layers`` layers (embeddings, final norm and output

@@ -1,4 +1,4 @@
-"""``decoding-bench --engine vllm``: constrained beam search on a vLLM engine, three ways.
+"""``decoding-bench vllm``: constrained beam search on a vLLM engine, three ways.
 
 1. vLLM's ``LLM.beam_search``, unconstrained, then post-filtering the returned sequences;
 2. vLLM's ``LLM.beam_search`` with the package's trie logits processor (engine-wide catalog,
@@ -38,7 +38,7 @@ def run(args, device) -> dict:
 
         from decoding.integrations import vllm as dv
     except ImportError as exc:
-        raise SystemExit(f"decoding-bench --engine vllm: {exc}")
+        raise SystemExit(f"decoding-bench vllm: {exc}")
 
     device = torch.device("cpu")
     K, L, B = args.beams, args.levels, args.batch

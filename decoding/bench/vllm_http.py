@@ -1,4 +1,4 @@
-"""``decoding-bench --engine vllm-http``: constrained beam search through vLLM's OpenAI server.
+"""``decoding-bench vllm-http``: constrained beam search through vLLM's OpenAI server.
 
 A real server on localhost (``python -m vllm.entrypoints.openai.api_server``, what ``vllm serve``
 runs) with the package installed and the catalog registered; ``--clients`` concurrent HTTP
@@ -90,7 +90,7 @@ def run(args, device) -> dict:
         import httpx
         import vllm  # noqa: F401
     except ImportError as exc:
-        raise SystemExit(f"decoding-bench --engine vllm-http needs vLLM and httpx: {exc}")
+        raise SystemExit(f"decoding-bench vllm-http needs vLLM and httpx: {exc}")
     from decoding.testing.serving import vllm_server
 
     K, L, N, C = args.beams, args.levels, args.batch, args.clients

@@ -1,4 +1,4 @@
-"""``decoding-bench --workload ml-100k``: the decoders on a trained recommender and real data.
+"""``decoding-bench workload ml-100k``: the decoders on a trained recommender and real data.
 
 Trains (or loads from ``--cache-dir``) the MovieLens-100K pair of
 :mod:`decoding.workloads.movielens`, then decodes every test user's next item (leave-one-out) and
