@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from decoding import beam_search
-from decoding.datasets import movielens_100k
 from decoding.integrations.vllm import rows
 from decoding.integrations.vllm.rows import BeamRows
+from decoding.workloads.datasets import movielens_100k
 from decoding.workloads.movielens import Recipe, load_or_train, prompts_for
 
 

@@ -1,7 +1,8 @@
 """The package's layering, read from its source, as the explicit rules of the README's
 Architecture section:
 
-- dependencies run one way, through the layers helpers -> catalog and data -> ops -> kv ->
+- dependencies run one way, through the layers helpers -> catalog and data (the workloads' data
+  sets, semantic IDs and metrics) -> ops -> kv ->
   search -> speculative, setid -> the face (``decoding``), testing, workloads -> integrations ->
   bench; nothing imports in a circle;
 - the library (everything but ``integrations`` and ``bench``) never imports an integration;
@@ -26,8 +27,10 @@ import decoding
 ROOT = pathlib.Path(decoding.__file__).resolve().parent
 # a module's layer is that of the longest matching prefix
 LAYERS = {
-    "decoding._ext": 0, "decoding._validate": 0, "decoding._hf": 0,
-    "decoding.trie": 1, "decoding.datasets": 1, "decoding.semantic_ids": 1, "decoding.metrics": 1,
+    "decoding._ext": 0, "decoding._validate": 0, "decoding._transformers": 0,
+    # the catalog, and the workloads' data modules (the recipes in decoding.workloads sit above the decoders)
+    "decoding.trie": 1, "decoding.workloads.datasets": 1, "decoding.workloads.semantic_ids": 1,
+    "decoding.workloads.metrics": 1,
     "decoding.ops": 2,
     "decoding.kv": 3,
     "decoding.search": 4,

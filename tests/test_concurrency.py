@@ -123,7 +123,7 @@ def test_concurrent_calls_equal_sequential_calls(sid_catalog, sid_models, draft,
 
 
 def test_attention_switch_is_seen_only_by_the_calling_thread(sid_models):
-    from decoding._hf import attention_implementation
+    from decoding._transformers import attention_implementation
 
     config = sid_models["llama"].config
     inside, seen_elsewhere = threading.Event(), []

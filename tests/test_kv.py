@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoding._hf import cache_argument
+from decoding._transformers import cache_argument
 from decoding.kv import EarnCut, SnapKV, StreamingLLM, earn_attention_mask, earn_keep, snapkv_keep, streaming_keep
 from decoding.ops import compact_kv
 
@@ -192,7 +192,7 @@ def test_policy_logits_equal_a_masked_full_cache_decode(policy):
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    from decoding._hf import attention_implementation
+    from decoding._transformers import attention_implementation
     from decoding.search.model import HFBeamModel
 
     model = small_llama(3, seed=2)

@@ -10,7 +10,7 @@ import torch
 from conftest import SID_VOCAB, prompts
 from decoding import beam_search
 from decoding import testing as bm
-from decoding._hf import cache_argument, returned_cache
+from decoding._transformers import cache_argument, returned_cache
 from decoding.ops import available_backends
 
 
@@ -64,7 +64,7 @@ def test_prompt_kv_bytes_are_one_kth_of_transformers(sid_catalog, sid_models, nu
 def test_decode_logits_equal_the_plain_cache_for_every_backend(backend):
     from transformers import DynamicCache
 
-    from decoding._hf import attention_implementation
+    from decoding._transformers import attention_implementation
     from decoding.kv.shared_prefix import SHARED_PREFIX_ATTENTION, SharedPrefixCache, register_shared_prefix_attention
 
     V, K = 50, 4

@@ -272,3 +272,43 @@ def test_max_batch_size_is_checked(sid_catalog, sid_models):
     with pytest.raises(ValueError, match="max_batch_size"):
         speculative_beam_search(sid_models["llama"], sid_models["llama"], ids, mask, trie=trie, num_beams=2,
                                 num_drafts=2, draft_steps=1, max_batch_size=0)
+
+
+def test_the_loop_is_driven_round_by_round_by_its_caller(sid_catalog, sid_models, drafts):
+    """speculative_loop yields one Round per round (the requests in flight, levels drafted and
+    accepted, the requests that finished) and returns what speculative_beam_search returns."""
+    from decoding.speculative.batching import BatchedTreeModel
+    from decoding.speculative.search import AdmissionPolicy, SpeculativeSearch, speculative_loop
+
+    _, trie = sid_catalog
+    target = sid_models["llama"]
+    ids, mask = prompts(SID_VOCAB, batch=5, seed=8)
+    ref = speculative_beam_search(target, drafts["other"], ids, mask, trie=trie, num_beams=5, num_drafts=10,
+                                  draft_steps=2, max_batch_size=3)
+    search = SpeculativeSearch(BatchedTreeModel(target), BatchedTreeModel(drafts["other"]), ids, mask, trie=trie,
+                               num_beams=5, num_drafts=10, draft_steps=2, mode="strict",
+                               excluded=None, backend="torch", generator=None, policy=AdmissionPolicy(3))
+    rounds, finished = [], []
+    with torch.inference_mode():
+        loop = speculative_loop(search)
+        try:
+            while True:
+                report = next(loop)
+                assert report.requests.numel() <= 3  # the policy's capacity
+                assert torch.equal(report.accepted, torch.tensor(
+                    [search.stats.accepted_levels[-1][r] for r in report.requests.tolist()]))
+                rounds.append(report)
+                finished += report.finished.tolist()
+        except StopIteration as done:
+            got = done.value
+    assert sorted(finished) == list(range(5)) and len(rounds) == got.stats.rounds == ref.stats.rounds
+    assert torch.equal(got.items, ref.items) and torch.allclose(got.scores, ref.scores)
+    assert got.stats.accepted_levels == ref.stats.accepted_levels
+
+
+@pytest.mark.parametrize("live, waiting, admitted", [(0, 5, 4), (0, 2, 2), (3, 5, 0), (2, 5, 2), (1, 1, 1),
+                                                     (4, 3, 0), (0, 0, 0)])
+def test_admission_policy_admits_once_half_the_slots_are_free(live, waiting, admitted):
+    from decoding.speculative.search import AdmissionPolicy
+
+    assert AdmissionPolicy(4).admit(live, waiting) == admitted

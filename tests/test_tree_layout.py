@@ -138,12 +138,12 @@ def test_retire_admit_and_compact_keep_every_row_exact(attention):
     """Continuous batching on the tree layout: requests retire (select), new prompts join a
     running batch (admit), rows nobody needs leave (compact, pending rows included). Every row
     run afterwards still has the logits of a plain forward of its prompt + path."""
-    from decoding.search.tree import compaction_plan, remap_rows
+    from decoding.speculative.batching import BatchedTreeModel, compaction_plan, remap_rows
 
     model = bm.tiny_llama(50, hidden_size=32, layers=2, heads=2, seed=5)
     ids, mask = bm.left_padded_prompts(5, 50, 2, 6, seed=4)
     gen = torch.Generator().manual_seed(1)
-    tree = TreeModel(model, attention=attention)
+    tree = BatchedTreeModel(model, attention=attention)
     tree.prefill(ids[:3], mask[:3])
     requests = [0, 1, 2]  # the prompt of each batch entry
     paths = [{0: []} for _ in requests]  # per batch entry: row id -> tokens after the prompt

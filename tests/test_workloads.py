@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from decoding.datasets import INSTALL_HINT, movielens_100k
-from decoding.metrics import ndcg_at_k, recall_at_k
-from decoding.semantic_ids import kmeans, semantic_ids
+from decoding.workloads.datasets import INSTALL_HINT, movielens_100k
+from decoding.workloads.metrics import ndcg_at_k, recall_at_k
+from decoding.workloads.semantic_ids import kmeans, semantic_ids
 
 HAS_RECBOLE = importlib.util.find_spec("recbole") is not None
 needs_data = pytest.mark.skipif(not HAS_RECBOLE, reason=f"MovieLens-100K comes with RecBole: {INSTALL_HINT}")

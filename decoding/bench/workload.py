@@ -82,7 +82,7 @@ def _transformers_baselines(folder, ids, num_beams, batch, run_batch, n, fresh: 
 
 
 def _quality(items: np.ndarray, targets: np.ndarray) -> dict:
-    from decoding.metrics import ndcg_at_k, recall_at_k
+    from decoding.workloads.metrics import ndcg_at_k, recall_at_k
 
     return {f"{name}@{k}": fn(items, targets, k) for k in (10, 20)
             for name, fn in (("recall", recall_at_k), ("ndcg", ndcg_at_k))}
@@ -90,8 +90,8 @@ def _quality(items: np.ndarray, targets: np.ndarray) -> dict:
 
 def run(args, device) -> dict:
     from decoding import beam_search, speculative_beam_search
-    from decoding.datasets import movielens_100k
     from decoding.testing.baselines import transformers_trie_beam_search
+    from decoding.workloads.datasets import movielens_100k
     from decoding.workloads.movielens import Recipe, aligned_draft, load_or_train, prompts_for
 
     cache = None if args.cache_dir == "none" else os.path.expanduser(args.cache_dir)

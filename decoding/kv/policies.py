@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from decoding._hf import additive_mask
+from decoding._transformers import additive_mask
 
 
 class KVPolicy:

@@ -20,12 +20,11 @@ import math
 import threading
 
 import torch
-from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import sdpa_mask
 
-from decoding._hf import register_once, reject_unsupported_attention
+from decoding._transformers import register_attention, reject_unsupported_attention
 from decoding.kv._layer import BufferedLayer
 from decoding.ops import resolve_backend
 from decoding.ops.compact_kv import compact_kv
@@ -216,14 +215,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
-    AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
-
-
 def register_shared_prefix_attention() -> None:
     """Add ``"decoding_shared_prefix"`` to transformers' attention and mask registries (once per process)."""
-    register_once(_register)
+    register_attention(SHARED_PREFIX_ATTENTION, shared_prefix_attention, sdpa_mask)
 
 
 def use_shared_prefix_attention(model) -> None:

@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from decoding._hf import (
+from decoding._transformers import (
     attention_implementation,
     cache_argument,
     is_hf_model,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from decoding._hf import additive_mask
+from decoding._transformers import additive_mask
 from decoding._validate import INT_DTYPES, check_positive_int, check_shape, check_tensor
 from decoding.ops.catalog_topk import EMBEDDING_DTYPES, catalog_topk
 from decoding.search.beam import BeamSearchOutput

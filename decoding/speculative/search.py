@@ -1,5 +1,6 @@
 """Speculative beam search with N-to-K verification (AtSpeed's strict and relaxed modes),
-batched and trie-constrained, on the tree layout (:mod:`decoding.search.tree`).
+batched and trie-constrained, on the tree layout (:mod:`decoding.search.tree`) with continuous
+batching (:mod:`decoding.speculative.batching`).
 
 One round, for every request at once:
 
@@ -11,7 +12,14 @@ One round, for every request at once:
 3. level by level, the target verifies the drafted level (ops ``verify_strict`` /
    ``verify_relaxed``); at the first rejected level, or after the last drafted one, the target's
    own beams of that level become the new beams (one token of the target's own);
-4. rows no request needs any more are cut from both models' KV caches.
+4. finished requests retire, and rows no request needs any more are cut from both models' KV
+   caches.
+
+The loop is :func:`speculative_loop`, a generator in named phases (:class:`SpeculativeSearch`:
+``admit``, ``draft``, ``verify``, ``retire``, ``compact``) that yields a :class:`Round` after each
+round and returns the output; when waiting requests join the batch is a separate policy
+(:class:`AdmissionPolicy`). :func:`speculative_beam_search` validates, builds both models' trees
+and drives it to the end.
 
 Strict: the target's exact top-``K`` (``trie_beam_step``) must all be among the drafted
 candidates (same parent, same token), so accepted levels are the target's exact beams and the
@@ -30,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from decoding._hf import check_decoder_only
+from decoding._transformers import check_decoder_only
 from decoding._validate import check_choice, check_positive_int, check_seed, seeded_generator
 from decoding.ops import resolve_backend
 from decoding.ops._helpers import NEG_INF
@@ -38,7 +46,7 @@ from decoding.ops.trie_beam_step import run_trie_beam_step
 from decoding.ops.verify import run_match_keys, run_verify_relaxed
 from decoding.search.beam import BeamSearchOutput, validate_search
 from decoding.search.model import model_vocab_size
-from decoding.search.tree import TreeModel, compaction_plan, remap_rows
+from decoding.speculative.batching import BatchedTreeModel, compaction_plan, remap_rows
 
 
 @dataclass
@@ -160,23 +168,221 @@ def _append_token(history: torch.Tensor, parent: torch.Tensor, token: torch.Tens
     return out.scatter_(2, col, token[..., None])
 
 
-class _Round:
-    """Per-round state shared by the draft and verify phases of one mode."""
+class AdmissionPolicy:
+    """When waiting requests join the running batch (continuous batching), at most ``capacity``
+    in flight: once at least half of the slots are free, or none is live. Each admission costs a
+    prefill forward of both models, which fewer requests do not repay (admitting every round was
+    slower than static batches at γ = 1)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+
+    def admit(self, live: int, waiting: int) -> int:
+        """How many of the ``waiting`` requests to admit now, ``live`` being in flight."""
+        free = self.capacity - live
+        if waiting and free > 0 and (free >= (self.capacity + 1) // 2 or live == 0):
+            return min(waiting, free)
+        return 0
+
+
+@dataclass
+class Round:
+    """What one round did (yielded by :func:`speculative_loop`), int64 ``[b]`` each over the
+    ``b`` requests in flight: their indices in the input, the levels drafted and the drafted
+    levels the target accepted; ``finished``: the input indices of the requests that finished."""
+
+    requests: torch.Tensor
+    drafted: torch.Tensor
+    accepted: torch.Tensor
+    finished: torch.Tensor
+
+
+class _Drafts:
+    """One round's drafting: per request the levels to draft (``gamma``), the most of them
+    (``G``), the requests' depths, and each drafted level (:class:`DraftLevel`)."""
 
     def __init__(self, gamma, G, live_depths):
         self.gamma, self.G, self.live_depths = gamma, G, live_depths
-        self.drafted = []  # per drafted level: dict of rows [B, N], keys [B, N], and mode extras
+        self.drafted = []
+        self.level_logits = []  # the target's log-probs at each level: [0] the beams', then per drafted level
 
 
-class _Search:
-    """The models, trie and step function of one call, and the two modes' draft/verify phases.
+class SpeculativeSearch:
+    """One call's state and the phases of a round; :func:`speculative_loop` runs them in order.
 
     Candidate keys are ``parent_row * V + token`` (-1 for an empty slot): since row ids are the
-    same in both trees, equal keys mean the same sequence in the target and the draft."""
+    same in both trees, equal keys mean the same sequence in the target and the draft.
 
-    def __init__(self, tgt, drf, trie, excluded, backend, stats, K, N, V, generator):
-        self.tgt, self.drf, self.trie, self.excluded, self.backend = tgt, drf, trie, excluded, backend
-        self.stats, self.K, self.N, self.V, self.generator = stats, K, N, V, generator
+    Args:
+        target, draft: :class:`decoding.speculative.batching.BatchedTreeModel` over the same vocabulary.
+        input_ids, attention_mask: ``[B, T]`` left-padded prompts and their 0/1 mask, on the models' device.
+        trie: :class:`decoding.ItemTrie` (fixed-length identifiers) on that device.
+        num_beams, num_drafts, draft_steps, mode: as in :func:`speculative_beam_search`.
+        excluded: ``[B, X]`` sorted excluded ranks (``trie.excluded_ranks``) or None.
+        backend: a resolved backend name. generator: relaxed mode's random stream (None in strict mode).
+        policy: the :class:`AdmissionPolicy`.
+    """
+
+    def __init__(self, target, draft, input_ids, attention_mask, *, trie, num_beams: int, num_drafts: int,
+                 draft_steps: int, mode: str, excluded, backend: str, generator, policy: AdmissionPolicy):
+        self.tgt, self.drf, self.trie, self.backend = target, draft, trie, backend
+        self.input_ids, self.attention_mask, self.excluded_all = input_ids, attention_mask, excluded
+        self.K, self.N, self.gamma_max, self.mode = num_beams, num_drafts, draft_steps, mode
+        self.V, self.L, self.generator, self.policy = trie.vocab_size, trie.depth, generator, policy
+        self.stats = SpeculativeStats()
+        self.excluded = None  # the excluded ranks of the requests in flight
+        B, K, L, device = input_ids.shape[0], num_beams, trie.depth, input_ids.device
+        self.out_items = torch.full((B, K), -1, dtype=torch.long, device=device)
+        self.out_scores = torch.full((B, K), NEG_INF, device=device)
+        self.out_tokens = torch.full((B, K, L), -1, dtype=torch.long, device=device)
+        self.fl: _InFlight | None = None  # the requests in flight
+        self.queued = 0  # requests admitted so far (in input order)
+        self._draft_phase = self.draft_strict if mode == "strict" else self.draft_relaxed
+        self._verify_phase = self.verify_strict if mode == "strict" else self.verify_relaxed
+
+    @property
+    def in_flight(self) -> int:
+        return 0 if self.fl is None else self.fl.request.numel()
+
+    # ------------------------------------------------------------------ phases of a round
+    def admit(self) -> None:
+        """Prefill the requests the policy admits now (one forward of each model) and add them
+        to the batch."""
+        count = self.policy.admit(self.in_flight, self.input_ids.shape[0] - self.queued)
+        if not count:
+            return
+        admitted = torch.arange(self.queued, self.queued + count, device=self.input_ids.device)
+        self.queued += count
+        ids, mask = self.input_ids[admitted], self.attention_mask[admitted]
+        new = _InFlight.admitted(admitted, self.tgt.admit(ids, mask), self.drf.admit(ids, mask), self.K, self.L)
+        self.stats.target_forwards += 1
+        self.stats.draft_forwards += 1
+        self.stats.admissions += 1
+        self.fl = new if self.fl is None else self.fl.extend(new)
+        self._select_excluded()
+
+    def draft(self) -> _Drafts:
+        """The draft's levels of this round (rows added to both trees)."""
+        fl = self.fl
+        self.stats.rounds += 1
+        gamma = (self.L - 1 - fl.depth).clamp(min=0).clamp(max=self.gamma_max)
+        rnd = _Drafts(gamma, int(gamma.max()), fl.depth.tolist())
+        if bool(fl.pending.any()):  # the draft's log-probs at the beams the last round chose
+            self.fl = fl = fl._replace(draft_level0=torch.where(fl.pending[:, None, None],
+                                                                self.run_draft(self.K).float(), fl.draft_level0))
+        self._draft_phase(rnd, fl.beam_rows, fl.beam_scores, fl.beam_nodes, fl.draft_level0)
+        return rnd
+
+    def verify(self, rnd: _Drafts) -> tuple[_LevelBeams, torch.Tensor]:
+        """One target forward over the new beams and every drafted level, then level by level
+        verification: at the first rejected level (or after the last drafted one) the target's
+        own beams of that level become the new beams. Returns them and the levels accepted."""
+        self._target_forward(rnd)
+        fl, V = self.fl, self.V
+        b, device = fl.request.numel(), fl.request.device
+        p_rows, p_scores, p_nodes, p_tokens = fl.beam_rows, fl.beam_scores, fl.beam_nodes, fl.beam_tokens
+        p_logits = rnd.level_logits[0]
+        stopped = torch.zeros(b, dtype=torch.bool, device=device)
+        accepted = torch.zeros(b, dtype=torch.long, device=device)
+        new = None
+        for i in range(rnd.G + 1):
+            out, accept, index = self._verify_phase(rnd, i, p_rows, p_scores, p_nodes, p_logits, stopped)
+            valid = out.node >= 0
+            parent = out.parent.clamp(min=0)
+            cand = _LevelBeams(p_rows.gather(1, parent), out.token.clamp(min=0), out.scores, out.node,
+                               _append_token(p_tokens, parent, out.token.clamp(min=0), fl.depth + i))
+            stop_now = ~stopped & ~accept
+            if i == 0:
+                new = cand
+            else:
+                new = _LevelBeams(*(torch.where(stop_now.view(-1, *([1] * (c.dim() - 1))), c, n)
+                                    for c, n in zip(cand, new)))
+            accepted = torch.where(stop_now, i, accepted)
+            stopped |= stop_now
+            if i == rnd.G or bool(stopped.all()):
+                break
+            # accepted requests continue from the matched drafted rows
+            index = index.clamp(min=0)  # position among the level's drafted rows
+            a = accept[:, None]
+            p_rows = torch.where(a, rnd.drafted[i].rows.gather(1, index), 0)
+            p_scores = torch.where(a & valid, out.scores, NEG_INF)
+            p_nodes = torch.where(a & valid, out.node, -1)
+            p_tokens = cand.history
+            p_logits = rnd.level_logits[i + 1].gather(1, index[..., None].expand(-1, -1, V))
+        return new, accepted
+
+    def retire(self, rnd: _Drafts, new: _LevelBeams, accepted: torch.Tensor) -> tuple[Round, _LevelBeams | None]:
+        """Record the round, write the finished requests' results and retire them from both
+        trees. Returns the :class:`Round` and the new beams of the requests still in flight
+        (None if none is)."""
+        fl, B = self.fl, self.input_ids.shape[0]
+        for record, values in ((self.stats.accepted_levels, accepted), (self.stats.drafted_levels, rnd.gamma)):
+            row = [-1] * B
+            for r, v in zip(fl.request.tolist(), values.tolist()):
+                row[r] = v
+            record.append(row)
+        report = Round(fl.request, rnd.gamma, accepted, fl.request[:0])
+        self.fl = fl = fl._replace(depth=fl.depth + accepted + 1)
+        finishing = fl.depth >= self.L
+        if bool(finishing.any()):
+            done = fl.request[finishing]
+            report.finished = done
+            self.out_items[done] = self.trie.leaf_items(new.nodes[finishing])
+            self.out_scores[done] = new.scores[finishing]
+            self.out_tokens[done] = new.history[finishing]
+            live = (~finishing).nonzero().squeeze(1)
+            self.tgt.select(live)
+            self.drf.select(live)
+            self.fl, new = fl.select(live), _LevelBeams(*(c[live] for c in new))
+            self._select_excluded()
+        return report, (new if self.in_flight else None)
+
+    def compact(self, new: _LevelBeams) -> None:
+        """Keep only the rows the new beams descend from (both trees, one layout), then add the
+        new beams to both trees (their log-probs are computed by the next round's forwards)."""
+        valid = new.nodes >= 0
+        parent_rows = torch.where(valid, new.parent_rows, 0)
+        plan = compaction_plan(self.tgt.ancestors(parent_rows), min(self.tgt.num_computed, self.drf.num_computed))
+        self.tgt.compact(plan)
+        self.drf.compact(plan)
+        self.fl = self.fl._replace(
+            beam_rows=self.add_rows(remap_rows(parent_rows, plan), new.tokens, valid),
+            beam_scores=torch.where(valid, new.scores, NEG_INF), beam_nodes=torch.where(valid, new.nodes, -1),
+            beam_tokens=new.history,
+            pending=torch.ones(self.in_flight, dtype=torch.bool, device=self.fl.request.device))
+
+    def output(self) -> SpeculativeOutput:
+        """The results of every request (all finished)."""
+        out_items, out_scores, out_tokens, L = self.out_items, self.out_scores, self.out_tokens, self.L
+        if self.mode == "relaxed":  # sampled beams come in draw order
+            order = out_scores.sort(dim=1, descending=True, stable=True).indices
+            out_scores, out_items = out_scores.gather(1, order), out_items.gather(1, order)
+            out_tokens = out_tokens.gather(1, order[..., None].expand(-1, -1, L))
+        out_items = torch.where(out_scores > NEG_INF, out_items, -1)
+        out_tokens = torch.where((out_scores > NEG_INF)[..., None], out_tokens, -1)
+        return SpeculativeOutput(items=out_items, scores=out_scores, sequences=out_tokens, stats=self.stats)
+
+    # ------------------------------------------------------------------ shared pieces
+    def _select_excluded(self) -> None:
+        self.excluded = None if self.excluded_all is None else self.excluded_all[self.fl.request]
+
+    def _target_forward(self, rnd: _Drafts) -> None:
+        """The target's log-probs at the beams the last round chose (pending) and at every
+        drafted level, in one forward."""
+        fl, K = self.fl, self.K
+        has_pending = bool(fl.pending.any())
+        if has_pending or rnd.G:
+            logits = self.tgt.run()
+            self.stats.target_forwards += 1
+            start = K if has_pending else 0
+            if has_pending:
+                self.fl = fl = fl._replace(target_level0=torch.where(fl.pending[:, None, None],
+                                                                     logits[:, :K].float(), fl.target_level0))
+            for level in rnd.drafted:
+                width = level.rows.shape[1]
+                rnd.level_logits.append(logits[:, start: start + width])
+                start += width
+        rnd.level_logits.insert(0, fl.target_level0)
 
     def step(self, logits, scores, nodes, levels, width, all_candidates=False):
         """trie_beam_step at the given per-request depths; ``all_candidates``: every valid child
@@ -286,6 +492,7 @@ class _Search:
         return picked, accept, index
 
 
+
 @torch.inference_mode()
 def speculative_beam_search(
     target,
@@ -341,140 +548,40 @@ def speculative_beam_search(
     """
     _validate(target, draft, input_ids, attention_mask, trie, num_beams, num_drafts, draft_steps, mode, seed,
               max_batch_size)
-    B, K, N, L = input_ids.shape[0], num_beams, num_drafts, trie.depth
-    capacity = B if max_batch_size is None else min(max_batch_size, B)
-    stats = SpeculativeStats()
-    tgt = TreeModel(target, attention=tree_attention, backend=backend)
-    drf = TreeModel(draft, attention=tree_attention, backend=backend)
+    B = input_ids.shape[0]
+    tgt = BatchedTreeModel(target, attention=tree_attention, backend=backend)
+    drf = BatchedTreeModel(draft, attention=tree_attention, backend=backend)
     device = tgt.device
     trie = trie.to(device)
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    excluded_all = trie.excluded_ranks(exclude_items, B)
+    policy = AdmissionPolicy(B if max_batch_size is None else min(max_batch_size, B))
     generator = seeded_generator(seed, device) if mode == "relaxed" else None
-    search = _Search(tgt, drf, trie, None, resolve_backend(backend, device), stats, K, N, trie.vocab_size, generator)
-    draft_phase = search.draft_strict if mode == "strict" else search.draft_relaxed
-    verify_phase = search.verify_strict if mode == "strict" else search.verify_relaxed
-    V = search.V
-
-    out_items = torch.full((B, K), -1, dtype=torch.long, device=device)
-    out_scores = torch.full((B, K), NEG_INF, device=device)
-    out_tokens = torch.full((B, K, L), -1, dtype=torch.long, device=device)
-    fl = None  # the requests in flight (_InFlight)
-    queued = 0  # requests admitted so far (in input order)
-
+    search = SpeculativeSearch(
+        tgt, drf, input_ids, attention_mask, trie=trie, num_beams=num_beams, num_drafts=num_drafts,
+        draft_steps=draft_steps, mode=mode, excluded=trie.excluded_ranks(exclude_items, B),
+        backend=resolve_backend(backend, device), generator=generator, policy=policy)
+    loop = speculative_loop(search)
     while True:
-        # admit waiting requests into the free slots once half a batch is free (or none is live):
-        # each admission costs a prefill forward of both models, which fewer requests do not repay
-        live_count = 0 if fl is None else fl.request.numel()
-        free = capacity - live_count
-        if queued < B and free > 0 and (free >= (capacity + 1) // 2 or live_count == 0):
-            admitted = torch.arange(queued, min(B, queued + free), device=device)
-            queued += admitted.numel()
-            new_requests = _InFlight.admitted(admitted, tgt.admit(input_ids[admitted], attention_mask[admitted]),
-                                              drf.admit(input_ids[admitted], attention_mask[admitted]), K, L)
-            stats.target_forwards += 1
-            stats.draft_forwards += 1
-            stats.admissions += 1
-            fl = new_requests if fl is None else fl.extend(new_requests)
-            search.excluded = None if excluded_all is None else excluded_all[fl.request]
-        if fl is None or fl.request.numel() == 0:
-            break
-        b = fl.request.numel()
-        stats.rounds += 1
-        gamma = (L - 1 - fl.depth).clamp(min=0).clamp(max=draft_steps)
-        rnd = _Round(gamma, int(gamma.max()), fl.depth.tolist())
-        has_pending = bool(fl.pending.any())
-        if has_pending:  # the draft's log-probs at the beams the last round chose
-            fl = fl._replace(draft_level0=torch.where(fl.pending[:, None, None], search.run_draft(K).float(),
-                                                      fl.draft_level0))
+        try:
+            next(loop)
+        except StopIteration as done:
+            return done.value
 
-        # 1. draft G levels (rows added to both trees)
-        draft_phase(rnd, fl.beam_rows, fl.beam_scores, fl.beam_nodes, fl.draft_level0)
 
-        # 2. one target forward over the new beams and every drafted level
-        level_logits = []
-        if has_pending or rnd.G:
-            logits = tgt.run()
-            stats.target_forwards += 1
-            start = K if has_pending else 0
-            if has_pending:
-                fl = fl._replace(target_level0=torch.where(fl.pending[:, None, None], logits[:, :K].float(),
-                                                           fl.target_level0))
-            for level in rnd.drafted:
-                width = level.rows.shape[1]
-                level_logits.append(logits[:, start: start + width])
-                start += width
-        level_logits.insert(0, fl.target_level0)
-
-        # 3. verify level by level; at the first rejected level (or after the last drafted one)
-        #    the target's own beams of that level become the new beams
-        p_rows, p_scores, p_nodes, p_tokens = fl.beam_rows, fl.beam_scores, fl.beam_nodes, fl.beam_tokens
-        p_logits = level_logits[0]
-        stopped = torch.zeros(b, dtype=torch.bool, device=device)
-        accepted = torch.zeros(b, dtype=torch.long, device=device)
-        new = None
-        for i in range(rnd.G + 1):
-            out, accept, index = verify_phase(rnd, i, p_rows, p_scores, p_nodes, p_logits, stopped)
-            valid = out.node >= 0
-            parent = out.parent.clamp(min=0)
-            cand = _LevelBeams(p_rows.gather(1, parent), out.token.clamp(min=0), out.scores, out.node,
-                               _append_token(p_tokens, parent, out.token.clamp(min=0), fl.depth + i))
-            stop_now = ~stopped & ~accept
-            if i == 0:
-                new = cand
-            else:
-                new = _LevelBeams(*(torch.where(stop_now.view(-1, *([1] * (c.dim() - 1))), c, n)
-                                    for c, n in zip(cand, new)))
-            accepted = torch.where(stop_now, i, accepted)
-            stopped |= stop_now
-            if i == rnd.G or bool(stopped.all()):
-                break
-            # accepted requests continue from the matched drafted rows
-            index = index.clamp(min=0)  # position among the level's drafted rows
-            a = accept[:, None]
-            p_rows = torch.where(a, rnd.drafted[i].rows.gather(1, index), 0)
-            p_scores = torch.where(a & valid, out.scores, NEG_INF)
-            p_nodes = torch.where(a & valid, out.node, -1)
-            p_tokens = cand.history
-            p_logits = level_logits[i + 1].gather(1, index[..., None].expand(-1, -1, V))
-
-        for record, values in ((stats.accepted_levels, accepted), (stats.drafted_levels, gamma)):
-            row = [-1] * B
-            for r, v in zip(fl.request.tolist(), values.tolist()):
-                row[r] = v
-            record.append(row)
-        fl = fl._replace(depth=fl.depth + accepted + 1)
-        finishing = fl.depth >= L
-        if bool(finishing.any()):  # write the finished requests' results, and retire them
-            done = fl.request[finishing]
-            out_items[done] = trie.leaf_items(new.nodes[finishing])
-            out_scores[done] = new.scores[finishing]
-            out_tokens[done] = new.history[finishing]
-            live = (~finishing).nonzero().squeeze(1)
-            tgt.select(live)
-            drf.select(live)
-            fl, new = fl.select(live), _LevelBeams(*(c[live] for c in new))
-            search.excluded = None if excluded_all is None else excluded_all[fl.request]
-            if fl.request.numel() == 0:
-                continue
-
-        # 4. keep only the rows the new beams descend from (both trees, one layout), then add
-        #    the new beams to both trees
-        valid = new.nodes >= 0
-        parent_rows = torch.where(valid, new.parent_rows, 0)
-        plan = compaction_plan(tgt.ancestors(parent_rows), min(tgt.num_computed, drf.num_computed))
-        tgt.compact(plan)
-        drf.compact(plan)
-        fl = fl._replace(beam_rows=search.add_rows(remap_rows(parent_rows, plan), new.tokens, valid),
-                         beam_scores=torch.where(valid, new.scores, NEG_INF),
-                         beam_nodes=torch.where(valid, new.nodes, -1), beam_tokens=new.history,
-                         pending=torch.ones(fl.request.numel(), dtype=torch.bool, device=device))
-
-    if mode == "relaxed":  # sampled beams come in draw order
-        order = out_scores.sort(dim=1, descending=True, stable=True).indices
-        out_scores, out_items = out_scores.gather(1, order), out_items.gather(1, order)
-        out_tokens = out_tokens.gather(1, order[..., None].expand(-1, -1, L))
-    out_items = torch.where(out_scores > NEG_INF, out_items, -1)
-    out_tokens = torch.where((out_scores > NEG_INF)[..., None], out_tokens, -1)
-    return SpeculativeOutput(items=out_items, scores=out_scores, sequences=out_tokens, stats=stats)
+def speculative_loop(search: SpeculativeSearch):
+    """The rounds of a speculative beam search: a generator that yields a :class:`Round` after
+    each round and returns the :class:`SpeculativeOutput` (``StopIteration.value``) once every
+    request has finished. Between rounds the caller may inspect ``search`` (its ``stats``, the
+    requests in flight). Drive it under ``torch.inference_mode()``, as
+    :func:`speculative_beam_search` does."""
+    while True:
+        search.admit()
+        if not search.in_flight:
+            return search.output()
+        drafts = search.draft()
+        new, accepted = search.verify(drafts)
+        report, new = search.retire(drafts, new, accepted)
+        if new is not None:
+            search.compact(new)
+        yield report

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from decoding._hf import left_padded_positions
+from decoding._transformers import left_padded_positions
 from decoding._validate import check_choice
 from decoding.search.beam import beam_search
 from decoding.speculative.losses import relaxed_alignment_loss, strict_alignment_loss

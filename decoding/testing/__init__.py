@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 
-from decoding.semantic_ids import SPECIAL_TOKENS  # noqa: F401 - re-exported: the tests' and suites' convention
+from decoding.workloads.semantic_ids import SPECIAL_TOKENS  # noqa: F401 - re-exported: the tests' and suites' convention
 
 
 def sid_vocab_size(levels: int, codes: int) -> int:

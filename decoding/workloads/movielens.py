@@ -1,6 +1,6 @@
 """A TIGER-style generative recommender on MovieLens-100K, trained from scratch on this machine.
 
-Items get semantic IDs (:mod:`decoding.semantic_ids`: residual k-means over a truncated SVD of
+Items get semantic IDs (:mod:`decoding.workloads.semantic_ids`: residual k-means over a truncated SVD of
 the training interactions plus genres, a last code for uniqueness). A user's prompt is BOS then
 the identifier tokens of their last ``max_items`` items; the model (a small Llama, from scratch)
 learns next-token prediction over windows of ``window_items`` items of those token streams, so
@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from decoding._hf import left_pad
-from decoding.datasets import InteractionData
-from decoding.semantic_ids import SemanticIDs, item_embeddings, semantic_ids
+from decoding._transformers import left_pad
 from decoding.trie import ItemTrie
+from decoding.workloads.datasets import InteractionData
+from decoding.workloads.semantic_ids import SemanticIDs, item_embeddings, semantic_ids
 
 BOS = 1
 

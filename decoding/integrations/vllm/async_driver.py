@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from decoding._hf import left_pad
+from decoding._transformers import left_pad
 from decoding.integrations.vllm import _compat
 from decoding.integrations.vllm.catalogs import catalogs_for
 from decoding.integrations.vllm.rows import BeamRows, ScoreRequest, check_prompts

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from decoding._hf import left_pad
+from decoding._transformers import left_pad
 from decoding.integrations.vllm import _compat
 from decoding.integrations.vllm.rows import BeamRows, ScoreRequest, check_prompts
 from decoding.search.beam import BeamSearchOutput, validate_search

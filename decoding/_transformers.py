@@ -1,8 +1,19 @@
-"""transformers glue shared by the decoders and the KV caches, with no transformers import
-(they only read the objects they are given): what counts as a Hugging Face model, positions and
-additive masks of left-padded batches, the KV cache's argument name, and the attention switch
-and checks of the attention functions this package registers with transformers'
+"""transformers glue shared by the decoders and the KV caches, with no transformers import at
+module level (they only read the objects they are given): what counts as a Hugging Face model,
+positions and additive masks of left-padded batches, the KV cache's argument name, and the
+attention switch and checks of the attention functions this package registers with transformers'
 ``AttentionInterface`` (the tree layout's and the shared-prefix cache's).
+
+Every process-wide change the package makes to transformers is made here, once per process:
+
+- :func:`register_attention`: the package's attention functions (``"decoding_tree"``,
+  ``"decoding_shared_prefix"``) added to transformers' attention (and mask) registries, which
+  find implementations by name;
+- :func:`attention_implementation`: a config class's ``_attn_implementation`` property made to
+  read a context variable first (below).
+
+The user-facing transformers drop-ins (``generate``'s logits processor and custom generate) are
+:mod:`decoding.integrations.hf`; this module is internal.
 
 Reentrancy: a decoder call switches the attention implementation of *its* model for *its*
 forwards only. transformers picks a layer's attention function (and its mask builder) by reading
@@ -28,6 +39,7 @@ import torch
 _overrides: contextvars.ContextVar[tuple] = contextvars.ContextVar("decoding_attention_overrides", default=())
 _install_lock = threading.Lock()
 _OVERRIDE_MARK = "_decoding_context_override"
+_registered: set[str] = set()  # attention implementations added to transformers' registries
 
 
 def is_hf_model(model) -> bool:
@@ -152,12 +164,20 @@ def attention_implementation(config, name: str):
         _overrides.reset(token)
 
 
-def register_once(register) -> None:
-    """Run ``register`` (which adds this package's functions to transformers' registries) once
-    per process, not once per call: the registries are process-wide."""
-    if getattr(register, "_decoding_done", False):
+def register_attention(name: str, attention, mask=None) -> None:
+    """Add ``attention`` (transformers' attention-function signature) to its
+    ``AttentionInterface`` under ``name``, and ``mask`` (a mask builder) to its
+    ``AttentionMaskInterface``, once per process: the registries are process-wide, and a model
+    uses a registered implementation only when a call asks for it (:func:`attention_implementation`)."""
+    if name in _registered:
         return
     with _install_lock:
-        if not getattr(register, "_decoding_done", False):
-            register()
-            register._decoding_done = True
+        if name in _registered:
+            return
+        from transformers import AttentionInterface  # lazy: kernels never import transformers
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(name, attention)
+        if mask is not None:
+            AttentionMaskInterface.register(name, mask)
+        _registered.add(name)
