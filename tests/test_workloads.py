@@ -8,9 +8,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from decoding.workloads.datasets import INSTALL_HINT, movielens_100k
-from decoding.workloads.metrics import ndcg_at_k, recall_at_k
+from decoding.workloads.metrics import bootstrap_interval, ndcg_at_k, paired_difference, recall_at_k, recall_per_user
 from decoding.workloads.semantic_ids import kmeans, semantic_ids
 
 HAS_RECBOLE = importlib.util.find_spec("recbole") is not None
@@ -29,6 +30,33 @@ def test_recall_and_ndcg_against_hand_computed_cases():
     assert ndcg_at_k(np.array([[7]]), np.array([7]), 1) == 1.0
     with pytest.raises(ValueError, match="ranked, targets"):
         recall_at_k(ranked, targets[:2], 3)
+    # -1 pads the ranked lists: a target of -1 would match the padding
+    with pytest.raises(ValueError, match="targets: item ids must be non-negative"):
+        recall_at_k(ranked, np.array([9, 6, -1]), 4)
+    for k in (0, 5, 2.0):
+        with pytest.raises(ValueError, match="k: expected an int in 1..4"):
+            ndcg_at_k(ranked, targets, k)
+
+
+def test_bootstrap_intervals_cover_the_mean_and_pair_the_users():
+    rng = np.random.default_rng(0)
+    hits = (rng.random(943) < 0.15).astype(float)
+    lo, hi = bootstrap_interval(hits)
+    assert lo < hits.mean() < hi
+    # about +/- 1.96 * sqrt(p (1 - p) / n) for a proportion
+    half = 1.96 * np.sqrt(0.15 * 0.85 / 943)
+    assert abs((hi - lo) / 2 - half) < 0.3 * half
+    assert bootstrap_interval(hits) == (lo, hi)  # seeded
+    same = paired_difference(hits, hits)
+    assert same == {"difference": 0.0, "interval": [0.0, 0.0], "measurable": False}
+    # one user in 20 gains a hit: paired, that is measurable, though the two intervals overlap
+    better = np.maximum(hits, (np.arange(943) % 20 == 0).astype(float))
+    diff = paired_difference(better, hits)
+    assert diff["measurable"] and diff["interval"][0] > 0
+    assert bootstrap_interval(better)[0] < hi
+    with pytest.raises(ValueError, match="per_user_a, per_user_b"):
+        paired_difference(hits, hits[:10])
+    assert recall_per_user(np.array([[1, 2], [3, 4]]), np.array([2, 5]), 2).tolist() == [1.0, 0.0]
 
 
 def write_atomic(folder, inter_rows, item_rows):
@@ -109,8 +137,8 @@ def test_the_whole_workload_at_toy_size_trains_caches_and_evaluates(tmp_path, ca
     user; the second run loads the cached pair instead of training."""
     from decoding.bench.__main__ import main
 
-    argv = ["workload", "ml-100k", "--max-users", "24", "--train-epochs", "1", "--batch", "12", "--beams", "10",
-            "--cache-dir", str(tmp_path / "cache")]
+    argv = ["workload", "ml-100k", "--max-users", "24", "--train-epochs", "1", "--batch", "12", "--beams", "20",
+            "--seeds", "2", "--cache-dir", str(tmp_path / "cache")]
     assert main(argv + ["--out", str(tmp_path / "a")]) == 0
     first = json.loads((tmp_path / "a" / "results.json").read_text())["results"][0]
     by = {m["method"]: m for m in first["methods"]}
@@ -134,6 +162,18 @@ def test_the_whole_workload_at_toy_size_trains_caches_and_evaluates(tmp_path, ca
     assert by["transformers beam search, unconstrained"]["invalid_item_rate"] > 0.5
     for m in first["methods"]:
         assert 0.0 <= m["recall@10"] <= m["recall@20"] <= 1.0
+        for metric in ("recall@10", "recall@20", "ndcg@10", "ndcg@20"):
+            lo, hi = m[f"{metric}_ci95"]
+            assert lo <= m[metric] <= hi
+        if m["method"] != "decoding.beam_search":  # every option beside plain beam search, paired
+            diff = m["vs_beam_search"]["recall@20"]
+            assert diff["interval"][0] <= diff["difference"] <= diff["interval"][1]
+    d3 = next(m for m in first["methods"] if m["method"].startswith("D3"))
+    assert set(d3["validation_recall20_by_weight"]) == {"0.0", "0.1", "0.3", "0.5"}
+    seeds = first["seeds"]
+    assert seeds["seeds"] == [0, 1]
+    row = seeds["rows"]["decoding.beam_search"]["recall@20"]
+    assert len(row["values"]) == 2 and row["values"][0] == by["decoding.beam_search"]["recall@20"]
     assert main(argv + ["--out", str(tmp_path / "b")]) == 0
     second = json.loads((tmp_path / "b" / "results.json").read_text())["results"][0]
     assert second["config"]["cached"]
@@ -142,3 +182,76 @@ def test_the_whole_workload_at_toy_size_trains_caches_and_evaluates(tmp_path, ca
     assert again["transformers beam search + Python trie"]["same_items_as_beam_search"] == users
     assert [m["recall@20"] for m in second["methods"][:3]] == [m["recall@20"] for m in first["methods"][:3]]
     assert "MovieLens-100K" in capsys.readouterr().out
+
+
+@needs_data
+def test_the_cache_retrains_after_a_code_change_and_rebuilds_a_truncated_entry(tmp_path, monkeypatch):
+    """The cache key covers the code that trains and defines the models (here a scratch copy of
+    it, whose model constant changes) and an entry whose file was truncated is rebuilt, never
+    used."""
+    from pathlib import Path
+
+    from decoding.workloads import movielens as ml
+
+    scratch = tmp_path / "movielens_copy.py"
+    scratch.write_text(Path(ml.__file__).read_text())
+    monkeypatch.setattr(ml, "PAIR_CODE", (str(scratch), ml.PAIR_CODE[1]))
+    data, cache, logs = movielens_100k(), str(tmp_path / "cache"), []
+    recipe = ml.Recipe(max_users=24, epochs=1, draft_epochs=1)
+
+    def run():
+        return ml.load_or_train(data, recipe, cache_dir=cache, log=logs.append, with_draft=False)
+
+    first = run()
+    assert not first.loaded_from_cache and run().loaded_from_cache
+    text = scratch.read_text()
+    assert "max_position_embeddings=4096" in text
+    scratch.write_text(text.replace("max_position_embeddings=4096", "max_position_embeddings=4095"))
+    changed = run()
+    assert not changed.loaded_from_cache and changed.folder != first.folder
+    weights = next(Path(changed.folder).rglob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    rebuilt = run()
+    assert not rebuilt.loaded_from_cache and any("corrupt or partial" in line for line in logs)
+    assert run().loaded_from_cache
+    for a, b in zip(rebuilt.target.parameters(), changed.target.parameters()):  # seeded: the same weights
+        assert torch.equal(a, b)
+
+
+def test_cached_baselines_are_keyed_by_the_weights_and_a_truncated_file_is_rebuilt(tmp_path):
+    from decoding.bench.workload import _transformers_baselines
+
+    calls = []
+
+    def run_batch(sl, constrained=True):
+        calls.append(constrained)
+        n = sl.stop - sl.start
+        return torch.zeros((n, 2), dtype=torch.long), torch.zeros((n, 2))
+
+    ids = torch.arange(12).view(4, 3)
+
+    def baselines(weights, fresh=False):
+        return _transformers_baselines(str(tmp_path), ids, 2, 2, run_batch, 4, fresh=fresh, weights=weights)
+
+    assert not baselines("aaaa")["cached"] and len(calls) == 4
+    assert baselines("aaaa")["cached"] and len(calls) == 4
+    assert not baselines("bbbb")["cached"] and len(calls) == 8  # other weights: computed again
+    path = next(tmp_path.glob("*waaaa*.npz"))
+    path.write_bytes(path.read_bytes()[:40])
+    assert not baselines("aaaa")["cached"] and len(calls) == 12
+    assert baselines("aaaa")["cached"]
+    assert not list(tmp_path.glob("*.partial-*"))
+
+
+def test_without_the_data_the_workload_says_what_to_install_and_exits_2(monkeypatch, capsys):
+    from decoding.bench.__main__ import main
+    from decoding.workloads import datasets
+
+    monkeypatch.setattr(datasets, "_recbole_folder", lambda: None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["workload", "ml-100k", "--max-users", "4", "--cache-dir", "none"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    said = [line for line in err.splitlines() if line.startswith("decoding-bench workload:")]
+    assert len(said) == 1 and INSTALL_HINT in said[0]

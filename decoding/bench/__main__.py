@@ -187,8 +187,12 @@ def _workload_flags(p):
     p.add_argument("--train-epochs", type=int, default=None, help="training epochs (default: the recipe's)")
     p.add_argument("--fresh-baselines", action="store_true",
                    help="rerun transformers' beam searches even where their results are cached")
+    p.add_argument("--recipe", default="default", choices=["default", "large"],
+                   help="the trained model: default (2 layers) or large (4 layers, same width)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="training seeds for the main rows (mean and spread); 1: the main run's only")
     p.add_argument("--batch", type=int, default=64, help="users per batch")
-    p.add_argument("--beams", default="20", help="beams = items returned per user")
+    p.add_argument("--beams", default="20", help="beams = items returned per user (at least 20: R@20)")
     _common_flags(p)
 
 
@@ -236,6 +240,8 @@ def _check_kv(p, args):
 
 
 def _check_workload(p, args):
+    if args.beams < 20:
+        p.error("--beams must be at least 20 (Recall and NDCG@20 need 20 items per user)")
     if args.max_users is not None and args.max_users < 1 or args.train_epochs is not None and args.train_epochs < 1:
         p.error("--max-users and --train-epochs must be positive")
 
@@ -265,7 +271,7 @@ SUITES: dict[str, Suite] = {
     "all": Suite("e2e, step and build", _all_flags, (("e2e", _e2e), ("step", _step), ("build", _build))),
 }
 _POSITIVE = ("items", "levels", "codes", "batch", "prompt_len", "hidden", "layers", "heads", "repeats",
-             "step_repeats", "clients")
+             "step_repeats", "clients", "seeds")
 
 
 def build_parser() -> argparse.ArgumentParser:

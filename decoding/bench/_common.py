@@ -113,8 +113,8 @@ def write_chart(results: list[dict], path: str) -> None:
     panels = len(e2e) + len(step) + len(workloads)
     if panels == 0:
         return
-    rows = max([len(r["methods"]) for r in workloads], default=0)  # one bar per decoder
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 3 * len(workloads), max(4.0, 0.28 * rows + 1.2)),
+    rows = max([len(r["methods"]) for r in workloads], default=0)  # one legend line per decoder
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 5 * len(workloads), max(4.0, 0.16 * rows + 2.0)),
                              squeeze=False)
     ax_iter = iter(axes[0])
     for r in e2e:
@@ -144,25 +144,29 @@ def write_chart(results: list[dict], path: str) -> None:
         ax.set_ylabel("ms per step")
         ax.set_title("trie_beam_step")
         ax.legend()
-    for r in workloads:  # recall of each decoder on the trained model
+    for r in workloads:  # recall against latency, one numbered point per decoding option
         ax = next(ax_iter)
         short = ((" (chosen on validation)", ""), ("KV 25% of the long prompt: ", "KV 25%: "), ("gamma=", "γ="),
                  ("transformers beam search", "transformers"), (" in flight", ""),
                  ("decoding.beam_search", "beam_search"))
-        names = []
-        for m in r["methods"]:
+        legend = []
+        for i, m in enumerate(r["methods"], 1):
             name = m["method"]
             for old, new in short:
                 name = name.replace(old, new)
-            names.append(name if len(name) <= 52 else name[:49] + "...")
-        recall = [m["recall@20"] for m in r["methods"]]
-        colors = ["tab:green" if m["method"].startswith(("decoding", "speculative strict")) else "tab:gray"
-                  for m in r["methods"]]
-        ax.barh(names, recall, color=colors)
-        ax.invert_yaxis()
-        ax.tick_params(axis="y", labelsize=7)
-        ax.set_xlabel("Recall@20 (test users)")
-        ax.set_title(f"MovieLens-100K, {r['config']['users']} users, K={r['config']['beams']}")
+            ours = m["method"].startswith(("decoding", "speculative", "D3", "KV"))
+            lo, hi = m.get("recall@20_ci95", (m["recall@20"], m["recall@20"]))
+            ax.errorbar(m["latency_ms"], m["recall@20"], yerr=[[m["recall@20"] - lo], [hi - m["recall@20"]]],
+                        fmt="o", color="tab:green" if ours else "tab:gray", capsize=3)
+            ax.annotate(str(i), (m["latency_ms"], m["recall@20"]), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8)
+            legend.append(f"{i}. {name}")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"latency, mean ms per batch of {r['config']['batch']} users (log)")
+        ax.set_ylabel("Recall@20, 95% interval over users")
+        ax.set_title(f"MovieLens-100K ({r['config'].get('recipe_name', 'default')} recipe), "
+                     f"{r['config']['users']} users, K={r['config']['beams']}")
+        ax.text(1.02, 1.0, "\n".join(legend), transform=ax.transAxes, va="top", fontsize=7, family="monospace")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -19,14 +19,17 @@ the prompts, K and transformers' version: their results are cached beside the tr
 from __future__ import annotations
 
 import os
+import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from decoding.bench._common import log
 
-D3_WEIGHTS = (0.1, 0.3, 0.5)
+D3_WEIGHTS = (0.0, 0.1, 0.3, 0.5)  # 0: plain beam search, so validation can also choose no assistant
+METRICS = tuple(f"{name}@{k}" for k in (10, 20) for name in ("recall", "ndcg"))
 
 
 def _batches(n: int, size: int):
@@ -34,13 +37,13 @@ def _batches(n: int, size: int):
 
 
 def _timed_batches(fn, n: int, size: int):
-    """``fn(slice)`` over all batches: (concatenated outputs, median seconds per batch)."""
-    outs, times = [], []
+    """``fn(slice)`` over all batches: (outputs, mean seconds per batch of ``size`` requests: the
+    one latency statistic of every row, continuous batching's included)."""
+    outs = []
+    t0 = time.perf_counter()
     for sl in _batches(n, size):
-        t0 = time.perf_counter()
         outs.append(fn(sl))
-        times.append(time.perf_counter() - t0)
-    return outs, float(np.median(times))
+    return outs, (time.perf_counter() - t0) * size / n
 
 
 def _same_items(ref_items, ref_scores, items, scores, tol: float = 1e-5) -> tuple[int, int]:
@@ -52,22 +55,27 @@ def _same_items(ref_items, ref_scores, items, scores, tol: float = 1e-5) -> tupl
     return int(equal.sum()), int(tied.sum())
 
 
-def _transformers_baselines(folder, ids, num_beams, batch, run_batch, n, fresh: bool) -> dict:
+def _transformers_baselines(folder, ids, num_beams, batch, run_batch, n, fresh: bool, weights: str) -> dict:
     """transformers' constrained and unconstrained beam search over every batch: items, the
-    constrained scores, median latency per batch. They take minutes and depend only on the
-    cached model, the prompts, K and transformers' version, so their results are kept beside the
-    trained pair (``folder``) and reused unless ``fresh``; reused results say so."""
+    constrained scores, mean latency per batch. They take minutes and depend only on the model's
+    weights, the prompts, K, the batch and transformers' version, so their results are kept
+    beside the trained pair (``folder``) under a key of all of these and reused unless
+    ``fresh``; reused results say so. Written atomically; an unreadable file is rebuilt."""
     import hashlib
 
     import transformers
 
     key = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:12]
     path = None if folder is None else os.path.join(
-        folder, f"transformers-{transformers.__version__}-k{num_beams}-b{batch}-{key}.npz")
+        folder, f"transformers-{transformers.__version__}-w{weights}-k{num_beams}-b{batch}-{key}.npz")
     if path is not None and os.path.isfile(path) and not fresh:
-        saved = np.load(path)
-        return {name: saved[name] if saved[name].ndim else float(saved[name])
-                for name in saved.files} | {"cached": True}
+        try:
+            with np.load(path) as saved:
+                return {name: saved[name] if saved[name].ndim else float(saved[name])
+                        for name in saved.files} | {"cached": True}
+        except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file: rebuilt, never used
+            log(f"[cache] {path}: unreadable ({type(exc).__name__}); rebuilding it")
+            os.remove(path)
     log("[ml-100k] transformers' constrained beam search (Python trie callback)")
     outs, t_con = _timed_batches(run_batch, n, batch)
     log("[ml-100k] transformers' unconstrained beam search")
@@ -77,28 +85,81 @@ def _transformers_baselines(folder, ids, num_beams, batch, run_batch, n, fresh: 
               "unconstrained": torch.cat([o[0] for o in free]).numpy(),
               "constrained_ms": t_con * 1e3, "unconstrained_ms": t_free * 1e3}
     if path is not None:
-        np.savez(path, **result)
+        tmp = f"{path}.partial-{os.getpid()}.npz"
+        np.savez(tmp, **result)
+        os.replace(tmp, path)
     return result | {"cached": False}
 
 
-def _quality(items: np.ndarray, targets: np.ndarray) -> dict:
-    from decoding.workloads.metrics import ndcg_at_k, recall_at_k
+class _Quality:
+    """Recall and NDCG@10/20 of each decoder on the test users, with 95% bootstrap intervals over
+    users, and each option's paired difference from plain beam search (the same users
+    resampled for both)."""
 
-    return {f"{name}@{k}": fn(items, targets, k) for k in (10, 20)
-            for name, fn in (("recall", recall_at_k), ("ndcg", ndcg_at_k))}
+    def __init__(self, targets: np.ndarray):
+        self.targets = targets
+        self.per_user: dict[str, dict[str, np.ndarray]] = {}
+
+    def __call__(self, name: str, items: np.ndarray, baseline: str | None = None) -> dict:
+        from decoding.workloads.metrics import bootstrap_interval, ndcg_per_user, paired_difference, recall_per_user
+
+        per_user = {f"{metric}@{k}": fn(items, self.targets, k) for k in (10, 20)
+                    for metric, fn in (("recall", recall_per_user), ("ndcg", ndcg_per_user))}
+        self.per_user[name] = per_user
+        row = {}
+        for metric, values in per_user.items():
+            row[metric] = float(values.mean())
+            row[f"{metric}_ci95"] = list(bootstrap_interval(values))
+        if baseline is not None and baseline != name:
+            row["vs_beam_search"] = {metric: paired_difference(per_user[metric], self.per_user[baseline][metric])
+                                     for metric in ("recall@20", "ndcg@20")}
+        return row
+
+
+def _seed_rows(recipe, data_all, seeds: int, cache, K: int, B: int) -> dict:
+    """The main rows (beam search, and with the user's history excluded) for ``seeds`` training
+    seeds (the first is the main run's): each metric's values, mean and standard deviation."""
+    from decoding import beam_search
+    from decoding.workloads.metrics import ndcg_at_k, recall_at_k
+    from decoding.workloads.movielens import load_or_train, prompts_for, seeds_of
+
+    rows: dict[str, dict[str, list]] = {}
+    for r in seeds_of(recipe, seeds):
+        pair = load_or_train(data_all, r, cache_dir=cache, log=log, with_draft=False)
+        inputs, targets = pair.data.split("test")
+        ids, mask = prompts_for(inputs, pair.sids, r.max_items)
+        history = [list(map(int, h)) for h in inputs]
+        for label, exclude in (("decoding.beam_search", False), ("decoding.beam_search, history excluded", True)):
+            outs, _ = _timed_batches(lambda sl, exclude=exclude: beam_search(
+                pair.target, ids[sl], mask[sl], trie=pair.trie, num_beams=K,
+                exclude_items=history[sl] if exclude else None), len(targets), B)
+            items = torch.cat([o.items for o in outs]).numpy()
+            for metric in METRICS:
+                fn = recall_at_k if metric.startswith("recall") else ndcg_at_k
+                rows.setdefault(label, {}).setdefault(metric, []).append(fn(items, targets, int(metric[-2:])))
+    return {"seeds": [r.seed for r in seeds_of(recipe, seeds)],
+            "rows": {label: {metric: {"values": v, "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1))
+                                      if len(v) > 1 else 0.0} for metric, v in metrics.items()}
+                     for label, metrics in rows.items()}}
 
 
 def run(args, device) -> dict:
     from decoding import beam_search, speculative_beam_search
     from decoding.testing.baselines import transformers_trie_beam_search
     from decoding.workloads.datasets import movielens_100k
-    from decoding.workloads.movielens import Recipe, aligned_draft, load_or_train, prompts_for
+    from decoding.workloads.movielens import RECIPES, aligned_draft, load_or_train, prompts_for, weights_fingerprint
 
     cache = None if args.cache_dir == "none" else os.path.expanduser(args.cache_dir)
-    recipe = Recipe(max_users=args.max_users, **({"epochs": args.train_epochs, "draft_epochs": args.train_epochs}
-                                                 if args.train_epochs is not None else {}))
+    recipe = replace(RECIPES[args.recipe], max_users=args.max_users,
+                     **({"epochs": args.train_epochs, "draft_epochs": args.train_epochs}
+                        if args.train_epochs is not None else {}))
+    try:
+        data_all = movielens_100k()
+    except FileNotFoundError as exc:  # one line, no traceback: what to install
+        print(f"decoding-bench workload: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     t0 = time.perf_counter()
-    pair = load_or_train(movielens_100k(), recipe, cache_dir=cache, log=log)
+    pair = load_or_train(data_all, recipe, cache_dir=cache, log=log)
     setup_s = time.perf_counter() - t0
     data, trie, sids, target, draft = pair.data, pair.trie, pair.sids, pair.target, pair.draft
     K, B, L = args.beams, args.batch, trie.depth
@@ -110,10 +171,16 @@ def run(args, device) -> dict:
         return inputs, targets, ids, mask
 
     results = {"config": {"users": data.num_users, "items": data.num_items, "beams": K, "batch": B,
-                          "identifier_tokens": L, "recipe": recipe.__dict__, "cached": pair.loaded_from_cache,
-                          "train_seconds": pair.train_seconds, "setup_seconds": setup_s}}
+                          "identifier_tokens": L, "recipe_name": args.recipe, "recipe": recipe.__dict__,
+                          "parameters": sum(p.numel() for p in target.parameters()),
+                          "cached": pair.loaded_from_cache, "train_seconds": pair.train_seconds,
+                          "setup_seconds": setup_s, "latency": f"mean ms per batch of {B} requests",
+                          "intervals": "95% bootstrap over test users (2,000 resamples); vs_beam_search: the "
+                                       "paired difference from decoding.beam_search and its interval"}}
     inputs, targets, ids, mask = split("test")
     n = len(targets)
+    quality = _Quality(targets)
+    BASE = "decoding.beam_search"
     log(f"[ml-100k] {n} test users, K={K}, {L}-token identifiers, batches of {B}")
 
     def ours(sl, prompts=(ids, mask), **kw):
@@ -122,7 +189,7 @@ def run(args, device) -> dict:
     outs, t_ours = _timed_batches(ours, n, B)
     exact_items = torch.cat([o.items for o in outs]).numpy()
     exact_scores = torch.cat([o.scores for o in outs]).numpy()
-    methods = [{"method": "decoding.beam_search", "latency_ms": t_ours * 1e3, **_quality(exact_items, targets)}]
+    methods = [{"method": BASE, "latency_ms": t_ours * 1e3, **quality(BASE, exact_items)}]
 
     def hf(sl, constrained=True):
         width = ids.shape[1]
@@ -131,30 +198,36 @@ def run(args, device) -> dict:
         rows = gen.sequences[:, width: width + L]
         return trie.lookup(rows).reshape(-1, K), gen.sequences_scores.reshape(-1, K)
 
-    baselines = _transformers_baselines(pair.folder, ids, K, B, hf, n, fresh=args.fresh_baselines)
+    baselines = _transformers_baselines(pair.folder, ids, K, B, hf, n, fresh=args.fresh_baselines,
+                                        weights=weights_fingerprint(target))
     hf_items = baselines["constrained"]
     same, near = _same_items(exact_items, exact_scores, hf_items, baselines["constrained_scores"])
     cached_note = {"cached_from_an_earlier_run": True} if baselines["cached"] else {}
     methods.append({"method": "transformers beam search + Python trie", "latency_ms": baselines["constrained_ms"],
                     "same_items_as_beam_search": same, "same_up_to_near_ties": near, **cached_note,
-                    **_quality(hf_items, targets)})
+                    **quality("transformers beam search + Python trie", hf_items, BASE)})
     free_items = baselines["unconstrained"]
     methods.append({"method": "transformers beam search, unconstrained", "latency_ms": baselines["unconstrained_ms"],
                     "invalid_item_rate": float((free_items < 0).mean()), **cached_note,
-                    **_quality(free_items, targets)})
+                    **quality("transformers beam search, unconstrained", free_items, BASE)})
 
     log("[ml-100k] excluding each user's history")
     history = [list(map(int, h)) for h in inputs]
     excl, t_excl = _timed_batches(lambda sl: ours(sl, exclude_items=history[sl]), n, B)
-    methods.append({"method": "decoding.beam_search, history excluded", "latency_ms": t_excl * 1e3,
-                    **_quality(torch.cat([o.items for o in excl]).numpy(), targets)})
+    name = "decoding.beam_search, history excluded"
+    methods.append({"method": name, "latency_ms": t_excl * 1e3,
+                    **quality(name, torch.cat([o.items for o in excl]).numpy(), BASE)})
 
     # D3: a popularity assistant (training interactions), its weight chosen on validation
     counts = np.bincount(np.concatenate(data.train_sequences), minlength=trie.num_ids).astype(np.float64) + 1.0
     popularity = torch.from_numpy(np.log(counts / counts.sum())).float()
     _, v_targets, v_ids, v_mask = split("valid")
 
+    from decoding.workloads.metrics import recall_at_k
+
     def d3(prompts, masks, sl, weight):
+        if weight == 0:
+            return beam_search(target, prompts[sl], masks[sl], trie=trie, num_beams=K)
         lp = popularity.expand(prompts[sl].shape[0], -1)
         return beam_search(target, prompts[sl], masks[sl], trie=trie, num_beams=K, assistant_logprobs=lp,
                            assistant_weight=weight)
@@ -162,12 +235,14 @@ def run(args, device) -> dict:
     valid_recall = {}
     for w in D3_WEIGHTS:
         vouts, _ = _timed_batches(lambda sl, w=w: d3(v_ids, v_mask, sl, w), len(v_targets), B)
-        valid_recall[w] = _quality(torch.cat([o.items for o in vouts]).numpy(), v_targets)["recall@20"]
-    best = max(D3_WEIGHTS, key=lambda w: valid_recall[w])
+        valid_recall[w] = recall_at_k(torch.cat([o.items for o in vouts]).numpy(), v_targets, 20)
+    best = max(D3_WEIGHTS, key=lambda w: (valid_recall[w], -w))  # a tie: the smaller weight
     d3_outs, t_d3 = _timed_batches(lambda sl: d3(ids, mask, sl, best), n, B)
-    methods.append({"method": f"D3, popularity assistant, weight {best} (chosen on validation)",
-                    "latency_ms": t_d3 * 1e3, "validation_recall20_by_weight": valid_recall,
-                    **_quality(torch.cat([o.items for o in d3_outs]).numpy(), targets)})
+    name = (f"D3, popularity assistant, weight {best} (chosen on validation)" if best else
+            "D3, popularity assistant: validation chose weight 0 (plain beam search)")
+    methods.append({"method": name, "latency_ms": t_d3 * 1e3, "weight": best,
+                    "validation_recall20_by_weight": {str(w): r for w, r in valid_recall.items()},
+                    **quality(name, torch.cat([o.items for o in d3_outs]).numpy(), BASE)})
 
     # KV pruning on long prompts: each user's last window_items items (the longest prompt the model
     # was trained on; the whole history for users with no more), pruned to 25% of the prompt width
@@ -179,8 +254,9 @@ def run(args, device) -> dict:
     log(f"[ml-100k] long prompts: {label}")
     long_outs, t_long = _timed_batches(lambda sl: ours(sl, (long_ids, long_mask)), n, B)
     long_items = torch.cat([o.items for o in long_outs]).numpy()
-    methods.append({"method": f"decoding.beam_search, {label}", "latency_ms": t_long * 1e3,
-                    "prompt_positions": int(long_ids.shape[1]), **_quality(long_items, targets)})
+    name = f"decoding.beam_search, {label}"
+    methods.append({"method": name, "latency_ms": t_long * 1e3,
+                    "prompt_positions": int(long_ids.shape[1]), **quality(name, long_items, BASE)})
     keep = long_ids.shape[1] // 4
     real = long_mask.sum(1).float()
     policies = {f"StreamingLLM (4 sinks + {keep - 4} recent)": StreamingLLM(sink=4, recent=keep - 4),
@@ -192,12 +268,13 @@ def run(args, device) -> dict:
         pruned, t_kv = _timed_batches(lambda sl, policy=policy: ours(sl, (long_ids, long_mask), kv_policy=policy),
                                       n, B)
         items = torch.cat([o.items for o in pruned]).numpy()
-        methods.append({"method": f"KV 25% of the long prompt: {name}", "latency_ms": t_kv * 1e3,
+        row_name = f"KV 25% of the long prompt: {name}"
+        methods.append({"method": row_name, "latency_ms": t_kv * 1e3,
                         "prompt_positions_kept": keep, "prompt_positions": int(long_ids.shape[1]),
                         "mean_fraction_of_own_prompt_kept": float((keep / real).clamp(max=1.0).mean()),
                         "agreement_with_unpruned_topk": float(np.mean([set(r) == set(e) for r, e in
                                                                        zip(items.tolist(), long_items.tolist())])),
-                        **_quality(items, targets)})
+                        **quality(row_name, items, BASE)})
 
     exact_sets = [set(r) for r in exact_items.tolist()]
     log("[ml-100k] aligning a copy of the draft on the target's beams (strict loss)")
@@ -219,9 +296,8 @@ def run(args, device) -> dict:
                                            max_batch_size=B if continuous else None)
 
         if continuous:  # one call over every user; latency and forwards per B requests
-            t0 = time.perf_counter()
-            souts = [spec(slice(0, n))]
-            t_spec = (time.perf_counter() - t0) * B / n
+            souts, t_spec = _timed_batches(spec, n, n)
+            t_spec *= B / n
             batches = n / B
         else:
             souts, t_spec = _timed_batches(spec, n, B)
@@ -240,7 +316,7 @@ def run(args, device) -> dict:
                "beam_search_target_forwards_per_batch": L,
                "agreement_with_exact_topk": float(np.mean([set(r) == exact_sets[i]
                                                            for i, r in enumerate(items.tolist())])),
-               **_quality(items, targets)}
+               **quality(name, items, BASE)}
         if continuous:
             row["prefills_per_batch"] = souts[0].stats.admissions / batches
         if mode == "strict":
@@ -248,27 +324,47 @@ def run(args, device) -> dict:
                 exact_items, exact_scores, items, scores)
         methods.append(row)
     results["methods"] = methods
+    if args.seeds > 1:
+        log(f"[ml-100k] the main rows for {args.seeds} training seeds")
+        results["seeds"] = _seed_rows(recipe, data_all, args.seeds, cache, K, B)
     results["suite"] = "ml-100k"
     return results
 
 
 def show(res: dict) -> None:
     cfg = res["config"]
-    print(f"\nMovieLens-100K: {cfg['users']} test users, {cfg['items']} items, K={cfg['beams']}, "
-          f"{cfg['identifier_tokens']}-token semantic IDs; model trained in {cfg['train_seconds']:.0f} s"
+    print(f"\nMovieLens-100K, recipe {cfg.get('recipe_name', 'default')} ({cfg.get('parameters', 0):,} parameters): "
+          f"{cfg['users']} test users, {cfg['items']} items, K={cfg['beams']}, {cfg['identifier_tokens']}-token "
+          f"semantic IDs; model trained in {cfg['train_seconds']:.0f} s"
           + (" (loaded from the cache)" if cfg["cached"] else ""))
-    header = f"{'decoder':<58} {'R@10':>6} {'R@20':>6} {'N@10':>6} {'N@20':>6} {'ms/batch':>9}"
+    print("R@20 and N@20 with 95% bootstrap intervals over users; diff: the paired difference of R@20 from "
+          "decoding.beam_search (* where its interval excludes 0); ms: mean per batch")
+    header = f"{'decoder':<62} {'R@10':>6} {'R@20':>18} {'N@20':>18} {'R@20 diff':>18} {'ms/batch':>9}"
     print(header)
     print("-" * len(header))
+
+    def ci(m, key):
+        lo, hi = m[f"{key}_ci95"]
+        return f"{m[key]:.3f} [{lo:.3f},{hi:.3f}]"
+
     for m in res["methods"]:
-        print(f"{m['method']:<58} {m['recall@10']:>6.3f} {m['recall@20']:>6.3f} {m['ndcg@10']:>6.3f} "
-              f"{m['ndcg@20']:>6.3f} {m['latency_ms']:>9,.0f}")
+        diff = m.get("vs_beam_search", {}).get("recall@20")
+        dtext = "" if diff is None else (f"{diff['difference']:+.3f}{'*' if diff['measurable'] else ' '}"
+                                         f"[{diff['interval'][0]:+.2f},{diff['interval'][1]:+.2f}]")
+        print(f"{m['method'][:62]:<62} {m['recall@10']:>6.3f} {ci(m, 'recall@20'):>18} {ci(m, 'ndcg@20'):>18} "
+              f"{dtext:>18} {m['latency_ms']:>9,.0f}")
     if "alignment" in res:
         a = res["alignment"]
         print(f"  draft alignment: loss {a['loss_before']:.3f} -> {a['loss_after']:.3f}; strict acceptance on "
               f"validation {a['validation_acceptance_before']:.3f} -> {a['validation_acceptance_after']:.3f}")
+    skip = ("method", "latency_ms", "vs_beam_search")
     for m in res["methods"]:
-        notes = {k: v for k, v in m.items() if k not in ("method", "latency_ms") and "@" not in k}
+        notes = {k: v for k, v in m.items() if k not in skip and "@" not in k}
         if notes:
             print(f"  {m['method']}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                     for k, v in notes.items()))
+    if "seeds" in res:
+        seeds = res["seeds"]
+        print(f"  training seeds {seeds['seeds']} (mean +/- standard deviation over seeds):")
+        for label, metrics in seeds["rows"].items():
+            print(f"    {label}: " + ", ".join(f"{k} {v['mean']:.3f} +/- {v['std']:.3f}" for k, v in metrics.items()))
