@@ -116,27 +116,32 @@ class _Quality:
         return row
 
 
-def _seed_rows(recipe, data_all, seeds: int, cache, K: int, B: int) -> dict:
-    """The main rows (beam search, and with the user's history excluded) for ``seeds`` training
-    seeds (the first is the main run's): each metric's values, mean and standard deviation."""
+SEED_ROWS = ("decoding.beam_search", "decoding.beam_search, history excluded")
+
+
+def _seed_rows(recipe, data_all, seeds: int, cache, K: int, B: int, main_methods: list[dict]) -> dict:
+    """The main rows (:data:`SEED_ROWS`) for ``seeds`` training seeds, the first being the main
+    run's (its figures are taken from ``main_methods``; the others train a target each): each
+    metric's values, mean and standard deviation."""
     from decoding import beam_search
     from decoding.workloads.metrics import ndcg_at_k, recall_at_k
     from decoding.workloads.movielens import load_or_train, prompts_for, seeds_of
 
-    rows: dict[str, dict[str, list]] = {}
-    for r in seeds_of(recipe, seeds):
+    by_name = {m["method"]: m for m in main_methods}
+    rows = {label: {metric: [by_name[label][metric]] for metric in METRICS} for label in SEED_ROWS}
+    for r in seeds_of(recipe, seeds)[1:]:
         pair = load_or_train(data_all, r, cache_dir=cache, log=log, with_draft=False)
         inputs, targets = pair.data.split("test")
         ids, mask = prompts_for(inputs, pair.sids, r.max_items)
         history = [list(map(int, h)) for h in inputs]
-        for label, exclude in (("decoding.beam_search", False), ("decoding.beam_search, history excluded", True)):
+        for label, exclude in zip(SEED_ROWS, (False, True)):
             outs, _ = _timed_batches(lambda sl, exclude=exclude: beam_search(
                 pair.target, ids[sl], mask[sl], trie=pair.trie, num_beams=K,
                 exclude_items=history[sl] if exclude else None), len(targets), B)
             items = torch.cat([o.items for o in outs]).numpy()
             for metric in METRICS:
                 fn = recall_at_k if metric.startswith("recall") else ndcg_at_k
-                rows.setdefault(label, {}).setdefault(metric, []).append(fn(items, targets, int(metric[-2:])))
+                rows[label][metric].append(fn(items, targets, int(metric[-2:])))
     return {"seeds": [r.seed for r in seeds_of(recipe, seeds)],
             "rows": {label: {metric: {"values": v, "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1))
                                       if len(v) > 1 else 0.0} for metric, v in metrics.items()}
@@ -326,7 +331,7 @@ def run(args, device) -> dict:
     results["methods"] = methods
     if args.seeds > 1:
         log(f"[ml-100k] the main rows for {args.seeds} training seeds")
-        results["seeds"] = _seed_rows(recipe, data_all, args.seeds, cache, K, B)
+        results["seeds"] = _seed_rows(recipe, data_all, args.seeds, cache, K, B, methods)
     results["suite"] = "ml-100k"
     return results
 
