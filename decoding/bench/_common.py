@@ -168,7 +168,7 @@ def write_chart(results: list[dict], path: str) -> None:
                      f"{r['config']['users']} users, K={r['config']['beams']}")
         ax.text(1.02, 1.0, "\n".join(legend), transform=ax.transAxes, va="top", fontsize=7, family="monospace")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the workload legend sits beside its axes
     plt.close(fig)
 
 
