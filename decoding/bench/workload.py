@@ -60,22 +60,21 @@ def _transformers_baselines(folder, ids, num_beams, batch, run_batch, n, fresh: 
     constrained scores, mean latency per batch. They take minutes and depend only on the model's
     weights, the prompts, K, the batch and transformers' version, so their results are kept
     beside the trained pair (``folder``) under a key of all of these and reused unless
-    ``fresh``; reused results say so. Written atomically; an unreadable file is rebuilt."""
+    ``fresh``; reused results say so. A cache entry like the pair's (written atomically, checked
+against its manifest, rebuilt when it does not match)."""
     import hashlib
 
     import transformers
 
+    from decoding.workloads.movielens import read_entry, write_entry
+
     key = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:12]
-    path = None if folder is None else os.path.join(
-        folder, f"transformers-{transformers.__version__}-w{weights}-k{num_beams}-b{batch}-{key}.npz")
-    if path is not None and os.path.isfile(path) and not fresh:
-        try:
-            with np.load(path) as saved:
-                return {name: saved[name] if saved[name].ndim else float(saved[name])
-                        for name in saved.files} | {"cached": True}
-        except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file: rebuilt, never used
-            log(f"[cache] {path}: unreadable ({type(exc).__name__}); rebuilding it")
-            os.remove(path)
+    entry = None if folder is None else os.path.join(
+        folder, f"transformers-{transformers.__version__}-w{weights}-k{num_beams}-b{batch}-{key}")
+    if entry is not None and not fresh and read_entry(entry, log) is not None:
+        with np.load(os.path.join(entry, "baselines.npz")) as saved:
+            return {name: saved[name] if saved[name].ndim else float(saved[name])
+                    for name in saved.files} | {"cached": True}
     log("[ml-100k] transformers' constrained beam search (Python trie callback)")
     outs, t_con = _timed_batches(run_batch, n, batch)
     log("[ml-100k] transformers' unconstrained beam search")
@@ -84,11 +83,17 @@ def _transformers_baselines(folder, ids, num_beams, batch, run_batch, n, fresh: 
               "constrained_scores": torch.cat([o[1] for o in outs]).float().numpy(),
               "unconstrained": torch.cat([o[0] for o in free]).numpy(),
               "constrained_ms": t_con * 1e3, "unconstrained_ms": t_free * 1e3}
-    if path is not None:
-        tmp = f"{path}.partial-{os.getpid()}.npz"
-        np.savez(tmp, **result)
-        os.replace(tmp, path)
+    if entry is not None:
+        write_entry(entry, lambda tmp: np.savez(os.path.join(tmp, "baselines.npz"), **result), {})
     return result | {"cached": False}
+
+
+def _per_user(items: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """Each of :data:`METRICS` per user, float ``[users]``."""
+    from decoding.workloads.metrics import ndcg_per_user, recall_per_user
+
+    return {f"{metric}@{k}": fn(items, targets, k) for k in (10, 20)
+            for metric, fn in (("recall", recall_per_user), ("ndcg", ndcg_per_user))}
 
 
 class _Quality:
@@ -101,10 +106,9 @@ class _Quality:
         self.per_user: dict[str, dict[str, np.ndarray]] = {}
 
     def __call__(self, name: str, items: np.ndarray, baseline: str | None = None) -> dict:
-        from decoding.workloads.metrics import bootstrap_interval, ndcg_per_user, paired_difference, recall_per_user
+        from decoding.workloads.metrics import bootstrap_interval, paired_difference
 
-        per_user = {f"{metric}@{k}": fn(items, self.targets, k) for k in (10, 20)
-                    for metric, fn in (("recall", recall_per_user), ("ndcg", ndcg_per_user))}
+        per_user = _per_user(items, self.targets)
         self.per_user[name] = per_user
         row = {}
         for metric, values in per_user.items():
@@ -124,7 +128,6 @@ def _seed_rows(recipe, data_all, seeds: int, cache, K: int, B: int, main_methods
     run's (its figures are taken from ``main_methods``; the others train a target each): each
     metric's values, mean and standard deviation."""
     from decoding import beam_search
-    from decoding.workloads.metrics import ndcg_at_k, recall_at_k
     from decoding.workloads.movielens import load_or_train, prompts_for, seeds_of
 
     by_name = {m["method"]: m for m in main_methods}
@@ -138,10 +141,8 @@ def _seed_rows(recipe, data_all, seeds: int, cache, K: int, B: int, main_methods
             outs, _ = _timed_batches(lambda sl, exclude=exclude: beam_search(
                 pair.target, ids[sl], mask[sl], trie=pair.trie, num_beams=K,
                 exclude_items=history[sl] if exclude else None), len(targets), B)
-            items = torch.cat([o.items for o in outs]).numpy()
-            for metric in METRICS:
-                fn = recall_at_k if metric.startswith("recall") else ndcg_at_k
-                rows[label][metric].append(fn(items, targets, int(metric[-2:])))
+            for metric, values in _per_user(torch.cat([o.items for o in outs]).numpy(), targets).items():
+                rows[label][metric].append(float(values.mean()))
     return {"seeds": [r.seed for r in seeds_of(recipe, seeds)],
             "rows": {label: {metric: {"values": v, "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1))
                                       if len(v) > 1 else 0.0} for metric, v in metrics.items()}

@@ -492,7 +492,6 @@ class SpeculativeSearch:
         return picked, accept, index
 
 
-
 @torch.inference_mode()
 def speculative_beam_search(
     target,

@@ -39,7 +39,7 @@ BOS = 1
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that determines the trained pair (the cache key)."""
+    """The trained pair's hyperparameters (part of its cache key, :func:`cache_key`)."""
 
     levels: int = 3  # semantic-ID levels before the disambiguation code
     codes: int = 16
@@ -56,10 +56,6 @@ class Recipe:
     lr: float = 3e-3
     seed: int = 0
     max_users: int | None = None  # a toy run: the first users only
-
-    def key(self) -> str:
-        """The recipe's fields alone (:func:`cache_key` is what the cache uses)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 # the recipes decoding-bench workload offers (--recipe): the default, and a deeper model of the
