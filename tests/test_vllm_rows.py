@@ -174,3 +174,55 @@ def test_a_legacy_engine_asks_nodes_of_up_to_4096_children_in_one_request():
     assert len(request.token_ids) == trie.max_branch_at(0) == 256
     got, stats, asked = run_rows(model, trie, [[5, 6, 7]], keep, max_logprobs=-1)
     assert torch.equal(got.items, reference(model, trie, [[5, 6, 7]], keep).items)
+
+
+class TiedBook:
+    """A book whose nodes' children hold ties: ``children_of`` as :class:`BeamRows` answers it
+    (each node's children ids in the trie's order, their log-probs); three levels, the first three
+    children of each node have children of their own."""
+
+    def __init__(self, seed=0):
+        g = np.random.default_rng(seed)
+        self.rows, frontier = {}, [()]
+        for _ in range(3):
+            nxt = []
+            for prefix in frontier:
+                ids = np.sort(g.choice(1000, size=9, replace=False)).astype(np.int64)
+                values = g.choice([-1.0, -2.5, -0.25], size=9).astype(np.float32)  # many ties
+                self.rows[prefix] = (ids, values)
+                nxt += [prefix + (int(t),) for t in ids[:3]]
+            frontier = nxt
+
+    def children_of(self, request, prefix):
+        return self.rows[tuple(prefix)]
+
+
+def test_choice_logprobs_rank_each_token_among_its_siblings_ties_in_trie_order():
+    """The per-token log-probs of a beam answer: the chosen token's value and rank (1 = best,
+    ties broken by the trie's order, as a stable sort of the children would), then the best
+    ``alternatives`` other children, best first."""
+    from decoding.integrations.vllm.serving import _choice_logprobs
+
+    book = TiedBook()
+
+    def expected(tokens, alternatives):
+        out = []
+        for t, token in enumerate(tokens):
+            ids, values = book.children_of(0, tokens[:t])
+            children = dict(zip(ids.tolist(), values.tolist()))
+            order = sorted(children, key=children.__getitem__, reverse=True)  # stable: trie order on ties
+            rank = {tok: r + 1 for r, tok in enumerate(order)}
+            step = [(token, children[token], rank[token])]
+            step += [(tok, children[tok], rank[tok]) for tok in order if tok != token][:alternatives]
+            out.append(step)
+        return out
+
+    g = np.random.default_rng(1)
+    for alternatives in (0, 1, 4, 20):
+        ranked = {}
+        for _ in range(20):
+            tokens = []
+            for d in range(3):
+                ids, _ = book.children_of(0, tokens)
+                tokens.append(int(ids[g.integers(3)]))
+            assert _choice_logprobs(book, 0, tokens, alternatives, ranked) == expected(tokens, alternatives)

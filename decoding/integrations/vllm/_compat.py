@@ -41,6 +41,7 @@ entry points in every process it starts, on any version.
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import inspect
 import logging
@@ -728,12 +729,11 @@ class _Engine:
     model's generation config and tokenizer applied), since the drivers bypass the front end."""
 
     def __init__(self, engine):
-        import msgspec
         from vllm import SamplingParams
         from vllm.v1.engine import EngineCoreRequest
 
         self._engine = engine
-        self._request, self._replace = EngineCoreRequest, msgspec.structs.replace
+        self._request = EngineCoreRequest
         model = engine.model_config
         self.vllm_config = engine.vllm_config
         self.vocab_size = int(model.get_vocab_size())
@@ -759,9 +759,15 @@ class _Engine:
                 token_ids: list[int] | None = None, data_parallel_rank: int | None = None, lora_request=None):
         """A greedy one-token engine request returning the top-``logprobs`` log-probs or the
         log-probs of ``token_ids`` (at most 128)."""
-        fields = {"logprobs": logprobs} if token_ids is None else {"logprob_token_ids": token_ids}
+        # a shallow copy, not msgspec's replace: that re-runs SamplingParams' validation, which the
+        # template passed, per request (measured: 5% of a serving process's time)
+        params = copy.copy(self._template)
+        if token_ids is None:
+            params.logprobs = logprobs
+        else:
+            params.logprob_token_ids = token_ids
         return self._request(request_id=request_id, prompt_token_ids=prompt, mm_features=None,
-                             sampling_params=self._replace(self._template, **fields), pooling_params=None,
+                             sampling_params=params, pooling_params=None,
                              arrival_time=time.time(), lora_request=lora_request, cache_salt=None,
                              data_parallel_rank=data_parallel_rank)
 

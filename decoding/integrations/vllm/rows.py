@@ -249,11 +249,13 @@ class BeamRows:
             except StopIteration as done:
                 return self.to_real(done.value)
 
-    def children_of(self, request: int, prefix) -> dict[int, float]:
-        """``{child token: log-prob}`` of the node the identifier ``prefix`` (model tokens) of
-        ``request`` reached (children the engine was not asked for, which cannot rank, are left out)."""
+    def children_of(self, request: int, prefix) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens, logprobs)``: the children (model tokens, int64 ``[n]``) of the node the
+        identifier ``prefix`` (model tokens) of ``request`` reached, in the trie's order, with
+        their log-probs (float32 ``[n]``); children the engine was not asked for, which cannot
+        rank, are left out."""
         out, row, lo, hi = self.children_logprobs[(request, tuple(prefix))]
-        values = out[row, self.search_trie.node_token[lo + 1: hi + 1].long()]
-        real = self.trie.node_token[lo + 1: hi + 1].long()
-        keep = torch.isfinite(values)
-        return dict(zip(real[keep].tolist(), values[keep].tolist()))
+        values = out[row].numpy()[self.search_trie.node_token[lo + 1: hi + 1].numpy()]
+        real = self.trie.node_token[lo + 1: hi + 1].numpy().astype(np.int64)
+        keep = np.isfinite(values)
+        return real[keep], values[keep]

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from decoding.integrations.vllm import _compat
 from decoding.integrations.vllm.arguments import beam_options, beam_unsupported, check_beams, check_exclusions
 from decoding.integrations.vllm.catalogs import CatalogError, catalogs_for
@@ -79,18 +81,24 @@ class BeamRouteError(ValueError):
 
 def _choice_logprobs(book, prompt_index: int, tokens: list[int], alternatives: int, ranked: dict):
     """Per token, ``(token, logprob, rank)`` triples: the chosen token first, then the best
-    ``alternatives`` other children. ``ranked`` caches each prefix's children, best first (the
-    choices of one answer share their prefixes)."""
+    ``alternatives`` other children. ``ranked`` caches each prefix's children (the choices of one
+    answer share their prefixes). Ranks count from 1 over the node's children, ties in the
+    trie's order."""
     out = []
     for t, token in enumerate(tokens):
         prefix = tuple(tokens[:t])
-        if prefix not in ranked:
-            children = book.children_of(prompt_index, prefix)
-            order = sorted(children, key=children.__getitem__, reverse=True)
-            ranked[prefix] = (children, {tok: r + 1 for r, tok in enumerate(order)}, order[: alternatives + 1])
-        children, rank, best = ranked[prefix]
-        step = [(token, children[token], rank[token])]
-        step += [(tok, children[tok], rank[tok]) for tok in best if tok != token][:alternatives]
+        entry = ranked.get(prefix)
+        if entry is None:
+            ids, values = book.children_of(prompt_index, prefix)
+            order = np.argsort(-values, kind="stable")  # best first, ties in the trie's order
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(1, len(order) + 1)
+            best = order[: alternatives + 1].tolist()
+            entry = ranked[prefix] = (ids.tolist(), values.tolist(), rank.tolist(), best)
+        ids, values, rank, best = entry
+        at = ids.index(token)
+        step = [(token, values[at], rank[at])]
+        step += [(ids[i], values[i], rank[i]) for i in best if i != at][:alternatives]
         out.append(step)
     return out
 
