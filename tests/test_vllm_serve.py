@@ -539,5 +539,12 @@ def test_bench_cli_vllm_http_small_run(tmp_path, capsys):
     for row in (vllm_own, exact, res["engine_floor"]):
         assert row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
     assert (tmp_path / "vllm-server.log").exists()
+    # the methods take turns round by round (round 0: warm-ups), not one after another
+    labels = [m["method"] for m in res["methods"]]
+    order = [(r["round"], r["method"]) for r in res["rounds"]]
+    assert [m for _, m in order[:2]] == labels and len(order) == 3 * 2 and len({m for _, m in order[3:]}) == 3
+    assert [r for r, _ in order] == [0, 0, 0, 1, 1, 1]
+    walls = [r["wall_ms"] for r in res["rounds"][3:]]
+    assert exact["paired_speedups"] == [walls[0] / walls[1]] == [exact["paired_speedup_median"]]
     printed = capsys.readouterr().out
     assert "vLLM server beam search, unconstrained + post-filter" in printed and "model work alone" in printed

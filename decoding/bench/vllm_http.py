@@ -22,7 +22,9 @@ and log-probs it asked per search and how many wide rows fell back (the server's
 LLM recommender's: Qwen3's 151,936 tokens is ``--text-vocab 150904``). A last row measures the
 model work any beam search must do, as plain requests over HTTP (each prompt prefilled, then
 ``beams`` rows decoding the identifier's other tokens; no ranking): the most any beam search on
-this server could gain.
+this server could gain. The three methods take turns, round by round (round 0 is each one's
+warm-up), and each row reports the median of its ``--repeats`` timed rounds; ``rounds`` in the
+JSON lists every round in the order it ran.
 """
 
 from __future__ import annotations
@@ -155,51 +157,74 @@ def run(args, device) -> dict:
                                                          "ignore_eos": True})
                 return time.perf_counter() - t0, None
 
-            def measure(label, fn):
-                walls, latencies, results = [], [], None
+            def timed_round(label, fn, round_):
+                """One run of ``fn`` over the ``N`` requests from ``C`` clients, a bystander beside it."""
                 before = _server_counters(client)
                 with ThreadPoolExecutor(C) as pool, Bystander(client, model_name, bystander_prompt) as bystander:
-                    for r in range(args.repeats + 1):
-                        t0 = time.perf_counter()
-                        results = list(pool.map(fn, range(N)))
-                        wall = time.perf_counter() - t0
-                        log(f"  {label}: {'warm-up' if r == 0 else f'run {r}/{args.repeats}'} {wall * 1e3:,.0f} ms")
-                        if r:
-                            walls.append(wall)
-                            latencies += [t for t, _ in results]
-                after = _server_counters(client)
-                searches = after.get("searches", 0) - before.get("searches", 0)
+                    t0 = time.perf_counter()
+                    results = list(pool.map(fn, range(N)))
+                    wall = time.perf_counter() - t0
+                log(f"  {label}: {'warm-up' if round_ == 0 else f'run {round_}/{args.repeats}'} {wall * 1e3:,.0f} ms")
+                return wall, results, bystander.latencies, before, _server_counters(client)
+
+            def summary(runs) -> dict:
+                """The timed runs of one method (the warm-up left out) as one row: medians, percentiles."""
+                walls = [wall for wall, *_ in runs]
+                latencies = [t for _, results, *_ in runs for t, _ in results]
+                waits = [t for *_, latencies_, _, _ in runs for t in latencies_]
                 wall = statistics.median(walls)
                 row = {"requests_per_s": N / wall, "wall_ms": wall * 1e3, "runs_ms": [w * 1e3 for w in walls],
                        "p50_ms": _percentile(latencies, 0.5) * 1e3, "p99_ms": _percentile(latencies, 0.99) * 1e3,
-                       "bystander_p50_ms": _percentile(bystander.latencies, 0.5) * 1e3,
-                       "bystander_max_ms": max(bystander.latencies) * 1e3, "answers": [a for _, a in results]}
+                       "bystander_p50_ms": _percentile(waits, 0.5) * 1e3 if waits else None,
+                       "bystander_max_ms": max(waits) * 1e3 if waits else None,
+                       "answers": [a for _, a in runs[-1][1]]}
+                diff = {}
+                for *_, before, after in runs:
+                    for k in after:
+                        diff[k] = diff.get(k, 0) + after.get(k, 0) - before.get(k, 0)
+                searches = diff.get("searches", 0)
                 if searches:
-                    diff = {k: after.get(k, 0) - before.get(k, 0) for k in after}
                     row["per_search"] = {k: diff.get(k, 0) / searches for k in
                                          ("engine_requests", "logprobs", "wide_rows", "fallback_rows")}
                     row["fallback_rows"] = int(diff.get("fallback_rows", 0))
                     row["wide_rows"] = int(diff.get("wide_rows", 0))
                 return row
 
-            for name, catalog in (("vLLM server beam search, unconstrained + post-filter", False),
-                                  ("decoding exact beam search (vllm_xargs catalog)", True)):
-                row = measure(name, lambda i, catalog=catalog: beam(i, catalog))
+            plan = [("vLLM server beam search, unconstrained + post-filter", lambda i: beam(i, False)),
+                    ("decoding exact beam search (vllm_xargs catalog)", lambda i: beam(i, True)),
+                    ("model work alone (plain requests)", model_work)]
+            # the methods take turns, round by round, so that a machine that slows down or speeds up
+            # during the run weighs on each alike; each method's first round is its warm-up
+            runs, rounds = {label: [] for label, _ in plan}, []
+            for round_ in range(args.repeats + 1):
+                for label, fn in plan:
+                    measured = timed_round(label, fn, round_)
+                    rounds.append({"round": round_, "method": label, "wall_ms": measured[0] * 1e3})
+                    if round_:
+                        runs[label].append(measured)
+            for label, _ in plan[:2]:
+                row = summary(runs[label])
                 row["invalid_item_rate"], row["topk"], row["differences"] = score(row.pop("answers"))
                 row["agreement_with_exact_topk"] = row["topk"]["exact"] + row["topk"]["near-tie"]
-                methods.append({"method": name, **row})
-            floor = measure("model work alone (plain requests)", model_work)
+                methods.append({"method": label, **row})
+            floor = summary(runs[plan[2][0]])
             floor.pop("answers")
 
     base = methods[0]["requests_per_s"]
     for row in methods:
         row["speedup_vs_baseline"] = row["requests_per_s"] / base
     floor["max_speedup_vs_baseline"] = floor["requests_per_s"] / base
+    # paired: each timed round's baseline wall over the method's in the same round, median over rounds
+    base_runs = methods[0]["runs_ms"]
+    for row in (*methods, floor):
+        row["paired_speedups"] = [b / r for b, r in zip(base_runs, row["runs_ms"])]
+        row["paired_speedup_median"] = statistics.median(row["paired_speedups"])
     return {"suite": "vllm-http",
             "config": {**{k: getattr(args, k) for k in ("items", "levels", "codes", "batch", "clients", "beams",
                                                         "prompt_len", "hidden", "layers", "heads", "repeats", "seed",
                                                         "text_vocab")}, "vocab_size": V},
-            "bystander_alone_ms": bystander_alone * 1e3, "methods": methods, "engine_floor": floor}
+            "bystander_alone_ms": bystander_alone * 1e3, "methods": methods, "engine_floor": floor,
+            "rounds": rounds}
 
 
 def show(res: dict) -> None:
@@ -220,6 +245,9 @@ def show(res: dict) -> None:
     floor = res["engine_floor"]
     print(f"{'model work alone (prefill + beams x rest of the ID; no ranking)':<56} {floor['requests_per_s']:>8.2f} "
           f"{floor['max_speedup_vs_baseline']:>7.2f}x {floor['p50_ms']:>9,.0f} {floor['p99_ms']:>9,.0f}")
+    paired = ", ".join(f"{row['paired_speedup_median']:.2f}x" for row in (*res["methods"][1:], floor))
+    print(f"paired (each round's vLLM time over the method's in the same round, median of rounds): exact path, "
+          f"model work: {paired}")
     print(f"bystander: a plain 4-token completion, median/max ms while each method runs; alone "
           f"{res['bystander_alone_ms']:,.0f} ms")
     exact = res["methods"][1]
