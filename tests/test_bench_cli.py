@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from decoding.bench.__main__ import SUITES, main, parse_args
 
@@ -162,3 +163,31 @@ def test_the_http_bench_tells_a_near_tie_from_a_wrong_answer():
     # ... or far from any cut: wrong
     assert classify({1: -1.0, 4: -1.5, 3: -3.0}, ref_items, ref_scores, cuts=[-0.2],
                     prefix_scores=prefixes.__getitem__) == "wrong"
+
+
+def test_alternated_times_the_methods_in_turn_and_pairs_each_round():
+    """bench._common.alternated: a warm-up round, then each timed round runs every method once in
+    the plan's order; a method's paired ratio is the median over rounds of the first method's time
+    over its own in the same round."""
+    import time
+
+    from decoding.bench._common import alternated
+
+    calls = []
+    delays = {"base": [0.0, 0.02, 0.04, 0.02], "fast": [0.0, 0.01, 0.01, 0.02]}
+
+    def method(label):
+        def fn():
+            calls.append(label)
+            time.sleep(delays[label][sum(c == label for c in calls) - 1])
+            return label
+        return fn
+
+    timings = alternated([("base", method("base")), ("fast", method("fast"))], torch.device("cpu"), repeats=3)
+    assert calls == ["base", "fast"] * 4
+    median, runs, last = timings["fast"]
+    assert len(runs) == 3 and last == "fast" and median == sorted(runs)[1]
+    base_runs = timings["base"][1]
+    assert timings["paired"]["fast"] == sorted(b / f for b, f in zip(base_runs, runs))[1]
+    assert timings["paired"]["base"] == 1.0
+    assert timings["paired"]["fast"] > 1.0  # 20 ms against 10 ms in the timed rounds

@@ -365,6 +365,10 @@ def test_bench_cli_vllm_engine_small_run(tmp_path, capsys):
     assert driver["agreement_with_exact_topk"] == 1.0 and driver["invalid_item_rate"] == 0.0
     assert by_name["vLLM beam_search + decoding processor"]["invalid_item_rate"] == 0.0
     assert res["engine_floor"]["latency_ms"] > 0
+    # vLLM's beam search, the driver and the floor took turns on one engine: each has its paired ratio
+    assert by_name["vLLM beam_search, unconstrained + post-filter"]["paired_speedup_median"] == 1.0
+    assert driver["paired_speedup_median"] > 0 and res["engine_floor"]["paired_speedup_median"] > 0
+    assert "paired_speedup_median" not in by_name["vLLM beam_search + decoding processor"]
     printed = capsys.readouterr().out
     assert "vLLM beam_search, unconstrained + post-filter" in printed and "Model work alone" in printed
 

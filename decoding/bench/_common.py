@@ -40,6 +40,29 @@ def timed(fn, device, repeats: int, label: str):
     return statistics.median(runs), runs, out
 
 
+def alternated(plan, device, repeats: int) -> dict:
+    """Each ``(label, fn)`` of ``plan`` timed in turn, round by round: a warm-up round, then
+    ``repeats`` timed rounds, so that a machine that speeds up or slows down during the run weighs
+    on every method alike. Returns ``{label: (median_s, runs_s, last output)}`` and, under
+    ``"paired"``, ``{label: median over rounds of the first method's time / this one's}``."""
+    runs = {label: [] for label, _ in plan}
+    outputs = {}
+    for round_ in range(repeats + 1):
+        for label, fn in plan:
+            sync(device)
+            t0 = time.perf_counter()
+            outputs[label] = fn()
+            sync(device)
+            wall = time.perf_counter() - t0
+            log(f"  {label}: {'warm-up' if round_ == 0 else f'run {round_}/{repeats}'} {wall * 1e3:,.1f} ms")
+            if round_:
+                runs[label].append(wall)
+    base = runs[plan[0][0]]
+    out = {label: (statistics.median(r), r, outputs[label]) for label, r in runs.items()}
+    out["paired"] = {label: statistics.median(b / t for b, t in zip(base, r)) for label, r in runs.items()}
+    return out
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "python": platform.python_version(),

@@ -6,7 +6,9 @@
 3. the package's driver, ``decoding.integrations.vllm.beam_search``.
 
 Columns: latency, throughput, invalid-item rate, agreement with the exact top-K (computed by
-``decoding.beam_search`` on the same weights in transformers). Prompts all have ``--prompt-len``
+``decoding.beam_search`` on the same weights in transformers). Methods 1 and 3 and the engine's
+model-work floor share one engine and take turns round by round (:func:`alternated`); method 2
+needs an engine configured for it and runs in a child process after them. Prompts all have ``--prompt-len``
 tokens: vLLM's beam search resubmits prompt + beam tokens each step, and the engine-wide
 catalog needs one identifier offset for all requests.
 """
@@ -19,7 +21,7 @@ import tempfile
 import torch
 
 from decoding import testing as bm
-from decoding.bench._common import METHOD_COLUMNS, ExactReference, catalog_and_model, log, print_methods, timed
+from decoding.bench._common import METHOD_COLUMNS, ExactReference, alternated, catalog_and_model, log, print_methods
 
 
 def _engine(model_dir, **kwargs):
@@ -74,15 +76,17 @@ def run(args, device) -> dict:
         # max_logprobs=-1 is only a limit: vLLM's beam_search still asks for 2K log-probs per
         # beam, and the driver may ask for the whole vocabulary at nodes with >128 children
         llm = _engine(model_dir, max_len=args.prompt_len + L + 8, max_logprobs=-1)
-        t, runs, out = timed(lambda: llm.beam_search(prompts, params), device, args.repeats,
-                             "vLLM beam_search + post-filter")
-        methods.append(("vLLM beam_search, unconstrained + post-filter", t, runs, *score(items_of(out))))
-        t, runs, out = timed(lambda: dv.beam_search(llm, ids.tolist(), trie=trie, num_beams=K), device,
-                             args.repeats, "decoding driver on vLLM")
-        methods.append(("decoding.integrations.vllm.beam_search", t, runs,
-                        *score(out.items.tolist(), out.scores.tolist())))
-        floor, floor_runs, _ = timed(lambda: _engine_floor(llm, prompts, trie, K, L), device, args.repeats,
-                                     "engine floor (model work only)")
+        own, driver, work = ("vLLM beam_search, unconstrained + post-filter", "decoding.integrations.vllm.beam_search",
+                             "engine floor (model work only)")
+        timings = alternated([(own, lambda: llm.beam_search(prompts, params)),
+                              (driver, lambda: dv.beam_search(llm, ids.tolist(), trie=trie, num_beams=K)),
+                              (work, lambda: _engine_floor(llm, prompts, trie, K, L))], device, args.repeats)
+        t, runs, out = timings[own]
+        methods.append((own, t, runs, *score(items_of(out))))
+        t, runs, out = timings[driver]
+        methods.append((driver, t, runs, *score(out.items.tolist(), out.scores.tolist())))
+        floor, floor_runs, _ = timings[work]
+        paired = timings["paired"]
         llm = None  # release this engine before the next one starts
         # a second engine in this process would inherit torn-down parallel state: run it in a child
         log("[vllm] engine with the trie processor as engine-wide catalog (separate process)")
@@ -95,12 +99,15 @@ def run(args, device) -> dict:
              "topk": topk, "exact_topk": topk["exact"], "near_tie": topk["near-tie"], "wrong": topk["wrong"],
              "differences": differences}
             for name, t, runs, inv, agr, topk, differences in methods]
+    for row in rows:
+        if row["method"] in paired:  # the methods that took turns on one engine
+            row["paired_speedup_median"] = paired[row["method"]]
     return {"suite": "vllm", "config": {k: getattr(args, k) for k in ("items", "levels", "codes", "batch", "beams",
                                                                          "prompt_len", "hidden", "layers", "heads",
                                                                          "repeats", "seed")},
             "methods": rows,
             "engine_floor": {"latency_ms": floor * 1e3, "runs_ms": [r * 1e3 for r in floor_runs],
-                             "max_speedup_vs_baseline": base / floor}}
+                             "max_speedup_vs_baseline": base / floor, "paired_speedup_median": paired[work]}}
 
 
 def _engine_floor(llm, prompts, trie, K, L):
@@ -171,3 +178,9 @@ def show(res: dict) -> None:
               f"as plain requests, no ranking): {floor['latency_ms']:,.0f} ms, "
               f"{floor['max_speedup_vs_baseline']:.1f}x below the "
               f"baseline: roughly the most any beam search on this engine could gain")
+    paired = [(m["method"], m["paired_speedup_median"]) for m in res["methods"][1:] if "paired_speedup_median" in m]
+    if floor and "paired_speedup_median" in floor:
+        paired.append(("model work alone", floor["paired_speedup_median"]))
+    if paired:
+        print("paired (each round's vLLM beam_search time over the method's in the same round, median of rounds): "
+              + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in paired))
