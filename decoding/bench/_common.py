@@ -59,8 +59,13 @@ def alternated(plan, device, repeats: int) -> dict:
                 runs[label].append(wall)
     base = runs[plan[0][0]]
     out = {label: (statistics.median(r), r, outputs[label]) for label, r in runs.items()}
-    out["paired"] = {label: statistics.median(b / t for b, t in zip(base, r)) for label, r in runs.items()}
+    out["paired"] = {label: statistics.median(paired_speedups(base, r)) for label, r in runs.items()}
     return out
+
+
+def paired_speedups(base_runs, runs) -> list[float]:
+    """Each round's baseline time over the method's time in the same round (rounds in order)."""
+    return [b / t for b, t in zip(base_runs, runs)]
 
 
 def environment(device: torch.device) -> dict:

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from decoding import testing as bm
-from decoding.bench._common import ExactReference, catalog_and_model, log
+from decoding.bench._common import ExactReference, catalog_and_model, log, paired_speedups
 
 
 def _percentile(values, q):
@@ -175,8 +175,7 @@ def run(args, device) -> dict:
                 wall = statistics.median(walls)
                 row = {"requests_per_s": N / wall, "wall_ms": wall * 1e3, "runs_ms": [w * 1e3 for w in walls],
                        "p50_ms": _percentile(latencies, 0.5) * 1e3, "p99_ms": _percentile(latencies, 0.99) * 1e3,
-                       "bystander_p50_ms": _percentile(waits, 0.5) * 1e3 if waits else None,
-                       "bystander_max_ms": max(waits) * 1e3 if waits else None,
+                       "bystander_p50_ms": _percentile(waits, 0.5) * 1e3, "bystander_max_ms": max(waits) * 1e3,
                        "answers": [a for _, a in runs[-1][1]]}
                 diff = {}
                 for *_, before, after in runs:
@@ -217,7 +216,7 @@ def run(args, device) -> dict:
     # paired: each timed round's baseline wall over the method's in the same round, median over rounds
     base_runs = methods[0]["runs_ms"]
     for row in (*methods, floor):
-        row["paired_speedups"] = [b / r for b, r in zip(base_runs, row["runs_ms"])]
+        row["paired_speedups"] = paired_speedups(base_runs, row["runs_ms"])
         row["paired_speedup_median"] = statistics.median(row["paired_speedups"])
     return {"suite": "vllm-http",
             "config": {**{k: getattr(args, k) for k in ("items", "levels", "codes", "batch", "clients", "beams",
