@@ -55,7 +55,8 @@ def _calls(sid_catalog, sid_models, draft, setid_setup):
         ids, mask = prompts(SID_VOCAB, batch=3, seed=seed)
         return lambda: _tensors(llama.generate(input_ids=ids, attention_mask=mask, custom_generate=hf.generate,
                                                trie=trie, num_beams=5, length_penalty=0.0,
-                                               max_new_tokens=trie.depth, return_dict_in_generate=True))
+                                               num_return_sequences=5, max_new_tokens=trie.depth,
+                                               return_dict_in_generate=True, output_scores=True))
 
     def transformers_beam_search(seed):
         ids, mask = prompts(SID_VOCAB, batch=2, seed=seed)

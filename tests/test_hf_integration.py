@@ -9,7 +9,7 @@ import torch
 
 from conftest import SID_VOCAB, TITLE_VOCAB, prompts
 from decoding.integrations import hf
-from decoding.testing.baselines import transformers_trie_beam_search
+from decoding.testing.baselines import PythonTriePrefixFn, transformers_trie_beam_search
 
 
 def prompt_length(model, ids):
@@ -63,12 +63,107 @@ def test_custom_generate_matches_transformers_beam_search(request, arch, catalog
     ref = transformers_trie_beam_search(model, ids, mask, seqs, num_beams=K, max_new_tokens=trie.depth,
                                         eos_token_id=trie.eos_token_id)
     out = model.generate(input_ids=ids, attention_mask=mask, custom_generate=hf.generate, trie=trie, num_beams=K,
-                         length_penalty=0.0, max_new_tokens=trie.depth, return_dict_in_generate=True)
+                         num_return_sequences=K, length_penalty=0.0, max_new_tokens=trie.depth,
+                         return_dict_in_generate=True, output_scores=True)
     assert torch.allclose(out.sequences_scores, ref.sequences_scores, atol=1e-4)
     assert torch.equal(out.sequences, ref.sequences)
     plain = model.generate(input_ids=ids, attention_mask=mask, custom_generate=hf.generate, trie=trie,
-                           num_beams=K, length_penalty=0.0, max_new_tokens=trie.depth)
+                           num_beams=K, num_return_sequences=K, length_penalty=0.0, max_new_tokens=trie.depth)
     assert torch.equal(plain, out.sequences)
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("catalog", ["sid", "title"])
+def test_custom_generate_with_transformers_defaults_returns_what_transformers_returns(request, arch, catalog):
+    """No setting but the beams and the length: transformers' defaults (one sequence per prompt,
+    length_penalty 1.0, early_stopping False, a plain tensor). The same tensor, shape included."""
+    seqs, trie, model, ids, mask = catalog_model_prompts(request, arch, catalog, seed=12)
+    K = 5
+    fn = PythonTriePrefixFn(seqs, prompt_length(model, ids))
+    with torch.inference_mode():
+        ref = model.generate(input_ids=ids, attention_mask=mask, num_beams=K, max_new_tokens=trie.depth,
+                             prefix_allowed_tokens_fn=fn)
+    got = model.generate(input_ids=ids, attention_mask=mask, custom_generate=hf.generate, trie=trie, num_beams=K,
+                         max_new_tokens=trie.depth)
+    assert ref.shape[0] == ids.shape[0]  # transformers' default: one sequence per prompt
+    assert got.shape == ref.shape and torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("settings", [
+    dict(num_return_sequences=3),
+    dict(num_return_sequences=5, early_stopping=True),
+    dict(num_return_sequences=4, early_stopping="never", length_penalty=2.0),
+    dict(num_return_sequences=2, early_stopping="never", length_penalty=-0.5),
+    dict(num_return_sequences=5, early_stopping=True, length_penalty=0.5),
+])
+def test_custom_generate_honours_transformers_beam_settings(request, arch, settings):
+    """num_return_sequences, early_stopping and length_penalty, on EOS-terminated identifiers of
+    1-6 tokens (where the three early-stopping rules differ): transformers' sequences and scores."""
+    seqs, trie, model, ids, mask = catalog_model_prompts(request, arch, "title", seed=13)
+    K = 5
+    fn = PythonTriePrefixFn(seqs, prompt_length(model, ids))
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=trie.depth, return_dict_in_generate=True,
+                  output_scores=True, **settings)
+    with torch.inference_mode():
+        ref = model.generate(num_beams=K, prefix_allowed_tokens_fn=fn, **common)
+    got = model.generate(custom_generate=hf.generate, trie=trie, num_beams=K, **common)
+    assert got.sequences.shape == ref.sequences.shape and torch.equal(got.sequences, ref.sequences)
+    assert torch.allclose(got.sequences_scores, ref.sequences_scores, atol=1e-4)
+    assert got.scores is None  # the per-step [beams, vocabulary] scores are never built
+    plain = model.generate(custom_generate=hf.generate, trie=trie, num_beams=K,
+                           **{**common, "return_dict_in_generate": True, "output_scores": False})
+    assert plain.sequences_scores is None and torch.equal(plain.sequences, ref.sequences)  # as transformers
+
+
+def designed_model(seed: int):
+    """A 16-token Llama whose next-token logits depend only on the current token, drawn at random
+    and peaked (x4): attention and MLP outputs are zero, embeddings one-hot, so ``lm_head`` row
+    ``x`` is the logits after token ``x``. Unlike a random tiny model, its identifiers can end
+    in near-free tokens, where transformers' early-stopping rules give different answers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    V = 16
+    config = LlamaConfig(vocab_size=V, hidden_size=V, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    design = torch.randn(V, V, generator=torch.Generator().manual_seed(seed)) * 4
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(V))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        scale = model.model.norm(torch.eye(V)[:1])[0, 0].item()
+        model.lm_head.weight.copy_(design.T / scale)
+    return model
+
+
+def test_custom_generate_early_stopping_as_transformers_where_the_rules_differ():
+    """early_stopping False, True and "never" (length_penalty 2.0) on a model where "never"
+    returns a better item than False's heuristic: transformers' answer for each."""
+    from decoding import ItemTrie, beam_search
+
+    model = designed_model(seed=69)
+    seqs = [[4, 2], [4, 12, 2], [5, 6, 5, 2], [8, 11, 11, 15, 10, 2], [8, 15, 15, 2], [9, 2], [9, 9, 2],
+            [9, 10, 9, 12, 10, 2]]
+    trie = ItemTrie.from_sequences(seqs, vocab_size=16, eos_token_id=2)
+    ids = torch.tensor([[1]])
+    common = dict(input_ids=ids, max_new_tokens=trie.depth, num_return_sequences=2, length_penalty=2.0,
+                  return_dict_in_generate=True, output_scores=True)
+    got = {}
+    for stop in (False, True, "never"):
+        with torch.inference_mode():
+            ref = model.generate(num_beams=2, prefix_allowed_tokens_fn=PythonTriePrefixFn(seqs, 1),
+                                 early_stopping=stop, **common)
+        got[stop] = model.generate(custom_generate=hf.generate, trie=trie, num_beams=2, early_stopping=stop, **common)
+        assert torch.equal(got[stop].sequences, ref.sequences), stop
+        assert torch.allclose(got[stop].sequences_scores, ref.sequences_scores, atol=1e-5), stop
+    # the rules differ here: "never" keeps searching and finds a better first item than False
+    assert not torch.equal(got["never"].sequences, got[False].sequences)
+    assert got["never"].sequences_scores[0] > got[False].sequences_scores[0] + 0.1
+    with pytest.raises(ValueError, match="early_stopping: expected False, True or 'never'"):
+        beam_search(model, ids, None, trie=trie, num_beams=2, early_stopping="sometimes")
 
 
 def test_custom_generate_errors(sid_catalog, sid_models):
@@ -82,6 +177,24 @@ def test_custom_generate_errors(sid_catalog, sid_models):
     with pytest.raises(ValueError, match="logits_processor"):
         model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2, max_new_tokens=4,
                        repetition_penalty=1.3)
+    with pytest.raises(ValueError, match=r"num_return_sequences: 3 is larger than num_beams \(2\)"):
+        model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2, max_new_tokens=4,
+                       num_return_sequences=3)
+    with pytest.raises(ValueError, match="num_return_sequences: expected a positive int"):
+        model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2, max_new_tokens=4,
+                       num_return_sequences=0)
+    with pytest.raises(ValueError, match="early_stopping: expected False, True or 'never'"):
+        model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2, max_new_tokens=4,
+                       early_stopping="always")
+    with pytest.raises(ValueError, match="output_hidden_states: not produced"):
+        model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2, max_new_tokens=4,
+                       output_hidden_states=True, return_dict_in_generate=True)
+    # beams set in the generation config: transformers copies every prompt that many times first
+    from transformers import GenerationConfig
+
+    with pytest.raises(ValueError, match="generation_config.num_beams: is 4"):
+        model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2,
+                       generation_config=GenerationConfig(num_beams=4, max_new_tokens=4))
 
 
 def test_mask_to_children_childless_rows_never_index_the_trie():

@@ -4,10 +4,11 @@
   search (beam, greedy, sampling) with one vectorised call per step: same masking semantics
   (applied to the log-softmax output, no renormalisation), no per-beam Python callback.
 - :func:`generate`: a ``custom_generate`` callable. ``model.generate(**inputs,
-  custom_generate=decoding.integrations.hf.generate, trie=trie, num_beams=K,
-  return_dict_in_generate=True)`` runs :func:`decoding.beam_search` (prompt prefilled once per
-  request, not once per beam) and returns transformers-style ``sequences`` /
-  ``sequences_scores``.
+  custom_generate=decoding.integrations.hf.generate, trie=trie, num_beams=K)`` runs
+  :func:`decoding.beam_search` (prompt prefilled once per request, not once per beam) and returns
+  what transformers' constrained beam search returns for the same settings
+  (``num_return_sequences``, ``length_penalty``, ``early_stopping``, ``return_dict_in_generate``,
+  ``output_scores``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from transformers import LogitsProcessor
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateBeamEncoderDecoderOutput
 
+from decoding._validate import check_positive_int
 from decoding.integrations._constrain import mask_to_children
 from decoding.search.beam import beam_search
 from decoding.search.model import HFBeamModel
@@ -70,6 +72,11 @@ class _PreEncoded(HFBeamModel):
         return self._start_decoder(states, mask)
 
 
+# generate()'s per-step outputs this decoder does not produce: it never materialises the
+# [beams, vocabulary] scores of every step (what makes it fast), so it refuses to be asked for them
+_NOT_PRODUCED = ("output_logits", "output_attentions", "output_hidden_states")
+
+
 def generate(
     model,
     input_ids: torch.LongTensor,
@@ -81,6 +88,9 @@ def generate(
     *,
     trie=None,
     num_beams: int | None = None,
+    num_return_sequences: int | None = None,
+    length_penalty: float | None = None,
+    early_stopping: bool | str | None = None,
     exclude_items=None,
     normalize: str = "full",
     assistant_logprobs: torch.Tensor | None = None,
@@ -90,14 +100,27 @@ def generate(
 ):
     """``custom_generate`` callable: trie-constrained beam search inside ``model.generate``.
 
-    Pass ``trie=`` and ``num_beams=`` to ``generate`` (they reach this function, so transformers
-    does not copy the prompt ``num_beams`` times). ``length_penalty`` comes from the generation
-    config (transformers' default is 1.0; pass ``length_penalty=0.0`` for raw log-prob sums).
-    Returns ``sequences [B*K, prompt + L]`` (identifier tokens after the prompt, or after the
+    ``model.generate(ids, attention_mask=mask, custom_generate=hf.generate, trie=trie, num_beams=K,
+    max_new_tokens=trie.depth)`` returns what ``model.generate(ids, attention_mask=mask,
+    num_beams=K, max_new_tokens=trie.depth, prefix_allowed_tokens_fn=<a trie walk>)`` returns,
+    with transformers' defaults and settings:
+
+    - ``num_beams`` (required) reaches this function, so transformers does not copy each prompt
+      ``K`` times; it must not also come through the generation config (an error says so);
+    - ``num_return_sequences`` (default: the generation config's, 1): the best ``n <= K``
+      sequences per prompt, an error above ``K``;
+    - ``length_penalty`` (default: the generation config's, 1.0) and ``early_stopping``
+      (``False``, ``True`` or ``"never"``; default: the generation config's, ``False``) as in
+      transformers' beam search;
+    - ``max_new_tokens`` at least the trie's depth.
+
+    Returns ``sequences [B * n, prompt + L]`` (identifier tokens after the prompt, or after the
     decoder start token for encoder-decoders; ``L`` the longest returned identifier; filled after
-    an identifier's end as transformers fills), and with
-    ``return_dict_in_generate=True`` a transformers beam output whose ``sequences_scores [B*K]``
-    are the beam scores (-inf for slots past the catalog's valid items).
+    an identifier's end as transformers fills). With ``return_dict_in_generate=True``, a
+    transformers beam output; with ``output_scores=True`` too, its ``sequences_scores [B * n]``
+    are the beam scores (-inf for slots past the catalog's valid items). The per-step ``scores``
+    are not produced (``None``): the decoder never builds ``[beams, vocabulary]`` scores;
+    ``output_logits``, ``output_attentions`` and ``output_hidden_states`` are refused.
     """
     if trie is None or num_beams is None:
         raise ValueError("trie, num_beams: both are required with custom_generate=decoding.integrations.hf.generate")
@@ -110,6 +133,25 @@ def generate(
     if synced_gpus:
         raise ValueError("synced_gpus: not supported by decoding.integrations.hf.generate")
     config = generation_config
+    if (config.num_beams or 1) > 1:
+        raise ValueError(
+            f"generation_config.num_beams: is {config.num_beams} (the model's generation config or "
+            "generation_config=), so transformers has already copied each prompt that many times; with "
+            "custom_generate=decoding.integrations.hf.generate pass num_beams to generate() and leave "
+            "generation_config.num_beams at 1"
+        )
+    for name in _NOT_PRODUCED:
+        if getattr(config, name, False):
+            raise ValueError(f"{name}: not produced by decoding.integrations.hf.generate (it never materialises "
+                             "per-step outputs); call generate without it")
+    check_positive_int("num_beams", num_beams)
+    n = (config.num_return_sequences or 1) if num_return_sequences is None else num_return_sequences
+    check_positive_int("num_return_sequences", n)
+    if n > num_beams:
+        raise ValueError(f"num_return_sequences: {n} is larger than num_beams ({num_beams}); beam search returns "
+                         "at most num_beams sequences per prompt")
+    penalty = config.length_penalty if length_penalty is None else length_penalty
+    stopping = config.early_stopping if early_stopping is None else early_stopping
     if config.max_new_tokens is not None and config.max_new_tokens < trie.depth:
         raise ValueError(f"max_new_tokens: {config.max_new_tokens} is shorter than the trie's depth {trie.depth}")
     attention_mask = model_kwargs.get("attention_mask")
@@ -127,11 +169,13 @@ def generate(
         head = input_ids
     out = beam_search(
         beam_model, prompt, attention_mask, trie=trie, num_beams=num_beams,
-        length_penalty=float(config.length_penalty), normalize=normalize, exclude_items=exclude_items,
+        length_penalty=1.0 if penalty is None else float(penalty), normalize=normalize, exclude_items=exclude_items,
         assistant_logprobs=assistant_logprobs, assistant_weight=assistant_weight, backend=backend,
+        early_stopping=False if stopping is None else stopping,
     )
-    B, K = out.items.shape
-    tokens = out.sequences.reshape(B * K, -1).to(head.device)
+    B = out.items.shape[0]
+    # the best n of each prompt's K, as transformers keeps its first num_return_sequences
+    tokens = out.sequences[:, :n].reshape(B * n, -1).to(head.device)
     # as transformers' beam search: crop to the longest returned identifier and fill after an
     # identifier's end with `pad_token_id or eos_token_id` (so a pad id of 0 gives EOS), -1 without EOS
     length = int((tokens >= 0).sum(dim=1).max()) if tokens.numel() else 0
@@ -139,8 +183,9 @@ def generate(
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, (list, tuple)) else config.eos_token_id
     fill = (config.pad_token_id or eos) if eos is not None else -1
     tokens = torch.where(tokens >= 0, tokens, torch.full_like(tokens, int(fill)))
-    sequences = torch.cat([head.repeat_interleave(K, dim=0), tokens], dim=1)
+    sequences = torch.cat([head.repeat_interleave(n, dim=0), tokens], dim=1)
     if not config.return_dict_in_generate:
         return sequences
+    scores = out.scores[:, :n].reshape(-1).to(head.device) if config.output_scores else None
     cls = GenerateBeamEncoderDecoderOutput if model.config.is_encoder_decoder else GenerateBeamDecoderOnlyOutput
-    return cls(sequences=sequences, sequences_scores=out.scores.reshape(-1).to(head.device))
+    return cls(sequences=sequences, sequences_scores=scores)

@@ -5,8 +5,11 @@ with a ``prefix_allowed_tokens_fn`` that walks the trie): every step keeps the b
 candidates when identifiers can end early (EOS-terminated) and ``K`` otherwise; a candidate
 that ends an identifier becomes a finished hypothesis only if it ranks in the top ``K``; the
 next running beams are the best ``K`` unfinished candidates; finished hypotheses are scored
-``sum log p / length ** length_penalty``; the search stops when no running beam can beat the
-worst of ``K`` finished ones (transformers' default ``early_stopping=False`` heuristic).
+``sum log p / length ** length_penalty``; a request stops taking hypotheses as transformers'
+``early_stopping`` says: ``False`` (its default) once no running beam, scored at its current
+length, can beat the worst of ``K`` finished ones; ``True`` as soon as ``K`` are finished;
+``"never"`` as ``False``, but with a positive length penalty a running beam is scored at the
+longest identifier's length (the canonical bound).
 """
 
 from __future__ import annotations
@@ -138,9 +141,15 @@ class SearchState(NamedTuple):
     improvable: torch.Tensor
 
 
+def check_early_stopping(early_stopping) -> None:
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise ValueError(f"early_stopping: expected False, True or 'never' (transformers' values), "
+                         f"got {early_stopping!r}")
+
+
 def search_step(state: SearchState, logits: torch.Tensor, trie, t: int, *, num_beams: int, keep: int,
                 length_penalty: float, normalize: str, excluded_ranks, child_bias, max_children: int, backend: str,
-                logprob_weight: float) -> SearchState:
+                logprob_weight: float, early_stopping: bool | str = False) -> SearchState:
     """One step of the search: the beam-step op over ``logits [B, W, V]`` of the running beams at
     level ``t``, then the bookkeeping: finished hypotheses merged (only candidates ranked in the
     top ``K`` count, transformers' rule), the best ``K`` unfinished candidates kept running.
@@ -171,11 +180,17 @@ def search_step(state: SearchState, logits: torch.Tensor, trie, t: int, *, num_b
     alive = run_scores > NEG_INF
     run_nodes = torch.where(alive, out.node.gather(1, order), -1)
 
-    # transformers' early-stop heuristic (early_stopping=False): stop adding hypotheses to a
-    # request once its best running beam cannot beat its worst of K finished ones
-    best_running = run_scores[:, 0] / float(t + 1) ** lp
+    # transformers' early-stop heuristic: stop adding hypotheses to a request once its best running
+    # beam cannot beat its worst of K finished ones, the running beam scored at its current length
+    # (early_stopping=False, True) or, for "never" with a positive length penalty, at the longest
+    # identifier's (no identifier is longer than the trie's depth); early_stopping=True also stops
+    # a request as soon as it holds K finished hypotheses
+    best_length = L if early_stopping == "never" and lp > 0.0 else t + 1
+    best_running = run_scores[:, 0] / float(best_length) ** lp
     full = fin_scores[:, K - 1] > NEG_INF
     improvable = state.improvable & (~full | (best_running > fin_scores[:, K - 1])) & alive.any(dim=1)
+    if early_stopping is True:
+        improvable = improvable & ~full
     return SearchState(run_scores, run_nodes, tokens.gather(1, order[..., None].expand(-1, -1, t + 1)),
                        parent.gather(1, order), fin_scores, fin_items, fin_tokens, improvable)
 
@@ -198,6 +213,7 @@ def beam_search(
     tree_attention: str = "model",
     kv_cache: str = "auto",
     kv_policy=None,
+    early_stopping: bool | str = False,
 ) -> BeamSearchOutput:
     """Trie-constrained beam search: the top ``num_beams`` catalog items for each request.
 
@@ -232,7 +248,12 @@ def beam_search(
             :class:`decoding.kv.StreamingLLM`, :class:`decoding.kv.SnapKV` or
             :class:`decoding.kv.EarnCut`. Results then follow the pruned cache (compare with an
             unpruned run); ``out.kv_bytes["prompt_before_pruning"]`` is the memory report.
+        early_stopping: when a request stops taking finished hypotheses, as transformers'
+            ``early_stopping``: ``False`` (its default heuristic), ``True`` (once ``K`` are
+            finished) or ``"never"`` (the canonical bound). Identifiers of one length (no EOS)
+            all finish at the last level, where the three agree.
     """
+    check_early_stopping(early_stopping)
     _validate(input_ids, attention_mask, trie, num_beams, length_penalty, normalize, assistant_logprobs,
               assistant_weight)
     check_choice("layout", layout, {"default", "tree"})
@@ -258,7 +279,7 @@ def beam_search(
         )
     search = search_loop(logits, trie=trie, num_beams=num_beams, length_penalty=length_penalty, normalize=normalize,
                          exclude_items=exclude_items, assistant_logprobs=assistant_logprobs,
-                         assistant_weight=assistant_weight, backend=backend)
+                         assistant_weight=assistant_weight, backend=backend, early_stopping=early_stopping)
     # our own adapter is told the rows' layout, so its reorders need no device sync
     request_major = isinstance(beam_model, HFBeamModel)
     try:
@@ -274,7 +295,8 @@ def beam_search(
 
 
 def search_loop(logits: torch.Tensor, *, trie, num_beams: int, length_penalty: float = 0.0, normalize: str = "full",
-                exclude_items=None, assistant_logprobs=None, assistant_weight: float = 0.0, backend: str = "auto"):
+                exclude_items=None, assistant_logprobs=None, assistant_weight: float = 0.0, backend: str = "auto",
+                early_stopping: bool | str = False):
     """The search as a generator, for drivers that run the model themselves (an async engine).
 
     Args:
@@ -316,7 +338,7 @@ def search_loop(logits: torch.Tensor, *, trie, num_beams: int, length_penalty: f
         bias = assistant_bias(trie, prefix, state.run_nodes, C, weight) if prefix is not None else None
         state = search_step(state, logits.reshape(B, W, -1), trie, t, num_beams=K, keep=keep, length_penalty=lp,
                             normalize=normalize, excluded_ranks=excluded, child_bias=bias, max_children=C,
-                            backend=backend, logprob_weight=1.0 - weight)
+                            backend=backend, logprob_weight=1.0 - weight, early_stopping=early_stopping)
         if t + 1 == L:
             break
         # fixed-length identifiers: no hypothesis finishes before the last level, so the loop
