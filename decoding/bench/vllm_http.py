@@ -39,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from decoding import testing as bm
-from decoding.bench._common import ExactReference, catalog_and_model, log, paired_speedups
+from decoding.bench._common import catalog_and_model, log, paired_speedups
+from decoding.testing.exactness import ExactReference
 
 
 def _percentile(values, q):
