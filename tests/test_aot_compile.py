@@ -10,9 +10,9 @@ import os
 import subprocess
 import sys
 
-import pytest
+from conftest import need
 
-pytest.importorskip("triton")
+need("triton")
 
 
 def test_every_kernel_compiles_for_gpu_targets_without_spills(tmp_path):

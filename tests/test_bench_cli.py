@@ -156,13 +156,20 @@ def test_the_http_bench_tells_a_near_tie_from_a_wrong_answer():
     assert classify({1: -1.0, 2: -2.0, 3: -3.0}, ref_items, ref_scores) == "exact"
     # the K-th item swapped for one scoring the same up to float rounding
     assert classify({1: -1.0, 2: -2.0, 4: -3.00001}, ref_items, ref_scores) == "near-tie"
-    # an item from another subtree, whose prefix sat on the reference's cut at step 1
-    cuts, prefixes = [-0.6], {4: [-0.600001], 2: [-0.6]}
-    assert classify({1: -1.0, 4: -1.5, 3: -3.0}, ref_items, ref_scores, cuts=cuts,
-                    prefix_scores=prefixes.__getitem__) == "near-tie"
-    # ... or far from any cut: wrong
-    assert classify({1: -1.0, 4: -1.5, 3: -3.0}, ref_items, ref_scores, cuts=[-0.2],
-                    prefix_scores=prefixes.__getitem__) == "wrong"
+    # an item (4) from a subtree the reference dropped at step 1, whose prefix sat on the cut, in
+    # place of one (2) below the beam the reference kept at the cut: one engine kept each
+    prefixes = {4: [((40,), -0.600001)], 2: [((20,), -0.6)]}.__getitem__
+    kept = [{(10,), (20,)}]
+    assert classify({1: -1.0, 4: -1.5, 3: -3.0}, ref_items, ref_scores, cuts=[-0.6], prefixes=prefixes,
+                    kept=kept) == "near-tie"
+    # ... far from any cut: wrong
+    assert classify({1: -1.0, 4: -1.5, 3: -3.0}, ref_items, ref_scores, cuts=[-0.2], prefixes=prefixes,
+                    kept=kept) == "wrong"
+    # ... or a sibling below the very beam the reference kept at the cut: both engines kept that
+    # beam, so rounding at the cut explains nothing
+    siblings = {4: [((20,), -0.6)], 2: [((20,), -0.6)]}.__getitem__
+    assert classify({1: -1.0, 4: -1.5, 3: -3.0}, ref_items, ref_scores, cuts=[-0.6], prefixes=siblings,
+                    kept=kept) == "wrong"
 
 
 def test_the_served_contract_judges_order_and_scores_and_only_its_near_ties():
@@ -182,12 +189,18 @@ def test_the_served_contract_judges_order_and_scores_and_only_its_near_ties():
     # the K-th swapped for an item scoring the same up to float rounding; within 1e-4 is not enough
     assert classify_ordered([1, 2, 4], [-1.0, -2.0, -3.00001], items, scores) == "near-tie"
     assert classify_ordered([1, 2, 4], [-1.0, -2.0, -3.00009], items, scores) == "wrong"
-    # an item from a subtree whose prefix sat on the reference's cut at step 1
-    prefixes = {4: [-0.600001], 3: [-0.6]}
-    assert classify_ordered([1, 2, 4], [-1.0, -2.0, -3.5], items, scores, cuts=[-0.6],
-                            prefix_scores=prefixes.__getitem__) == "near-tie"
-    assert classify_ordered([1, 2, 4], [-1.0, -2.0, -3.5], items, scores, cuts=[-0.2],
-                            prefix_scores=prefixes.__getitem__) == "wrong"
+    # ... and the stand-in's reported score must be its true score
+    true_scores = {4: -3.00001}.__getitem__
+    assert classify_ordered([1, 2, 4], [-1.0, -2.0, -3.00001], items, scores, item_score=true_scores) == "near-tie"
+    assert classify_ordered([1, 2, 4], [-1.0, -2.0, -3.00001], items, scores,
+                            item_score={4: -7.0}.__getitem__) == "wrong"
+    # an item from a subtree the reference dropped at the step-1 cut, for one below the kept beam
+    prefixes = {4: [((40,), -0.600001)], 3: [((30,), -0.6)]}.__getitem__
+    kept = [{(10,), (20,), (30,)}]
+    assert classify_ordered([1, 2, 4], [-1.0, -2.0, -3.5], items, scores, cuts=[-0.6], prefixes=prefixes,
+                            kept=kept) == "near-tie"
+    assert classify_ordered([1, 2, 4], [-1.0, -2.0, -3.5], items, scores, cuts=[-0.2], prefixes=prefixes,
+                            kept=kept) == "wrong"
 
 
 def test_alternated_times_the_methods_in_turn_and_pairs_each_round():

@@ -96,6 +96,7 @@ def test_custom_generate_with_transformers_defaults_returns_what_transformers_re
     dict(num_return_sequences=4, early_stopping="never", length_penalty=2.0),
     dict(num_return_sequences=2, early_stopping="never", length_penalty=-0.5),
     dict(num_return_sequences=5, early_stopping=True, length_penalty=0.5),
+    dict(num_return_sequences=3, extra_tokens=3),  # room past the longest title: every beam ends in EOS first
 ])
 def test_custom_generate_honours_transformers_beam_settings(request, arch, settings):
     """num_return_sequences, early_stopping and length_penalty, on EOS-terminated identifiers of
@@ -103,8 +104,9 @@ def test_custom_generate_honours_transformers_beam_settings(request, arch, setti
     seqs, trie, model, ids, mask = catalog_model_prompts(request, arch, "title", seed=13)
     K = 5
     fn = PythonTriePrefixFn(seqs, prompt_length(model, ids))
-    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=trie.depth, return_dict_in_generate=True,
-                  output_scores=True, **settings)
+    settings = dict(settings)
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=trie.depth + settings.pop("extra_tokens", 0),
+                  return_dict_in_generate=True, output_scores=True, **settings)
     with torch.inference_mode():
         ref = model.generate(num_beams=K, prefix_allowed_tokens_fn=fn, **common)
     got = model.generate(custom_generate=hf.generate, trie=trie, num_beams=K, **common)
@@ -172,8 +174,19 @@ def test_custom_generate_errors(sid_catalog, sid_models):
     ids = torch.full((1, 3), 9)
     with pytest.raises(ValueError, match="trie, num_beams"):
         model.generate(input_ids=ids, custom_generate=hf.generate, num_beams=2)
-    with pytest.raises(ValueError, match="max_new_tokens: 2 is shorter"):
+    with pytest.raises(ValueError, match="max_new_tokens: 2 new tokens .* shorter than the trie's depth 4"):
         model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2, max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens: 3 new tokens .* shorter than the trie's depth 4"):
+        model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2, max_length=6)
+    # identifiers of one length without EOS: transformers would go on past them
+    with pytest.raises(ValueError, match="transformers' beam search would go on for 2 more tokens.*max_new_tokens=4"):
+        model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2, max_new_tokens=6)
+    with pytest.raises(ValueError, match="do_sample: .* deterministic beam search"):
+        model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2, max_new_tokens=4,
+                       do_sample=True, top_k=0)
+    with pytest.raises(ValueError, match="num_beam_groups, diversity_penalty"):
+        model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2, max_new_tokens=4,
+                       diversity_penalty=0.5)
     with pytest.raises(ValueError, match="logits_processor"):
         model.generate(input_ids=ids, custom_generate=hf.generate, trie=trie, num_beams=2, max_new_tokens=4,
                        repetition_penalty=1.3)

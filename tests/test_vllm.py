@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import need_vllm
+from conftest import need
 
-vllm = need_vllm()
+vllm = need("vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: fixtures stay cheap
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
@@ -250,6 +250,28 @@ def test_each_malformed_additional_config_entry_is_refused_naming_its_key(key, v
     with pytest.raises(ValueError) as info:
         catalog_options(config)
     assert f'additional_config["decoding"]["{key}"]: {message}' in str(info.value)
+
+
+UNSERVED_FIELDS = [
+    ("echo", True), ("stop", ["t5"]), ("stop_token_ids", [5]), ("min_tokens", 2),
+    ("structured_outputs", {"regex": "t1.*"}), ("response_format", {"type": "json_object"}), ("prompt_logprobs", 1),
+    ("suffix", " t9"), ("allowed_token_ids", [5, 6]),
+]
+
+
+@pytest.mark.parametrize("field, value", UNSERVED_FIELDS)
+def test_the_beam_route_refuses_each_request_field_it_does_not_serve(field, value):
+    """Every field of BEAM_UNSUPPORTED_FIELDS, set, is refused naming it (the HTTP test reaches
+    most of them through a live server; vLLM itself refuses a suffix before the route sees it on
+    a model without fill-in-the-middle rendering, so the route's own refusal is checked here)."""
+    from decoding.integrations.vllm.arguments import BEAM_UNSUPPORTED_FIELDS, beam_options, beam_unsupported
+
+    assert {f for f, _ in UNSERVED_FIELDS} == {f for f, _ in BEAM_UNSUPPORTED_FIELDS}  # every one is tried
+    request = {field: value}
+    with pytest.raises(ValueError) as info:
+        beam_options({"decoding_catalog": "items"}, lambda name, unset: request.get(name, unset), chat=False)
+    assert str(info.value) == beam_unsupported(field)
+    assert beam_options({"decoding_catalog": "items"}, lambda name, unset: unset, chat=False)["catalog"] == "items"
 
 
 def test_an_unknown_additional_config_key_is_refused_listing_the_keys():

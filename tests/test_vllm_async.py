@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-from conftest import need_vllm
+from conftest import need
 
-vllm = need_vllm()
+vllm = need("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 from decoding import ItemTrie, beam_search  # noqa: E402

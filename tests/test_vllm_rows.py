@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import need_vllm
+from conftest import need
 from decoding import ItemTrie, beam_search
 from decoding import testing as bm
 
 # the plan imports no vLLM, but lives in the vLLM integration, whose package needs vLLM installed
-need_vllm()
+need("vllm")
 from decoding.integrations.vllm.rows import (  # noqa: E402
     MAX_TOKEN_IDS_PER_REQUEST,
     SMALL_VOCAB,

@@ -9,15 +9,16 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import need_vllm
+from conftest import need
 
-vllm = need_vllm()
-httpx = pytest.importorskip("httpx")
+vllm = need("vllm")
+httpx = need("httpx")
 
 from decoding import ItemTrie  # noqa: E402
 from decoding import testing as bm  # noqa: E402
@@ -176,19 +177,27 @@ def test_a_catalog_replaced_while_requests_run_leaves_them_on_the_old_one(server
         assert time.monotonic() < deadline, "the search never reached the engine"
         time.sleep(0.02)
     prompts = random_prompts(24, seed=18)
+
+    def sample(i):
+        start = time.monotonic()
+        tokens = tokens_of(complete(client, model, prompts[i], "live", 1.0, i))[:4]
+        return start, time.monotonic(), tokens
+
     with ThreadPoolExecutor(24) as pool:
-        sampled = [pool.submit(complete, client, model, p, "live", 1.0, i) for i, p in enumerate(prompts)]
+        futures = [pool.submit(sample, i) for i in range(len(prompts))]
         time.sleep(0.05)
+        renamed = time.monotonic()
         os.replace(staged, root / "live.trie")  # the operator's atomic rename, mid-search
         still_running = server_state(client)["in_flight"] > 0
-        sampled = [tokens_of(f.result())[:4] for f in sampled]
+        sampled = [f.result() for f in futures]
     searching.join(timeout=300)
     assert still_running, "the search ended before the catalog was replaced: the test proved nothing"
+    assert any(start < renamed < end for start, end, _ in sampled), "no sampling request ran across the rename"
     response = search["response"]
     assert response.status_code == 200, response.text
     items = old.lookup(torch.tensor([c["token_ids"] for c in response.json()["choices"]]))
     assert len(items) == 4000 and bool((items >= 0).all()), "a running search saw the replaced catalog"
-    for tokens in sampled:
+    for _, _, tokens in sampled:
         in_old, in_new = (bool(t.lookup(torch.tensor([tokens])).item() >= 0) for t in (old, new))
         assert in_old or in_new, f"{tokens} is an item of neither catalog: a request changed catalog mid-way"
     after = beam_request(client, model, [10, 11, 12], 8, catalog="live")
@@ -257,6 +266,9 @@ def check_exact(client, model, trie, seqs, hf_model, prompts, n, concurrency=32,
             near_ties.append({"request": b, "got": list(zip(items, sums)), "reference": judge.items[b]})
     if record_property is not None:
         record_property("near_ties", f"{len(near_ties)} of {len(prompts)}: {near_ties}")
+    if near_ties:  # reported in the run's warnings summary, where CI's log shows it
+        warnings.warn(f"served beam search: {len(near_ties)} near-tie(s) of {len(prompts)} requests: {near_ties}",
+                      stacklevel=2)
     assert len(near_ties) <= max(1, len(prompts) // 20), f"{len(near_ties)} near-ties of {len(prompts)}: {near_ties}"
     return near_ties
 

@@ -13,8 +13,9 @@ identifier length) per run:
 Columns: requests/s, p50 and p99 latency, invalid-item rate, and agreement with the exact top-K
 (``decoding.beam_search`` on the same weights in transformers), split into exact (the same item
 set), near-tie (every differing item scores within 1e-5 relative of the K-th score, or its prefix
-scored within 1e-5 of the reference's beam cut at some step: a tie that float rounding between the
-two engines decides) and wrong; ``differences`` in the JSON lists what differed.
+scored within 1e-5 of the reference's beam cut at some step, on a beam one engine kept and the
+other dropped: a tie that float rounding between the two engines decides;
+``decoding.testing.exactness``) and wrong; ``differences`` in the JSON lists what differed.
 While each method runs, a bystander sends plain 4-token completions one after another; their
 latency is reported beside the same completion's alone. For the exact path, the engine requests
 and log-probs it asked per search and how many wide rows fell back (the server's

@@ -107,20 +107,26 @@ def generate(
 
     - ``num_beams`` (required) reaches this function, so transformers does not copy each prompt
       ``K`` times; it must not also come through the generation config (an error says so);
-    - ``num_return_sequences`` (default: the generation config's, 1): the best ``n <= K``
-      sequences per prompt, an error above ``K``;
+    - ``num_return_sequences`` (default 1): the best ``n <= K`` sequences per prompt, an error
+      above ``K``;
     - ``length_penalty`` (default: the generation config's, 1.0) and ``early_stopping``
       (``False``, ``True`` or ``"never"``; default: the generation config's, ``False``) as in
       transformers' beam search;
-    - ``max_new_tokens`` at least the trie's depth.
+    - ``max_new_tokens`` (or ``max_length``) leaves room for the longest identifier: exactly the
+      trie's depth for identifiers of one length without EOS (transformers would generate past
+      them), at least it for EOS-terminated ones.
+
+    Sampling (``do_sample``) and group beam search (``num_beam_groups``, ``diversity_penalty``)
+    are refused.
 
     Returns ``sequences [B * n, prompt + L]`` (identifier tokens after the prompt, or after the
     decoder start token for encoder-decoders; ``L`` the longest returned identifier; filled after
     an identifier's end as transformers fills). With ``return_dict_in_generate=True``, a
     transformers beam output; with ``output_scores=True`` too, its ``sequences_scores [B * n]``
     are the beam scores (-inf for slots past the catalog's valid items). The per-step ``scores``
-    are not produced (``None``): the decoder never builds ``[beams, vocabulary]`` scores;
-    ``output_logits``, ``output_attentions`` and ``output_hidden_states`` are refused.
+    and ``beam_indices`` are not produced (``None``): the decoder never builds ``[beams,
+    vocabulary]`` scores; ``output_logits``, ``output_attentions`` and ``output_hidden_states``
+    are refused.
     """
     if trie is None or num_beams is None:
         raise ValueError("trie, num_beams: both are required with custom_generate=decoding.integrations.hf.generate")
@@ -152,8 +158,22 @@ def generate(
                          "at most num_beams sequences per prompt")
     penalty = config.length_penalty if length_penalty is None else length_penalty
     stopping = config.early_stopping if early_stopping is None else early_stopping
-    if config.max_new_tokens is not None and config.max_new_tokens < trie.depth:
-        raise ValueError(f"max_new_tokens: {config.max_new_tokens} is shorter than the trie's depth {trie.depth}")
+    if config.do_sample:
+        raise ValueError("do_sample: decoding.integrations.hf.generate is deterministic beam search; call generate "
+                         "without do_sample (or with do_sample=False)")
+    if (getattr(config, "num_beam_groups", None) or 1) > 1 or getattr(config, "diversity_penalty", None):
+        raise ValueError("num_beam_groups, diversity_penalty: diverse (group) beam search is not what "
+                         "decoding.integrations.hf.generate runs; call generate without them")
+    # the new tokens transformers allows: max_new_tokens, or max_length less the (decoder) prompt
+    budget = config.max_length - input_ids.shape[1] if config.max_length is not None else config.max_new_tokens
+    if budget is not None and budget < trie.depth:
+        raise ValueError(f"max_new_tokens: {budget} new tokens (max_new_tokens, or max_length less the prompt) is "
+                         f"shorter than the trie's depth {trie.depth}")
+    if budget is not None and budget > trie.depth and trie.eos_token_id is None:
+        raise ValueError(
+            f"max_new_tokens: {budget} new tokens, but the catalog's identifiers are {trie.depth} tokens with no EOS "
+            f"after them: transformers' beam search would go on for {budget - trie.depth} more tokens past every "
+            f"identifier, this decoder stops at its end; pass max_new_tokens={trie.depth}")
     attention_mask = model_kwargs.get("attention_mask")
     if model.config.is_encoder_decoder:
         encoder_outputs = model_kwargs.get("encoder_outputs")

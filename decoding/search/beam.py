@@ -310,6 +310,7 @@ def search_loop(logits: torch.Tensor, *, trie, num_beams: int, length_penalty: f
     Returns:
         :class:`BeamSearchOutput` (as ``StopIteration.value``).
     """
+    check_early_stopping(early_stopping)  # drivers call the loop without beam_search's checks
     B, K, L = logits.shape[0], num_beams, trie.depth
     device = logits.device
     trie = trie.to(device)
