@@ -29,16 +29,17 @@ def random_prompts(n, seed):
 
 
 class RecordingClient:
-    """The engine client seen through a proxy whose engine core records the data-parallel rank
-    each search's requests name; with ``ranks`` it reports that many ranks and takes the rank off
-    before the real (one-rank) engine sees the request."""
+    """The engine client seen through a proxy whose engine core records, per search, the
+    data-parallel rank its requests name and the most of its requests in the engine at once; with
+    ``ranks`` it reports that many ranks and takes the rank off before the real (one-rank) engine
+    sees the request."""
 
     def __init__(self, engine, ranks: int = 1):
         from types import SimpleNamespace
 
         import msgspec
 
-        self._engine, self.ranks_of = engine, {}
+        self._engine, self.ranks_of, self.most_in_flight = engine, {}, {}
         if ranks > 1:
             self.vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_size=ranks))
         client = self
@@ -50,6 +51,9 @@ class RecordingClient:
             async def add_request_async(self, request):
                 search = request.request_id.rsplit("-", 1)[0]
                 client.ranks_of.setdefault(search, set()).add(request.data_parallel_rank)
+                # the driver registers a request with the output router before sending it
+                in_flight = sum(rid.startswith(search + "-") for rid in output_router(engine).pending)
+                client.most_in_flight[search] = max(client.most_in_flight.get(search, 0), in_flight)
                 if ranks > 1:
                     request = msgspec.structs.replace(request, data_parallel_rank=None)
                 await engine.engine_core.add_request_async(request)
@@ -154,33 +158,17 @@ def test_one_search_keeps_at_most_max_requests_per_search_in_the_engine(served_m
 
     trie = ItemTrie.from_sequences(bm.random_semantic_ids(12_000, seed=12), vocab_size=VOCAB)
     prompts = random_prompts(2, seed=45)
-    most = {}
 
     async def main():
         engine = start_engine(served_model_dir, additional_config={"decoding": {"max_requests_per_search": 3}})
-        router = output_router(engine)
         try:
-            class Core:
-                def __getattr__(self, name):
-                    return getattr(engine.engine_core, name)
-
-                async def add_request_async(self, request):
-                    search = request.request_id.rsplit("-", 1)[0] + "-"
-                    in_flight = sum(rid.startswith(search) for rid in router.pending)  # this one included
-                    most[search] = max(most.get(search, 0), in_flight)
-                    await engine.engine_core.add_request_async(request)
-
-            class Client:
-                engine_core = Core()
-
-                def __getattr__(self, name):
-                    return getattr(engine, name)
-
-            return await dv.beam_search_async(Client(), prompts, trie=trie, num_beams=8)
+            client = RecordingClient(engine)
+            return client, await dv.beam_search_async(client, prompts, trie=trie, num_beams=8)
         finally:
             engine.shutdown()
 
-    got = asyncio.run(main())
+    client, got = asyncio.run(main())
+    most = client.most_in_flight
     assert list(most.values()) == [3], most  # one search, bounded at 3, and the bound was reached
     hf = AutoModelForCausalLM.from_pretrained(served_model_dir).eval()
     for i, p in enumerate(prompts):

@@ -136,15 +136,18 @@ class ExactReference:
             self.items += [(out.items[j].tolist(), out.scores[j].tolist()) for j in range(out.items.shape[0])]
             self.cuts += torch.stack(recorder.cuts, dim=1).tolist() if recorder.cuts else [[]] * out.items.shape[0]
             self.kept += [[kept[j] for kept in recorder.kept] for j in range(out.items.shape[0])]
-        self.sets = [set(items) for items, _ in self.items]
+        self._item_scores: dict[tuple[int, int], list[float]] = {}
 
     @torch.no_grad()
     def item_scores(self, b: int, item: int) -> list[float]:
-        """The item's cumulative log-probs after each of its tokens, in transformers."""
-        tokens = [int(t) for t in self.seqs[item]]
-        logits = self.model(torch.tensor([self.prompts[b] + tokens])).logits[0, -len(tokens) - 1: -1]
-        steps = torch.log_softmax(logits.float(), -1)[torch.arange(len(tokens)), torch.tensor(tokens)]
-        return steps.cumsum(0).tolist()
+        """The item's cumulative log-probs after each of its tokens, in transformers (one forward
+        per request and item: its prefixes and its full score are both read from it)."""
+        if (b, item) not in self._item_scores:
+            tokens = [int(t) for t in self.seqs[item]]
+            logits = self.model(torch.tensor([self.prompts[b] + tokens])).logits[0, -len(tokens) - 1: -1]
+            steps = torch.log_softmax(logits.float(), -1)[torch.arange(len(tokens)), torch.tensor(tokens)]
+            self._item_scores[b, item] = steps.cumsum(0).tolist()
+        return self._item_scores[b, item]
 
     def prefixes(self, b: int, item: int) -> list[tuple[tuple, float]]:
         """The item's prefixes after each of its tokens but the last, with their cumulative log-probs."""
