@@ -3,8 +3,8 @@ Architecture section:
 
 - dependencies run one way, through the layers helpers -> catalog and data (the workloads' data
   sets, semantic IDs and metrics) -> ops -> kv ->
-  search -> speculative, setid -> the face (``decoding``), testing, workloads -> integrations ->
-  bench; nothing imports in a circle;
+  search -> speculative, setid -> the face (``decoding``), testing, workloads -> the serving core
+  (``decoding.serving``) -> integrations -> bench; nothing imports in a circle;
 - the library (everything but ``integrations`` and ``bench``) never imports an integration;
 - an op's backends (``ops/_torch``, ``ops/_cpu``, ``ops/_triton``, the packages themselves
   included) are imported only by that op (and the AOT tool, which compiles every Triton kernel),
@@ -36,8 +36,9 @@ LAYERS = {
     "decoding.search": 4,
     "decoding.speculative": 5, "decoding.setid": 5,
     "decoding": 6, "decoding.testing": 6, "decoding.workloads": 6,
-    "decoding.integrations": 7,
-    "decoding.bench": 8,
+    "decoding.serving": 7,
+    "decoding.integrations": 8,
+    "decoding.bench": 9,
 }
 # layers whose packages are peers: none of them imports another (within one package is fine)
 PEER_LAYERS = (0, 5, 6)

@@ -25,7 +25,8 @@ def _state(B, W, t, device="cpu", seed=0):
         run_tokens=torch.zeros(B, W, t, dtype=torch.long),
         run_parent=torch.zeros(B, W, dtype=torch.long), fin_scores=torch.full((B, K), float("-inf")),
         fin_items=torch.full((B, K), -1), fin_tokens=torch.full((B, K, 4), -1),
-        improvable=torch.ones(B, dtype=torch.bool))
+        improvable=torch.ones(B, dtype=torch.bool), run_path=-torch.rand(B, W, t, generator=g),
+        fin_path=torch.zeros(B, K, 4))
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))

@@ -40,12 +40,18 @@ class BeamSearchOutput:
         identifier's end and in padded slots.
     kv_bytes: with the shared-prefix KV cache, the bytes it held at the end of the search,
         ``{"prompt": ..., "generated": ...}`` (buffers' capacity); None otherwise.
+    token_scores: float32 ``[B, K, L]``, each identifier token's own term of the score (its
+        log-prob under ``normalize``, plus the assistant term with D3): their sum over
+        ``length ** length_penalty`` is ``scores``; 0 after an identifier's end and in padded
+        slots. What a served answer reports as per-token log-probs. None where the decoder does
+        not track them.
     """
 
     items: torch.Tensor
     scores: torch.Tensor
     sequences: torch.Tensor
     kv_bytes: dict | None = None
+    token_scores: torch.Tensor | None = None
 
 
 def item_mass_prefix(trie, assistant_logprobs: torch.Tensor) -> torch.Tensor:
@@ -139,6 +145,8 @@ class SearchState(NamedTuple):
     fin_items: torch.Tensor
     fin_tokens: torch.Tensor
     improvable: torch.Tensor
+    run_path: torch.Tensor | None = None
+    fin_path: torch.Tensor | None = None
 
 
 def check_early_stopping(early_stopping) -> None:
@@ -173,6 +181,11 @@ def search_step(state: SearchState, logits: torch.Tensor, trie, t: int, *, num_b
     fin_items = torch.cat([state.fin_items, trie.leaf_items(out.node)], dim=1).gather(1, order)
     padded = torch.nn.functional.pad(tokens, (0, L - t - 1), value=-1)
     fin_tokens = torch.cat([state.fin_tokens, padded], dim=1).gather(1, order[..., None].expand(-1, -1, L))
+    run_path = fin_path = None
+    if state.run_path is not None:  # cumulative scores along each path, gathered like its tokens
+        path = torch.cat([state.run_path.gather(1, parent[..., None].expand(-1, -1, t)), out.scores[..., None]], dim=2)
+        padded_path = torch.nn.functional.pad(path, (0, L - t - 1), value=0.0)
+        fin_path = torch.cat([state.fin_path, padded_path], dim=1).gather(1, order[..., None].expand(-1, -1, L))
 
     open_scores = torch.where(valid & ~ends, out.scores, NEG_INF)
     order = torch.sort(open_scores, dim=1, descending=True, stable=True).indices[:, :K]
@@ -191,8 +204,10 @@ def search_step(state: SearchState, logits: torch.Tensor, trie, t: int, *, num_b
     improvable = state.improvable & (~full | (best_running > fin_scores[:, K - 1])) & alive.any(dim=1)
     if early_stopping is True:
         improvable = improvable & ~full
+    if state.run_path is not None:
+        run_path = path.gather(1, order[..., None].expand(-1, -1, t + 1))
     return SearchState(run_scores, run_nodes, tokens.gather(1, order[..., None].expand(-1, -1, t + 1)),
-                       parent.gather(1, order), fin_scores, fin_items, fin_tokens, improvable)
+                       parent.gather(1, order), fin_scores, fin_items, fin_tokens, improvable, run_path, fin_path)
 
 
 @torch.inference_mode()
@@ -332,6 +347,8 @@ def search_loop(logits: torch.Tensor, *, trie, num_beams: int, length_penalty: f
         fin_items=torch.full((B, K), -1, dtype=torch.long, device=device),
         fin_tokens=torch.full((B, K, L), -1, dtype=torch.long, device=device),
         improvable=torch.ones(B, dtype=torch.bool, device=device),
+        run_path=torch.empty((B, 1, 0), device=device),
+        fin_path=torch.zeros((B, K, L), device=device),
     )
     for t in range(L):
         W = state.run_nodes.shape[1]
@@ -358,4 +375,8 @@ def search_loop(logits: torch.Tensor, *, trie, num_beams: int, length_penalty: f
     fin_scores, fin_items, fin_tokens = state.fin_scores, state.fin_items, state.fin_tokens
     fin_items = torch.where(fin_scores > NEG_INF, fin_items, -1)
     fin_tokens = torch.where((fin_scores > NEG_INF)[..., None], fin_tokens, -1)
-    return BeamSearchOutput(items=fin_items, scores=fin_scores, sequences=fin_tokens)
+    # per-token terms: differences of the cumulative path scores, 0 after the end and in padding
+    path = state.fin_path
+    steps = torch.diff(path, dim=2, prepend=torch.zeros_like(path[..., :1]))
+    token_scores = torch.where(fin_tokens >= 0, steps, 0.0)
+    return BeamSearchOutput(items=fin_items, scores=fin_scores, sequences=fin_tokens, token_scores=token_scores)

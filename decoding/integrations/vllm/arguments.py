@@ -16,109 +16,35 @@ request unconstrained).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from decoding.integrations.vllm import _compat
-from decoding.integrations.vllm.catalogs import CATALOG_KEY, CatalogError, catalogs_for
-
-OFFSET_KEY = "decoding_offset"
-EXCLUDE_KEY = "decoding_exclude"
-ROUTE_KEYS = {"sampling": (CATALOG_KEY, OFFSET_KEY), "beam": (CATALOG_KEY, EXCLUDE_KEY)}
-# OpenAI request fields the exact beam route does not implement: (field, its value when unset)
-BEAM_UNSUPPORTED_FIELDS = (
-    ("echo", False), ("stop", None), ("stop_token_ids", None), ("min_tokens", 0), ("structured_outputs", None),
-    ("response_format", None), ("prompt_logprobs", None), ("suffix", None), ("allowed_token_ids", None),
+from decoding.integrations.vllm.catalogs import catalogs_for
+from decoding.serving import requests as _requests
+from decoding.serving.requests import (  # noqa: F401 - one definition, shared with decoding-serve
+    BEAM_UNSUPPORTED_FIELDS,
+    CATALOG_KEY,
+    CHAT_BEAM_SEARCH_REFUSED,
+    EXCLUDE_KEY,
+    OFFSET_KEY,
+    ROUTE_KEYS,
+    CatalogArgs,
+    beam_unsupported,
+    parse,
 )
-CHAT_BEAM_SEARCH_REFUSED = (
-    f"{CATALOG_KEY}: beam search with a catalog is served on /v1/completions (token-id or text prompts); "
-    "chat completions with use_beam_search do not apply it, so they are refused rather than answered "
-    "with unconstrained beams"
-)
+from decoding.serving.requests import completion_options as beam_options  # noqa: F401
 
-
-@dataclass(frozen=True)
-class CatalogArgs:
-    """A request's catalog arguments, checked for form (the catalog itself is resolved later)."""
-
-    catalog: str
-    offset: int | None = None  # token index where the identifier starts; None: after the prompt
-    exclude: tuple[int, ...] = ()  # item ids never to return
-
-
-def beam_unsupported(field: str) -> str:
-    return (f"{field}: not supported by exact beam search over a catalog ({CATALOG_KEY}); "
-            "send the request without it")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def parse(extra, route: str) -> CatalogArgs | None:
-    """The catalog arguments in ``extra`` (a request's ``extra_args`` / ``vllm_xargs``) on
-    ``route``; None if it names no catalog. ValueError (CatalogError for the catalog's own
-    field), naming the argument, for anything malformed or not served on the route."""
-    keys = ROUTE_KEYS[route]
-    extra = extra or {}
-    if not isinstance(extra, dict):
-        raise ValueError(f"extra_args: expected a dict, got {type(extra).__name__}")
-    for key in extra:
-        if isinstance(key, str) and key.startswith("decoding_") and key not in keys:
-            if route == "beam":
-                raise ValueError(beam_unsupported(key))
-            raise ValueError(f"{key}: not a decoding argument of this route; it takes {', '.join(keys)}"
-                             + (" (exclusions are served by beam search over the OpenAI API)"
-                                if key == EXCLUDE_KEY else ""))
-    if CATALOG_KEY not in extra:
-        present = [k for k in keys if k in extra]
-        if present:
-            raise ValueError(f"{present[0]}: given without {CATALOG_KEY}")
-        return None
-    catalog = extra[CATALOG_KEY]
-    offset = extra.get(OFFSET_KEY)
-    if offset is not None and (not _is_int(offset) or offset < 0):
-        raise ValueError(f"{OFFSET_KEY}: expected a non-negative int (a token index), got {offset!r}")
-    exclude = extra.get(EXCLUDE_KEY, [])
-    if not isinstance(exclude, list):
-        raise ValueError(f"{EXCLUDE_KEY}: expected a list of item ids (non-negative ints)")
-    if not isinstance(catalog, str):
-        raise CatalogError(f"{CATALOG_KEY}: expected the name of a catalog (a string), got {catalog!r}")
-    return CatalogArgs(catalog, offset, tuple(exclude))  # the ids are checked against the operator's cap first
+# how the operator of a vLLM server raises a cap, named in the 400 a request above it gets
+RAISE_WITH = "--additional-config '{{\"decoding\": {{\"{cap}\": <{unit}>}}}}'"
 
 
 def check_exclusions(exclude, max_exclude: int, num_ids: int) -> list[int]:
-    """``exclude`` checked: at most the operator's ``max_exclude`` ids (checked before each id is,
-    so an oversized list costs nothing), each a non-negative int below ``num_ids``."""
-    if len(exclude) > max_exclude:
-        raise ValueError(f"{EXCLUDE_KEY}: {len(exclude)} item ids is above this server's max_exclude ({max_exclude}); "
-                         f"the operator raises it with --additional-config "
-                         f"'{{\"decoding\": {{\"max_exclude\": <ids>}}}}'")
-    if not all(_is_int(i) and i >= 0 for i in exclude):
-        raise ValueError(f"{EXCLUDE_KEY}: expected a list of item ids (non-negative ints)")
-    if any(i >= num_ids for i in exclude):
-        raise ValueError(f"{EXCLUDE_KEY}: item ids must be below {num_ids} (the catalog's item ids)")
-    return list(exclude)
+    """``exclude`` checked against the operator's ``max_exclude`` and the catalog's ``num_ids``
+    (:func:`decoding.serving.requests.check_exclusions`)."""
+    return _requests.check_exclusions(exclude, max_exclude, num_ids,
+                                      raise_with=RAISE_WITH.format(cap="max_exclude", unit="ids"))
 
 
 def check_beams(beams: int, max_beams: int) -> None:
-    if beams > max_beams:
-        raise ValueError(f"n: {beams} beams is above this server's max_beams ({max_beams}); the operator raises it "
-                         f"with --additional-config '{{\"decoding\": {{\"max_beams\": <beams>}}}}'")
-
-
-def beam_options(xargs, field, chat: bool) -> dict | None:
-    """The exact beam route's options for an OpenAI beam-search request (``field(name, default)``
-    reads its fields); None if it names no catalog; ValueError naming the field for anything the
-    route does not serve."""
-    args = parse(xargs, "beam")
-    if args is None:
-        return None
-    if chat:
-        raise ValueError(CHAT_BEAM_SEARCH_REFUSED)
-    for name, unset in BEAM_UNSUPPORTED_FIELDS:
-        if field(name, unset) not in (unset, None, [], ""):
-            raise ValueError(beam_unsupported(name))
-    return {"catalog": args.catalog, "exclude": list(args.exclude), "logprobs": field("logprobs", None)}
+    _requests.check_beams(beams, max_beams, raise_with=RAISE_WITH.format(cap="max_beams", unit="beams"))
 
 
 def request_catalog(extra, vllm_config):

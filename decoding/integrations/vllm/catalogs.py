@@ -34,22 +34,19 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from decoding.integrations.vllm import _compat
+from decoding.serving.requests import (  # noqa: F401 - one definition, shared with decoding-serve
+    CATALOG_KEY,
+    DEFAULT_MAX_BEAMS,
+    DEFAULT_MAX_EXCLUDE,
+    UNKNOWN_CATALOG,
+    CatalogError,
+)
 from decoding.trie import ItemTrie
 
-CATALOG_KEY = "decoding_catalog"
 CONFIG_KEY = "decoding"
 DEFAULT_MAX_CATALOG_BYTES = 4 << 30
-UNKNOWN_CATALOG = (f"{CATALOG_KEY}: not a catalog this server serves; name a catalog that the operator "
-                   "registered")
 _CONFIG_FIELDS = ("catalog", "offset", "catalogs", "catalog_dir", "max_catalog_bytes", "max_beams", "max_exclude",
                   "max_requests_per_search", _compat.OPT_IN_KEY)
-DEFAULT_MAX_BEAMS = 1024
-DEFAULT_MAX_EXCLUDE = 100_000
-
-
-class CatalogError(ValueError):
-    """A request's catalog cannot be served; the message is safe to send to the client."""
-
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
 

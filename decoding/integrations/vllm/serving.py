@@ -30,6 +30,7 @@ import numpy as np
 from decoding.integrations.vllm import _compat
 from decoding.integrations.vllm.arguments import beam_options, beam_unsupported, check_beams, check_exclusions
 from decoding.integrations.vllm.catalogs import CatalogError, catalogs_for
+from decoding.serving.requests import RequestError
 
 logger = logging.getLogger("decoding.integrations.vllm")
 
@@ -71,12 +72,9 @@ def _count(stats) -> None:
     metrics["engine_requests"].inc(stats.requests)
 
 
-class BeamRouteError(ValueError):
-    """A beam request the exact route refuses; ``parameter`` names the request field."""
-
-    def __init__(self, message: str, parameter: str):
-        super().__init__(message)
-        self.parameter = parameter
+class BeamRouteError(RequestError):
+    """A beam request the exact route refuses; ``parameter`` names the request field (the serving
+    core's :class:`~decoding.serving.requests.RequestError`, as ``decoding-serve`` raises it)."""
 
 
 def _choice_logprobs(book, prompt_index: int, tokens: list[int], alternatives: int, ranked: dict):

@@ -1,0 +1,193 @@
+"""Concurrent requests grouped into batched decoder calls, under a budget of beam rows.
+
+One worker takes the oldest waiting request and the requests behind it that share its
+:meth:`~decoding.serving.decoders.Decoder.batch_key`, oldest first, while their rows fit
+``max_batch_rows``; it waits at most ``max_wait_s`` after the oldest request arrived for more to
+fill the budget. A request larger than the budget runs alone. Every batch starts with the oldest
+request still waiting, so a request is held back by at most the batch that is running when it
+arrives (a request at the operator's cap included) plus the requests that arrived before it.
+
+A request whose client left before its batch starts is never decoded; one that leaves while its
+batch runs has its result dropped. At most ``max_queue`` requests wait: beyond them
+:meth:`Batcher.submit` raises :class:`QueueFull` (HTTP 429). :meth:`Batcher.close` answers every
+request already accepted before it returns (a server's drain on SIGTERM).
+
+The decoder runs in one worker thread (a search already uses every core through torch's own
+threads); the event loop stays free to accept, refuse and cancel requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from decoding.serving.requests import DecodeRequest
+
+
+class QueueFull(RuntimeError):
+    """The server holds ``max_queue`` waiting requests; the client should retry later."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the server is at its queue limit; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Entry:
+    request: DecodeRequest
+    key: object
+    rows: int
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class BatchStats:
+    """What the batcher did, for ``/metrics`` and tests: a hook per event (no-ops here; the server
+    binds them to Prometheus metrics)."""
+
+    def accepted(self, entry_rows: int) -> None: ...
+    def batch(self, requests: int, rows: int, seconds: float) -> None: ...
+    def decoded(self, requests: int) -> None: ...
+    def cancelled(self, stage: str) -> None: ...
+
+
+class Batcher:
+    """Groups :meth:`submit` calls into batched ``decoder.decode`` calls (see the module docstring).
+
+    Args:
+        decoder: a :class:`~decoding.serving.decoders.Decoder`.
+        max_batch_rows: the budget of beam rows per batch (a larger request runs alone).
+        max_queue: most requests waiting for a batch.
+        max_wait_s: longest the oldest waiting request waits for others to fill the budget.
+        stats: a :class:`BatchStats` to report to.
+    """
+
+    def __init__(self, decoder, *, max_batch_rows: int = 2048, max_queue: int = 1024, max_wait_s: float = 0.01,
+                 stats: BatchStats | None = None):
+        for name, value in (("max_batch_rows", max_batch_rows), ("max_queue", max_queue)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if not max_wait_s >= 0:
+            raise ValueError(f"max_wait_s: expected a non-negative number of seconds, got {max_wait_s!r}")
+        self.decoder, self.max_batch_rows, self.max_queue = decoder, max_batch_rows, max_queue
+        self.max_wait_s = max_wait_s
+        self.stats = stats or BatchStats()
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._closing = False
+        self._worker: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="decoding-serve")
+        self.running = 0  # requests in the batch being decoded
+        self.last_batch_s = 0.0
+
+    @property
+    def waiting(self) -> int:
+        return sum(not e.future.done() for e in self._queue)
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="decoding-serve batcher")
+
+    async def submit(self, request: DecodeRequest):
+        """The decoder's result for ``request``, once its batch ran. Raises :class:`QueueFull`,
+        or RuntimeError once the batcher closed. Cancelling the awaiting task withdraws the
+        request (never decoded if its batch had not started)."""
+        if self._closing:
+            raise RuntimeError("the server is shutting down")
+        if self.waiting >= self.max_queue:
+            raise QueueFull(max(1, round(self.last_batch_s + 0.5)))
+        entry = _Entry(request, self.decoder.batch_key(request), self.decoder.rows(request),
+                       asyncio.get_running_loop().create_future())
+        self._queue.append(entry)
+        self.stats.accepted(entry.rows)
+        self._arrived.set()
+        return await entry.future  # a cancelled caller cancels the future: the worker skips it
+
+    def _prune(self) -> None:
+        """Drop withdrawn requests from the queue (they cost nothing)."""
+        kept = collections.deque()
+        for entry in self._queue:
+            if entry.future.cancelled():
+                self.stats.cancelled("queued")
+            else:
+                kept.append(entry)
+        self._queue = kept
+
+    def _compatible_rows(self, head: _Entry) -> int:
+        rows = 0
+        for entry in self._queue:
+            if entry.key == head.key and not entry.future.done():
+                rows += entry.rows
+        return rows
+
+    def _take(self) -> list[_Entry]:
+        """The next batch: the oldest request and the compatible ones behind it, in arrival
+        order, while they fit the budget (the oldest alone if it is larger)."""
+        head = self._queue[0]
+        batch, rows, rest = [head], head.rows, collections.deque()
+        self._queue.popleft()
+        full = False
+        for entry in self._queue:
+            if not full and entry.key == head.key and rows + entry.rows <= self.max_batch_rows:
+                batch.append(entry)
+                rows += entry.rows
+            else:
+                full = full or entry.key == head.key  # stop at the first compatible one that does not fit
+                rest.append(entry)
+        self._queue = rest
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._prune()
+            if not self._queue:
+                if self._closing:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            head = self._queue[0]
+            # a bounded wait for more requests to fill the budget, counted from the oldest's arrival
+            while (not self._closing and self._compatible_rows(head) < self.max_batch_rows
+                   and (left := head.arrived + self.max_wait_s - time.monotonic()) > 0):
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            self._prune()
+            if not self._queue:
+                continue
+            batch = self._take()
+            self.running = len(batch)
+            started = time.monotonic()
+            try:
+                results = await loop.run_in_executor(self._executor, self.decoder.decode,
+                                                     [e.request for e in batch])
+            except Exception as exc:  # the batch's requests fail; the server keeps serving
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
+                continue
+            finally:
+                self.running = 0
+                self.last_batch_s = time.monotonic() - started
+            self.stats.batch(len(batch), sum(e.rows for e in batch), self.last_batch_s)
+            self.stats.decoded(len(batch))
+            for entry, result in zip(batch, results):
+                if entry.future.cancelled():
+                    self.stats.cancelled("running")  # its client left mid-batch: the result is dropped
+                else:
+                    entry.future.set_result(result)
+
+    async def close(self) -> None:
+        """Stop taking requests; return once every accepted request has its answer."""
+        self._closing = True
+        self._arrived.set()
+        if self._worker is not None:
+            await self._worker
+        self._executor.shutdown(wait=True)

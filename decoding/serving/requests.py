@@ -1,0 +1,343 @@
+"""The request schema and the operator's caps, one definition for every server of the package.
+
+Two servers read these requests: ``decoding-serve`` (:mod:`decoding.serving.app`) and the exact
+beam route inside vLLM's OpenAI server (:mod:`decoding.integrations.vllm.serving`). Both take an
+OpenAI completions request with ``use_beam_search`` and ``vllm_xargs: {"decoding_catalog": ...,
+"decoding_exclude": [...]}``, parsed here by :func:`completion_options` and checked against the
+operator's caps by :func:`check_beams` and :func:`check_exclusions`; ``decoding-serve`` also
+takes ``/v1/recommendations`` bodies (:func:`recommendation_request`). Both end as one
+:class:`DecodeRequest`.
+
+Everything a request carries is untrusted: a field the route does not serve is refused with a
+message naming it, never ignored (a misspelt ``decoding_catalog`` would otherwise leave the
+request unconstrained), and no message repeats what the client sent for a catalog (a catalog is a
+name the operator registered, never a path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CATALOG_KEY = "decoding_catalog"
+OFFSET_KEY = "decoding_offset"
+EXCLUDE_KEY = "decoding_exclude"
+ROUTE_KEYS = {"sampling": (CATALOG_KEY, OFFSET_KEY), "beam": (CATALOG_KEY, EXCLUDE_KEY)}
+# OpenAI request fields the exact beam route does not implement: (field, its value when unset)
+BEAM_UNSUPPORTED_FIELDS = (
+    ("echo", False), ("stop", None), ("stop_token_ids", None), ("min_tokens", 0), ("structured_outputs", None),
+    ("response_format", None), ("prompt_logprobs", None), ("suffix", None), ("allowed_token_ids", None),
+)
+CHAT_BEAM_SEARCH_REFUSED = (
+    f"{CATALOG_KEY}: beam search with a catalog is served on /v1/completions (token-id or text prompts); "
+    "chat completions with use_beam_search do not apply it, so they are refused rather than answered "
+    "with unconstrained beams"
+)
+DECODERS = ("beam",)  # what a request may name as its decoder
+DEFAULT_MAX_BEAMS = 1024
+DEFAULT_MAX_EXCLUDE = 100_000
+
+
+def unknown_catalog(parameter: str = CATALOG_KEY) -> str:
+    """The one answer to a catalog name the server does not serve, whatever exists on its disk."""
+    return f"{parameter}: not a catalog this server serves; name a catalog that the operator registered"
+
+
+UNKNOWN_CATALOG = unknown_catalog()
+
+
+class RequestError(ValueError):
+    """A request the server refuses (HTTP 400); ``parameter`` names the request field. The
+    message is safe to send to the client."""
+
+    def __init__(self, message: str, parameter: str):
+        super().__init__(message)
+        self.parameter = parameter
+
+
+class CatalogError(RequestError):
+    """A request's catalog cannot be served; the message is safe to send to the client."""
+
+    def __init__(self, message: str, parameter: str = CATALOG_KEY):
+        super().__init__(message, parameter)
+
+
+@dataclass(frozen=True)
+class Caps:
+    """What the operator lets one request ask (``decoding-serve --max-beams ...``; the vLLM route
+    reads ``max_beams`` and ``max_exclude`` from ``additional_config["decoding"]``).
+
+    max_beams: most beams (``n`` / ``k``) per request; max_exclude: most excluded item ids;
+    max_prompt_tokens: longest prompt (None: no cap); max_queue: requests waiting for a batch
+    before the server answers 429 (decoding-serve)."""
+
+    max_beams: int = DEFAULT_MAX_BEAMS
+    max_exclude: int = DEFAULT_MAX_EXCLUDE
+    max_prompt_tokens: int | None = None
+    max_queue: int = 1024
+    raise_with: str = "decoding-serve --{flag} <value>"  # how the operator raises a cap, shown in the 400
+
+    def __post_init__(self):
+        for name in ("max_beams", "max_exclude", "max_prompt_tokens", "max_queue"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+    def hint(self, cap: str) -> str:
+        return self.raise_with.format(flag=cap.replace("_", "-"), cap=cap)
+
+
+@dataclass(frozen=True)
+class CatalogArgs:
+    """A request's catalog arguments, checked for form (the catalog itself is resolved later)."""
+
+    catalog: str
+    offset: int | None = None  # token index where the identifier starts; None: after the prompt
+    exclude: tuple[int, ...] = ()  # item ids never to return
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """One request for a decoder, whichever route it came by.
+
+    prompt_ids: the prompt's token ids; k: items to return (beams); catalog: a registered catalog
+    name; exclude: item ids never to return; decoder: which decoder serves it (:data:`DECODERS`);
+    length_penalty: scores are ``sum log p / length ** length_penalty``; max_tokens: the
+    completions route's token budget, which must hold the catalog's identifiers."""
+
+    prompt_ids: tuple[int, ...]
+    k: int
+    catalog: str
+    exclude: tuple[int, ...] = ()
+    decoder: str = "beam"
+    length_penalty: float = 0.0
+    max_tokens: int | None = None  # the completions route's token budget (None: no limit)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def beam_unsupported(field_name: str) -> str:
+    return (f"{field_name}: not supported by exact beam search over a catalog ({CATALOG_KEY}); "
+            "send the request without it")
+
+
+def parse(extra, route: str) -> CatalogArgs | None:
+    """The catalog arguments in ``extra`` (a request's ``extra_args`` / ``vllm_xargs``) on
+    ``route``; None if it names no catalog. ValueError (CatalogError for the catalog's own
+    field), naming the argument, for anything malformed or not served on the route."""
+    keys = ROUTE_KEYS[route]
+    extra = extra or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"extra_args: expected a dict, got {type(extra).__name__}")
+    for key in extra:
+        if isinstance(key, str) and key.startswith("decoding_") and key not in keys:
+            if route == "beam":
+                raise ValueError(beam_unsupported(key))
+            raise ValueError(f"{key}: not a decoding argument of this route; it takes {', '.join(keys)}"
+                             + (" (exclusions are served by beam search over the OpenAI API)"
+                                if key == EXCLUDE_KEY else ""))
+    if CATALOG_KEY not in extra:
+        present = [k for k in keys if k in extra]
+        if present:
+            raise ValueError(f"{present[0]}: given without {CATALOG_KEY}")
+        return None
+    catalog = extra[CATALOG_KEY]
+    offset = extra.get(OFFSET_KEY)
+    if offset is not None and (not _is_int(offset) or offset < 0):
+        raise ValueError(f"{OFFSET_KEY}: expected a non-negative int (a token index), got {offset!r}")
+    exclude = extra.get(EXCLUDE_KEY, [])
+    if not isinstance(exclude, list):
+        raise ValueError(f"{EXCLUDE_KEY}: expected a list of item ids (non-negative ints)")
+    if not isinstance(catalog, str):
+        raise CatalogError(f"{CATALOG_KEY}: expected the name of a catalog (a string)")
+    return CatalogArgs(catalog, offset, tuple(exclude))  # the ids are checked against the operator's cap first
+
+
+def check_exclusions(exclude, max_exclude: int, num_ids: int, *, parameter: str = EXCLUDE_KEY,
+                     raise_with: str = "") -> list[int]:
+    """``exclude`` checked: at most the operator's ``max_exclude`` ids (checked before each id is,
+    so an oversized list costs nothing), each a non-negative int below ``num_ids``."""
+    if not isinstance(exclude, (list, tuple)):
+        raise ValueError(f"{parameter}: expected a list of item ids (non-negative ints)")
+    if len(exclude) > max_exclude:
+        raise ValueError(f"{parameter}: {len(exclude)} item ids is above this server's max_exclude ({max_exclude})"
+                         + (f"; the operator raises it with {raise_with}" if raise_with else ""))
+    if not all(_is_int(i) and i >= 0 for i in exclude):
+        raise ValueError(f"{parameter}: expected a list of item ids (non-negative ints)")
+    if any(i >= num_ids for i in exclude):
+        raise ValueError(f"{parameter}: item ids must be below {num_ids} (the catalog's item ids)")
+    return list(exclude)
+
+
+def check_beams(beams: int, max_beams: int, *, parameter: str = "n", raise_with: str = "") -> None:
+    if beams > max_beams:
+        raise ValueError(f"{parameter}: {beams} beams is above this server's max_beams ({max_beams})"
+                         + (f"; the operator raises it with {raise_with}" if raise_with else ""))
+
+
+def completion_options(xargs, field_of, chat: bool) -> dict | None:
+    """The exact beam route's options for an OpenAI beam-search request (``field_of(name,
+    default)`` reads its fields): ``{"catalog", "exclude", "logprobs"}``; None if it names no
+    catalog; ValueError naming the field for anything the route does not serve."""
+    args = parse(xargs, "beam")
+    if args is None:
+        return None
+    if chat:
+        raise ValueError(CHAT_BEAM_SEARCH_REFUSED)
+    for name, unset in BEAM_UNSUPPORTED_FIELDS:
+        if field_of(name, unset) not in (unset, None, [], ""):
+            raise RequestError(beam_unsupported(name), name)
+    return {"catalog": args.catalog, "exclude": list(args.exclude), "logprobs": field_of("logprobs", None)}
+
+
+def _prompt(body: dict, tokenize, *, ids_key: str, text_key: str, vocab_size: int | None) -> tuple[int, ...]:
+    """The prompt's token ids: ``body[ids_key]`` (a list of ints) or ``body[text_key]`` (a string,
+    through ``tokenize``; on the completions route ``prompt`` also takes token ids, or a list of
+    one prompt)."""
+    given = [key for key in dict.fromkeys((ids_key, text_key)) if body.get(key) is not None]
+    if len(given) != 1:
+        raise RequestError(f"{ids_key}: give the prompt as {ids_key} (token ids)"
+                           + (f" or {text_key} (text)" if text_key != ids_key else " or text"), ids_key)
+    key = given[0]
+    prompt = body[key]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (list, str)):
+        prompt = prompt[0]  # OpenAI's list of prompts, holding one
+    if isinstance(prompt, str):
+        if key == ids_key and ids_key != text_key:
+            raise RequestError(f"{ids_key}: expected a list of token ids; send text as {text_key}", ids_key)
+        if not prompt:
+            raise RequestError(f"{key}: the prompt is empty", key)
+        if tokenize is None:
+            raise RequestError(f"{key}: this model has no tokenizer; send the prompt as token ids", key)
+        return tuple(int(t) for t in tokenize(prompt))
+    if not isinstance(prompt, list) or not prompt or not all(_is_int(t) and t >= 0 for t in prompt):
+        raise RequestError(f"{key}: expected one prompt: a non-empty list of token ids (non-negative ints)"
+                           + ("" if key == ids_key and ids_key != text_key else " or a string"), key)
+    if vocab_size is not None and max(prompt) >= vocab_size:
+        raise RequestError(f"{key}: token ids must be below {vocab_size} (the model's vocabulary)", key)
+    return tuple(prompt)
+
+
+def check_prompt(prompt_ids, caps: Caps, parameter: str) -> None:
+    if caps.max_prompt_tokens is not None and len(prompt_ids) > caps.max_prompt_tokens:
+        raise RequestError(f"{parameter}: {len(prompt_ids)} tokens is above this server's max_prompt_tokens "
+                           f"({caps.max_prompt_tokens}); the operator raises it with "
+                           f"{caps.hint('max_prompt_tokens')}", parameter)
+
+
+def _check(fn, as_field: str, *args, **kwargs):
+    """``fn(*args, **kwargs)``, its ValueError as a RequestError naming ``as_field``."""
+    try:
+        return fn(*args, **kwargs)
+    except RequestError:
+        raise
+    except ValueError as exc:
+        raise RequestError(str(exc), as_field) from None
+
+
+RECOMMENDATION_FIELDS = ("catalog", "prompt_token_ids", "prompt", "k", "exclude_items", "decoder", "length_penalty")
+
+
+def recommendation_request(body, caps: Caps, *, tokenize=None, vocab_size: int | None = None) -> DecodeRequest:
+    """A ``/v1/recommendations`` body: ``{"catalog", "prompt_token_ids" | "prompt", "k",
+    "exclude_items", "decoder" ("beam"), "length_penalty" (0.0)}``. RequestError naming the field
+    for anything malformed, unknown or above a cap."""
+    if not isinstance(body, dict):
+        raise RequestError("body: expected a JSON object", "body")
+    for key in body:
+        if key not in RECOMMENDATION_FIELDS:
+            raise RequestError(f"{str(key)[:64]}: not a field of /v1/recommendations; it takes "
+                               f"{', '.join(RECOMMENDATION_FIELDS)}", str(key)[:64])
+    catalog = body.get("catalog")
+    if not isinstance(catalog, str):
+        raise CatalogError("catalog: expected the name of a catalog (a string)", "catalog")
+    decoder = body.get("decoder", "beam")
+    if decoder not in DECODERS:
+        raise RequestError(f"decoder: expected one of {', '.join(DECODERS)}", "decoder")
+    k = body.get("k", 10)
+    if not _is_int(k) or k <= 0:
+        raise RequestError("k: expected a positive int (items to return)", "k")
+    _check(check_beams, "k", k, caps.max_beams, parameter="k", raise_with=caps.hint("max_beams"))
+    exclude = body.get("exclude_items", [])
+    if not isinstance(exclude, list):
+        raise RequestError("exclude_items: expected a list of item ids (non-negative ints)", "exclude_items")
+    if len(exclude) > caps.max_exclude:  # before each id is looked at: an oversized list costs nothing
+        _check(check_exclusions, "exclude_items", exclude, caps.max_exclude, 0, parameter="exclude_items",
+               raise_with=caps.hint("max_exclude"))
+    length_penalty = body.get("length_penalty", 0.0)
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+        raise RequestError("length_penalty: expected a number", "length_penalty")
+    prompt = _prompt(body, tokenize, ids_key="prompt_token_ids", text_key="prompt", vocab_size=vocab_size)
+    check_prompt(prompt, caps, "prompt_token_ids" if "prompt_token_ids" in body else "prompt")
+    return DecodeRequest(prompt, k, catalog, tuple(exclude), decoder, float(length_penalty))
+
+
+# OpenAI completions fields decoding-serve reads, beside vllm_xargs and BEAM_UNSUPPORTED_FIELDS:
+# (field, what it takes); anything else is refused naming it
+COMPLETION_FIELDS = {
+    "model": "the served model's name", "prompt": "token ids or text", "n": "beams (items returned)",
+    "use_beam_search": "true", "max_tokens": "at least the identifiers' length", "temperature": "0",
+    "length_penalty": "a number (vLLM's default 1.0)", "return_token_ids": "a bool",
+    "logprobs": "null or 0 (the chosen tokens' log-probs)", "vllm_xargs": "the decoding_* arguments",
+    "stream": "false", "ignore_eos": "a bool", "include_stop_str_in_output": "a bool",
+    "skip_special_tokens": "a bool", "seed": "any (beam search is deterministic)", "user": "any",
+    "top_p": "1", "top_k": "0 or -1", "best_of": "null or n", "early_stopping": "false",
+}
+
+
+def completion_request(body, caps: Caps, *, tokenize=None, vocab_size: int | None = None) -> tuple[DecodeRequest, dict]:
+    """An OpenAI ``/v1/completions`` beam-search body, as the vLLM route takes it:
+    ``(DecodeRequest, reply options {"max_tokens", "logprobs", "return_token_ids", ...})``.
+    RequestError naming the field for anything malformed, not served or above a cap."""
+    if not isinstance(body, dict):
+        raise RequestError("body: expected a JSON object", "body")
+    unsupported = {name for name, _ in BEAM_UNSUPPORTED_FIELDS}
+    for key in body:
+        if key not in COMPLETION_FIELDS and key not in unsupported:
+            raise RequestError(f"{str(key)[:64]}: not supported by decoding-serve's /v1/completions "
+                               "(beam search over a catalog)", str(key)[:64])
+    if body.get("use_beam_search") is not True:
+        raise RequestError("use_beam_search: decoding-serve serves beam search over a catalog; send "
+                           "use_beam_search: true", "use_beam_search")
+    options = _check(completion_options, "vllm_xargs", body.get("vllm_xargs"), body.get, False)
+    if options is None:
+        raise CatalogError(f"vllm_xargs: name a catalog with {CATALOG_KEY}", "vllm_xargs")
+    if body.get("stream") not in (None, False):
+        raise RequestError("stream: not supported by beam search over a catalog", "stream")
+    temperature = body.get("temperature")
+    if temperature not in (None, 0, 0.0):
+        raise RequestError("temperature: beam search over a catalog ranks by the model's log-probs; send 0",
+                           "temperature")
+    for name, allowed in (("top_p", (None, 1, 1.0)), ("top_k", (None, 0, -1)), ("early_stopping", (None, False))):
+        if body.get(name) not in allowed:
+            raise RequestError(f"{name}: not supported by beam search over a catalog", name)
+    n = body.get("n", 1)
+    if not _is_int(n) or n <= 0:
+        raise RequestError("n: expected a positive int (beams)", "n")
+    if body.get("best_of") not in (None, n):
+        raise RequestError("best_of: beam search returns its n beams; leave best_of unset", "best_of")
+    _check(check_beams, "n", n, caps.max_beams, parameter="n", raise_with=caps.hint("max_beams"))
+    exclude = options["exclude"]
+    if len(exclude) > caps.max_exclude:
+        _check(check_exclusions, "vllm_xargs", exclude, caps.max_exclude, 0, raise_with=caps.hint("max_exclude"))
+    max_tokens = body.get("max_tokens", 16)
+    if not _is_int(max_tokens) or max_tokens <= 0:
+        raise RequestError("max_tokens: expected a positive int", "max_tokens")
+    logprobs = options["logprobs"]
+    if logprobs not in (None, 0) or isinstance(logprobs, bool):
+        raise RequestError("logprobs: decoding-serve returns the chosen tokens' log-probs (logprobs: 0); "
+                           "alternatives are not served", "logprobs")
+    length_penalty = body.get("length_penalty", 1.0)
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+        raise RequestError("length_penalty: expected a number", "length_penalty")
+    for name in ("return_token_ids", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        if not isinstance(body.get(name, False), bool):
+            raise RequestError(f"{name}: expected a bool", name)
+    prompt = _prompt(body, tokenize, ids_key="prompt", text_key="prompt", vocab_size=vocab_size)
+    check_prompt(prompt, caps, "prompt")
+    request = DecodeRequest(prompt, n, options["catalog"], tuple(exclude), "beam", float(length_penalty), max_tokens)
+    reply = {"logprobs": logprobs, "return_token_ids": body.get("return_token_ids", False),
+             "include_stop_str_in_output": body.get("include_stop_str_in_output", False),
+             "skip_special_tokens": body.get("skip_special_tokens", True)}
+    return request, reply

@@ -1,0 +1,181 @@
+"""The engine-neutral serving core without a server: the batcher's grouping, budget, fairness,
+cancellation, queue limit and drain (on a recording decoder), and the request schema both
+servers share."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from decoding.serving.batcher import Batcher, BatchStats, QueueFull
+from decoding.serving.requests import Caps, DecodeRequest, RequestError, completion_request, recommendation_request
+
+
+class RecordingDecoder:
+    """Answers each request with its own prompt; records every batch. ``gate`` holds a batch
+    until the test releases it."""
+
+    def __init__(self):
+        self.batches, self.gate, self.started = [], threading.Event(), threading.Event()
+        self.gate.set()
+
+    def batch_key(self, request):
+        return (request.catalog, request.k)
+
+    def rows(self, request):
+        return request.k
+
+    def decode(self, requests):
+        self.started.set()
+        self.gate.wait(10)
+        self.batches.append([r.prompt_ids[0] for r in requests])
+        return [r.prompt_ids for r in requests]
+
+
+class Counts(BatchStats):
+    def __init__(self):
+        self.events = []
+
+    def cancelled(self, stage):
+        self.events.append(("cancelled", stage))
+
+
+def req(i, k=2, catalog="a"):
+    return DecodeRequest((i,), k, catalog)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_batches_are_fifo_under_the_row_budget_and_keys_never_mix():
+    async def main():
+        decoder = RecordingDecoder()
+        decoder.gate.clear()
+        batcher = Batcher(decoder, max_batch_rows=6, max_wait_s=0.0)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(req(0)))
+        await asyncio.sleep(0.05)  # the worker holds request 0
+        assert decoder.started.is_set()
+        rest = [asyncio.ensure_future(batcher.submit(r)) for r in
+                (req(1), req(2, catalog="b"), req(3), req(4, k=10), req(5), req(6), req(7))]
+        await asyncio.sleep(0.01)
+        decoder.gate.set()
+        answers = await asyncio.gather(first, *rest)
+        await batcher.close()
+        return decoder.batches, answers
+
+    batches, answers = run(main())
+    assert answers == [(i,) for i in range(8)]
+    # 1, 3, 5 share a key and fit 6 rows; 2 (another catalog) heads the next batch; 4 (10 rows,
+    # above the budget) runs alone; the oldest waiting request always starts the batch
+    assert batches == [[0], [1, 3, 5], [2], [4], [6, 7]]
+
+
+def test_the_bounded_wait_gathers_requests_that_arrive_together():
+    async def main():
+        decoder = RecordingDecoder()
+        batcher = Batcher(decoder, max_batch_rows=64, max_wait_s=0.2)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(req(i)) for i in range(5)))
+        await batcher.close()
+        return decoder.batches
+
+    assert run(main()) == [[0, 1, 2, 3, 4]]
+
+
+def test_a_withdrawn_request_is_never_decoded_and_a_full_queue_refuses():
+    async def main():
+        decoder, counts = RecordingDecoder(), Counts()
+        decoder.gate.clear()
+        batcher = Batcher(decoder, max_batch_rows=2, max_queue=2, max_wait_s=0.0, stats=counts)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(req(0)))
+        await asyncio.sleep(0.05)
+        leaver = asyncio.ensure_future(batcher.submit(req(1)))
+        stays = asyncio.ensure_future(batcher.submit(req(2)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull) as refused:
+            await batcher.submit(req(3))
+        assert refused.value.retry_after_s >= 1
+        leaver.cancel()  # the client left: its place in the queue frees at once
+        await asyncio.sleep(0.01)
+        late = asyncio.ensure_future(batcher.submit(req(4)))
+        running.cancel()  # leaves mid-batch: the result is dropped
+        await asyncio.sleep(0.01)
+        decoder.gate.set()
+        answers = await asyncio.gather(stays, late)
+        await batcher.close()
+        return decoder.batches, answers, counts.events
+
+    batches, answers, events = run(main())
+    assert batches == [[0], [2], [4]]  # 1 never decoded
+    assert answers == [(2,), (4,)]
+    assert sorted(events) == [("cancelled", "queued"), ("cancelled", "running")]
+
+
+def test_close_answers_every_accepted_request_and_then_refuses():
+    async def main():
+        decoder = RecordingDecoder()
+        batcher = Batcher(decoder, max_batch_rows=2, max_wait_s=0.0)
+        batcher.start()
+        pending = [asyncio.ensure_future(batcher.submit(req(i))) for i in range(6)]
+        await asyncio.sleep(0)
+        await batcher.close()
+        assert all(p.done() for p in pending)
+        with pytest.raises(RuntimeError, match="shutting down"):
+            await batcher.submit(req(9))
+        return [p.result() for p in pending]
+
+    assert run(main()) == [(i,) for i in range(6)]
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_keeps_serving():
+    class Flaky(RecordingDecoder):
+        def decode(self, requests):
+            if requests[0].prompt_ids == (0,):
+                raise RuntimeError("out of memory")
+            return super().decode(requests)
+
+    async def main():
+        batcher = Batcher(Flaky(), max_batch_rows=2, max_wait_s=0.0)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await batcher.submit(req(0))
+        answer = await batcher.submit(req(1))
+        await batcher.close()
+        return answer
+
+    assert run(main()) == (1,)
+
+
+@pytest.mark.parametrize("kwargs", [{"max_batch_rows": 0}, {"max_queue": True}, {"max_wait_s": -1}])
+def test_batcher_arguments_are_checked(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        Batcher(RecordingDecoder(), **kwargs)
+
+
+def test_both_routes_read_one_request():
+    caps = Caps(max_beams=16, max_exclude=4)
+    rec = recommendation_request({"catalog": "c", "prompt_token_ids": [5, 6], "k": 3, "exclude_items": [1]}, caps)
+    comp, reply = completion_request({"model": "m", "prompt": [5, 6], "n": 3, "use_beam_search": True,
+                                      "max_tokens": 4, "length_penalty": 0.0,
+                                      "vllm_xargs": {"decoding_catalog": "c", "decoding_exclude": [1]}}, caps)
+    assert rec == DecodeRequest((5, 6), 3, "c", (1,))
+    assert comp == DecodeRequest((5, 6), 3, "c", (1,), max_tokens=4)
+    assert reply["logprobs"] is None and reply["return_token_ids"] is False
+    text = recommendation_request({"catalog": "c", "prompt": "hi there"}, caps, tokenize=lambda s: [7, 8])
+    assert text.prompt_ids == (7, 8) and text.k == 10
+    with pytest.raises(RequestError, match="no tokenizer") as error:
+        recommendation_request({"catalog": "c", "prompt": "hi"}, caps)
+    assert error.value.parameter == "prompt"
+    with pytest.raises(RequestError, match="--max-exclude") as error:
+        recommendation_request({"catalog": "c", "prompt_token_ids": [1], "exclude_items": [1] * 5}, caps)
+    assert error.value.parameter == "exclude_items"
+
+
+def test_caps_are_checked():
+    with pytest.raises(ValueError, match="max_queue"):
+        Caps(max_queue=0)
