@@ -1,7 +1,8 @@
 """Smoke test of an installed genrec-decoding (sdist or wheel) in a fresh environment, run from
 outside the source tree: the compiled extension loads, an exact beam search runs on a tiny random
-model, and the console script starts."""
+model, and the console scripts start (decoding-serve without its extra says which to install)."""
 
+import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -25,4 +26,10 @@ assert out.items.shape == (3, 4) and bool((out.items >= 0).all()), out.items
 assert torch.equal(trie.lookup(out.sequences.view(-1, trie.depth)).view(3, 4), out.items)
 subprocess.run([pathlib.Path(sys.executable).with_name("decoding-bench"), "--help"], check=True,
                stdout=subprocess.DEVNULL)
+serve = subprocess.run([pathlib.Path(sys.executable).with_name("decoding-serve"), "--help"], capture_output=True,
+                       text=True)
+if importlib.util.find_spec("fastapi") is None:  # the wheel alone, without the serve extra
+    assert serve.returncode != 0 and "genrec-decoding[serve]" in serve.stderr, serve.stderr
+else:
+    assert serve.returncode == 0, serve.stderr
 print(f"smoke test passed: genrec-decoding from {here.parent}")

@@ -6,7 +6,15 @@
 #   3. the op benchmarks (pytest-benchmark), reported as GB/s and as a fraction of the copy
 #      bandwidth measured on this device in the same run;
 #   4. decoding-bench end to end against transformers on a ~0.5B random Llama (hidden 1024,
-#      24 layers, 32k text tokens + semantic-ID tokens, 1M items) at K = 20 and 256.
+#      24 layers, 32k text tokens + semantic-ID tokens, 1M items) at K = 20 and 256;
+#   5. decoding-bench serve: decoding-serve on the GPU over HTTP (64 concurrent requests, K = 20,
+#      100k items, the bench's small Llama) against the same search in process; no vLLM here, so
+#      only those two methods run. It needs FastAPI, uvicorn and prometheus-client, which the bare
+#      machine lacks: run benchmarks/fetch_serve_wheels.sh here first and carry benchmarks/wheels
+#      (git-ignored) with the repository; this step installs from it offline.
+# Time budget: step 5 is kept to about a minute of the 8 (imports and the exact reference on the
+# CPU ~15 s, decoding-serve's start-up ~20 s, 6 rounds per method of well under a second each at
+# this size) and cut at 90 s, so that it cannot push the run past its budget.
 # Everything lands in benchmarks/results/gpu-<device>*.json (and $OUT when set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,5 +65,23 @@ echo "== end to end, ~0.5B random Llama, 1M items, K = 20 and 256"
 timeout 270 decoding-bench --device cuda --dtype bfloat16 --items 1000000 --hidden 1024 --layers 24 --heads 16 \
     --text-vocab 32000 --beams 20,256 --batch 16 --prompt-len 128 --repeats 3 --out "$res/gpu-$dev" || status=1
 [ -f "$res/gpu-$dev/results.json" ] && cp "$res/gpu-$dev/results.json" "$res/gpu-$dev.json"
+
+echo "== decoding-serve over HTTP vs the same beam search in process (no vLLM here)"
+serve_deps() { python -c "import fastapi, uvicorn, prometheus_client, httpx" 2>/dev/null; }
+if ! serve_deps; then
+    if ls benchmarks/wheels/fastapi-*.whl >/dev/null 2>&1; then
+        python -m pip install -q --no-index --find-links benchmarks/wheels fastapi uvicorn prometheus-client httpx \
+            || echo "gpu.sh: installing decoding-serve's packages from benchmarks/wheels failed"
+    else
+        echo "gpu.sh: FastAPI/uvicorn are not installed and benchmarks/wheels holds no wheels: run"
+        echo "        benchmarks/fetch_serve_wheels.sh (with network) and carry benchmarks/wheels; serve bench skipped"
+    fi
+fi
+if serve_deps; then
+    timeout 90 decoding-bench serve --device cuda --repeats 5 --out "$res/gpu-$dev-serve" || status=1
+    [ -f "$res/gpu-$dev-serve/results.json" ] && cp "$res/gpu-$dev-serve/results.json" "$res/gpu-$dev-serve.json"
+else
+    status=1
+fi
 if [ -n "${OUT:-}" ]; then cp "$res"/gpu-"$dev"*.json "$OUT"/ 2>/dev/null; fi
 exit $status

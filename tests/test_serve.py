@@ -56,7 +56,7 @@ def _server(model_dir, catalog, name, args):
 def server(served_model_dir, catalog):
     """The main server: an API key, caps a test can reach, a batch budget that holds 64 requests."""
     args = ("--api-key", API_KEY, "--max-beams", "64", "--max-exclude", "100", "--max-prompt-tokens", "64",
-            "--max-batch-rows", "1024", "--served-model-name", "rec")
+            "--max-batch-rows", "1024", "--served-model-name", "rec", "--max-body-bytes", "100000")
     with _server(served_model_dir, catalog, "server", args) as (url, proc):
         headers = {"Authorization": f"Bearer {API_KEY}"}
         with httpx.Client(base_url=url, timeout=120, headers=headers,
@@ -236,6 +236,8 @@ def test_a_request_never_names_a_file_and_errors_reveal_nothing(server, catalog)
     wrong_model = client.post("/v1/completions", json={**completion([10]), "model": catalog["path"]})
     assert wrong_model.status_code == 404 and catalog["path"] not in wrong_model.text
     assert client.post("/v1/completions", content=b"{not json").status_code == 400
+    huge = client.post("/v1/recommendations", content=b"[" + b"1," * 60_000 + b"1]")
+    assert huge.status_code == 413 and huge.json()["error"]["param"] == "body"
 
 
 def test_a_full_queue_gets_429_with_retry_after(busy_server):

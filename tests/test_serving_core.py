@@ -86,6 +86,31 @@ def test_the_bounded_wait_gathers_requests_that_arrive_together():
     assert run(main()) == [[0, 1, 2, 3, 4]]
 
 
+def test_only_requests_that_can_share_a_batch_extend_its_wait():
+    """A stream of requests for another catalog keeps arriving: the waiting request's batch still
+    closes one gap after its own last compatible arrival, not at max_wait_s."""
+
+    async def main():
+        decoder = RecordingDecoder()
+        batcher = Batcher(decoder, max_batch_rows=64, max_wait_s=5.0, arrival_gap_s=0.05)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.ensure_future(batcher.submit(req(0)))
+        others = []
+        while not first.done() and loop.time() - started < 3.0:
+            others.append(asyncio.ensure_future(batcher.submit(req(len(others) + 1, catalog="b"))))
+            await asyncio.sleep(0.01)
+        waited = loop.time() - started
+        await asyncio.gather(first, *others)
+        await batcher.close()
+        return waited, decoder.batches
+
+    waited, batches = run(main())
+    assert waited < 2.0, f"the request waited {waited:.2f} s for requests it cannot share a batch with"
+    assert batches[0] == [0]
+
+
 def test_a_withdrawn_request_is_never_decoded_and_a_full_queue_refuses():
     async def main():
         decoder, counts = RecordingDecoder(), Counts()

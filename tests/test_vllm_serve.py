@@ -630,3 +630,26 @@ def test_bench_cli_vllm_http_small_run(tmp_path, capsys):
     assert exact["paired_speedups"] == [walls[0] / walls[1]] == [exact["paired_speedup_median"]]
     printed = capsys.readouterr().out
     assert "vLLM server beam search, unconstrained + post-filter" in printed and "model work alone" in printed
+
+
+def test_bench_cli_serve_small_run(tmp_path, capsys):
+    """decoding-bench serve: decoding-serve and vLLM's server on the same weights, concurrent
+    clients, every method scored against the exact top-K, the in-process limit beside them."""
+    from decoding.bench.__main__ import main
+
+    rc = main(["serve", "--items", "3000", "--batch", "6", "--clients", "6", "--beams", "4", "--prompt-len", "16",
+               "--hidden", "64", "--layers", "1", "--heads", "2", "--repeats", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())["results"][0]
+    assert res["suite"] == "serve" and res["vllm"] == vllm.__version__
+    rows = {row["method"]: row for row in res["methods"]}
+    vllm_own, route, served, limit = (rows[name] for name in res["methods_run"])
+    for row in (route, served, limit):
+        assert row["topk"]["wrong"] == 0 and row["invalid_item_rate"] == 0.0
+    assert vllm_own["invalid_item_rate"] > 0.5
+    for row in (vllm_own, route, served):
+        assert row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0 and row["bystander_max_ms"] > 0
+    assert res["serve_batches"]["requests"] == 6 and res["server_overhead"]["fraction_of_in_process"] > 0
+    assert [r["round"] for r in res["rounds"]] == [0] * 4 + [1] * 4  # the methods take turns, round by round
+    assert (tmp_path / "decoding-serve.log").exists() and (tmp_path / "vllm-server.log").exists()
+    assert "server overhead" in capsys.readouterr().out

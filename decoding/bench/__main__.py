@@ -7,8 +7,8 @@ Python dict-trie ``prefix_allowed_tokens_fn`` (how LC-Rec / MiniOneRec decode). 
 writes ``results.json`` and ``results.png``.
 
 One subcommand per comparison, each with only its own flags (``decoding-bench <suite> --help``):
-``e2e``, ``speculative``, ``setid``, ``kv``, ``vllm``, ``vllm-http``, ``workload``, ``step``,
-``build``, ``all`` (e2e, step and build). Every ratio compares against a baseline measured in the
+``e2e``, ``speculative``, ``setid``, ``kv``, ``vllm``, ``vllm-http``, ``serve``, ``workload``,
+``step``, ``build``, ``all`` (e2e, step and build). Every ratio compares against a baseline measured in the
 same run. This CLI compares whole decoders with what users run today; per-op timings of each
 backend are ``python -m pytest benchmarks --benchmark-enable``.
 """
@@ -57,6 +57,11 @@ def _vllm():
 def _vllm_http():
     from decoding.bench import vllm_http
     return vllm_http.run, vllm_http.show
+
+
+def _serve():
+    from decoding.bench import serve
+    return serve.run, serve.show
 
 
 def _workload():
@@ -171,6 +176,22 @@ def _vllm_flags(p):
 
 def _vllm_http_flags(p):
     _vllm_flags(p)
+    _server_flags(p)
+
+
+def _serve_flags(p):
+    _catalog_flags(p)
+    _model_flags(p)
+    _run_flags(p, batch=64, backend=False)
+    _common_flags(p)  # --device: decoding-serve's and the in-process search's (vLLM runs on its own build)
+    _server_flags(p)
+    p.add_argument_group("decoding-serve").add_argument(
+        "--max-wait-ms", type=float, default=None,
+        help="decoding-serve's --max-wait-ms, the longest the oldest waiting request waits for others to fill "
+             "a batch; None: decoding-serve's own default")
+
+
+def _server_flags(p):
     g = p.add_argument_group("server")
     g.add_argument("--clients", type=int, default=64, help="concurrent HTTP clients")
     g.add_argument("--text-vocab", type=int, default=0,
@@ -251,6 +272,12 @@ def _check_http(p, args):
         p.error("--text-vocab must be non-negative")
 
 
+def _check_serve(p, args):
+    _check_http(p, args)
+    if args.max_wait_ms is not None and not args.max_wait_ms >= 0:
+        p.error("--max-wait-ms must be non-negative")
+
+
 SUITES: dict[str, Suite] = {
     "e2e": Suite("trie beam search vs transformers' beam search with a Python prefix_allowed_tokens_fn "
                  "(the default)", _e2e_flags, (("e2e", _e2e),)),
@@ -264,6 +291,9 @@ SUITES: dict[str, Suite] = {
                   _vllm_flags, (("vllm", _vllm),)),
     "vllm-http": Suite("constrained beam search through a vLLM OpenAI server on localhost, concurrent HTTP "
                        "clients (vllm extra)", _vllm_http_flags, (("vllm-http", _vllm_http),), _check_http),
+    "serve": Suite("decoding-serve over HTTP vs vLLM's OpenAI server (its beam search and the package's route, "
+                   "when vLLM is installed) vs the same beam search in process (serve extra)", _serve_flags,
+                   (("serve", _serve),), _check_serve),
     "workload": Suite("every decoder on a trained recommender and real data (MovieLens-100K); trains once, "
                       "then caches", _workload_flags, (("ml-100k", _workload),), _check_workload),
     "step": Suite("one trie_beam_step: each backend vs the torch reference", _step_only_flags, (("step", _step),)),

@@ -31,62 +31,51 @@ JSON lists every round in the order it ran.
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-
-import torch
 
 from decoding import testing as bm
-from decoding.bench._common import catalog_and_model, log, paired_speedups
-from decoding.testing.exactness import ExactReference
+from decoding.bench._common import (
+    Bystander,
+    add_paired,
+    beam_request,
+    http_round,
+    http_summary,
+    in_turn,
+    items_of,
+    judged,
+    log,
+    plain_completion,
+    post_beam_request,
+    served_workload,
+    server_metrics,
+)
 
 
-def _percentile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+def vllm_server_for(model_dir: str, trie_path: str, args, log_path: str):
+    """vLLM's OpenAI server on ``model_dir`` with the catalog at ``trie_path`` registered as
+    ``items`` (the package's exact route), sized for ``args``' prompts."""
+    from decoding.testing.serving import vllm_server
+
+    return vllm_server(model_dir, log_path, additional_config={"decoding": {"catalogs": {"items": trie_path}}},
+                       max_model_len=max(512, args.prompt_len + args.levels + 8),
+                       env={"VLLM_CPU_KVCACHE_SPACE": "4"})
 
 
-def _server_counters(client) -> dict:
-    text = client.get("/metrics").text
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("decoding_beam_") and "_total " in line:
-            name, value = line.rsplit(" ", 1)
-            out[name.removeprefix("decoding_beam_").removesuffix("_total")] = float(value)
-    return out
+def route_counters(client) -> dict:
+    """The exact route's ``decoding_beam_*`` counters on the vLLM server."""
+    return server_metrics(client, "decoding_beam_", "_total")
 
 
-class Bystander:
-    """Plain 4-token completions, one after another, while something else runs: their latencies."""
-
-    def __init__(self, client, model, prompt):
-        self.client, self.body = client, {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0.0,
-                                          "ignore_eos": True}
-        self.latencies, self._stop = [], threading.Event()
-
-    def once(self) -> float:
-        t0 = time.perf_counter()
-        response = self.client.post("/v1/completions", json=self.body)
-        if response.status_code != 200:
-            raise RuntimeError(f"bystander answered {response.status_code}: {response.text[:300]}")
-        return time.perf_counter() - t0
-
-    def __enter__(self):
-        def loop():
-            while not self._stop.is_set():
-                self.latencies.append(self.once())
-                time.sleep(0.05)
-
-        self._thread = threading.Thread(target=loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+def add_route_stats(row: dict, diff: dict) -> None:
+    """The exact route's work per search (engine requests, log-probs, wide and fallback rows),
+    from its counters' growth ``diff`` over the method's rounds."""
+    searches = diff.get("searches", 0)
+    if searches:
+        row["per_search"] = {k: diff.get(k, 0) / searches for k in
+                             ("engine_requests", "logprobs", "wide_rows", "fallback_rows")}
+        row["fallback_rows"] = int(diff.get("fallback_rows", 0))
+        row["wide_rows"] = int(diff.get("wide_rows", 0))
 
 
 def run(args, device) -> dict:
@@ -95,57 +84,30 @@ def run(args, device) -> dict:
         import vllm  # noqa: F401
     except ImportError as exc:
         raise SystemExit(f"decoding-bench vllm-http needs vLLM and httpx: {exc}")
-    from decoding.testing.serving import vllm_server
 
     K, L, N, C = args.beams, args.levels, args.batch, args.clients
-    V, seqs, trie, model, _ = catalog_and_model(args)
+    (V, seqs, trie, model, _), prompts, reference = served_workload(args)
     log(f"[vllm-http] catalog: {args.items:,} semantic IDs, vocabulary {V:,} tokens; {N} requests of "
         f"{args.prompt_len} tokens per run, {C} concurrent clients, {K} beams")
-    g = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(bm.SPECIAL_TOKENS, bm.sid_vocab_size(L, args.codes), (N, args.prompt_len), generator=g)
-    log("[vllm-http] exact top-K: decoding.beam_search on the same weights in transformers")
-    reference = ExactReference(model, prompts, trie, K, seqs)
     prompt_lists = prompts.tolist()
-
-    def score(answers):
-        rows = [it for items, _ in answers for it in items]
-        invalid = sum(i < 0 for i in rows) / max(len(rows), 1)
-        return (invalid, *reference.judge(answers))
 
     methods, floor = [], None
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = bm.save_for_serving(model, os.path.join(tmp, "model"))
         trie_path = os.path.join(tmp, "catalog.trie")
         trie.save(trie_path)
-        config = {"decoding": {"catalogs": {"items": trie_path}}}
         os.makedirs(args.out, exist_ok=True)
         server_log = os.path.join(args.out, "vllm-server.log")
         log(f"[vllm-http] starting the server (its log: {server_log})")
-        with vllm_server(model_dir, server_log, additional_config=config,
-                         max_model_len=max(512, args.prompt_len + L + 8),
-                         env={"VLLM_CPU_KVCACHE_SPACE": "4"}) as (url, _), \
-                httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=C + 2)) as client:
+        with vllm_server_for(model_dir, trie_path, args, server_log) as (url, _), \
+                httpx.Client(base_url=url, timeout=600,
+                             limits=httpx.Limits(max_connections=C + 2, keepalive_expiry=1.0)) as client:
             model_name = model_dir
-            bystander_prompt = prompt_lists[0][: max(4, args.prompt_len // 2)]
-            alone = Bystander(client, model_name, bystander_prompt)
-            alone.once()  # warm-up
-            bystander_alone = statistics.median(alone.once() for _ in range(5))
+            bystander_body = plain_completion(model_name, prompt_lists[0][: max(4, args.prompt_len // 2)])
+            bystander_alone = Bystander(client, bystander_body).alone()
 
             def beam(i, catalog):
-                body = {"model": model_name, "prompt": prompt_lists[i], "max_tokens": L, "use_beam_search": True,
-                        "n": K, "temperature": 0.0, "length_penalty": 0.0, "return_token_ids": True, "logprobs": 0}
-                if catalog:
-                    body["vllm_xargs"] = {"decoding_catalog": "items"}
-                t0 = time.perf_counter()
-                response = client.post("/v1/completions", json=body)
-                elapsed = time.perf_counter() - t0
-                if response.status_code != 200:
-                    raise RuntimeError(f"server answered {response.status_code}: {response.text[:500]}")
-                choices = response.json()["choices"]
-                tokens = [c["token_ids"][:L] + [-1] * (L - len(c["token_ids"][:L])) for c in choices]
-                scores = [sum(c["logprobs"]["token_logprobs"][:L]) for c in choices]
-                items = trie.lookup(torch.tensor(tokens)).tolist() if tokens else []
-                return elapsed, (items, scores)
+                return post_beam_request(client, beam_request(model_name, prompt_lists[i], L, K, catalog))
 
             def model_work(i):
                 t0 = time.perf_counter()
@@ -159,56 +121,23 @@ def run(args, device) -> dict:
                                                          "ignore_eos": True})
                 return time.perf_counter() - t0, None
 
-            def timed_round(label, fn, round_):
+            def timed_round(fn):
                 """One run of ``fn`` over the ``N`` requests from ``C`` clients, a bystander beside it."""
-                before = _server_counters(client)
-                with ThreadPoolExecutor(C) as pool, Bystander(client, model_name, bystander_prompt) as bystander:
-                    t0 = time.perf_counter()
-                    results = list(pool.map(fn, range(N)))
-                    wall = time.perf_counter() - t0
-                log(f"  {label}: {'warm-up' if round_ == 0 else f'run {round_}/{args.repeats}'} {wall * 1e3:,.0f} ms")
-                return wall, results, bystander.latencies, before, _server_counters(client)
+                return lambda: http_round(fn, N, C, lambda: Bystander(client, bystander_body),
+                                          lambda: route_counters(client))
 
-            def summary(runs) -> dict:
-                """The timed runs of one method (the warm-up left out) as one row: medians, percentiles."""
-                walls = [wall for wall, *_ in runs]
-                latencies = [t for _, results, *_ in runs for t, _ in results]
-                waits = [t for *_, latencies_, _, _ in runs for t in latencies_]
-                wall = statistics.median(walls)
-                row = {"requests_per_s": N / wall, "wall_ms": wall * 1e3, "runs_ms": [w * 1e3 for w in walls],
-                       "p50_ms": _percentile(latencies, 0.5) * 1e3, "p99_ms": _percentile(latencies, 0.99) * 1e3,
-                       "bystander_p50_ms": _percentile(waits, 0.5) * 1e3, "bystander_max_ms": max(waits) * 1e3,
-                       "answers": [a for _, a in runs[-1][1]]}
-                diff = {}
-                for *_, before, after in runs:
-                    for k in after:
-                        diff[k] = diff.get(k, 0) + after.get(k, 0) - before.get(k, 0)
-                searches = diff.get("searches", 0)
-                if searches:
-                    row["per_search"] = {k: diff.get(k, 0) / searches for k in
-                                         ("engine_requests", "logprobs", "wide_rows", "fallback_rows")}
-                    row["fallback_rows"] = int(diff.get("fallback_rows", 0))
-                    row["wide_rows"] = int(diff.get("wide_rows", 0))
-                return row
-
-            plan = [("vLLM server beam search, unconstrained + post-filter", lambda i: beam(i, False)),
-                    ("decoding exact beam search (vllm_xargs catalog)", lambda i: beam(i, True)),
+            plan = [("vLLM server beam search, unconstrained + post-filter", lambda i: beam(i, None)),
+                    ("decoding exact beam search (vllm_xargs catalog)", lambda i: beam(i, "items")),
                     ("model work alone (plain requests)", model_work)]
             # the methods take turns, round by round, so that a machine that slows down or speeds up
             # during the run weighs on each alike; each method's first round is its warm-up
-            runs, rounds = {label: [] for label, _ in plan}, []
-            for round_ in range(args.repeats + 1):
-                for label, fn in plan:
-                    measured = timed_round(label, fn, round_)
-                    rounds.append({"round": round_, "method": label, "wall_ms": measured[0] * 1e3})
-                    if round_:
-                        runs[label].append(measured)
+            runs, rounds = in_turn([(label, timed_round(fn)) for label, fn in plan], args.repeats)
             for label, _ in plan[:2]:
-                row = summary(runs[label])
-                row["invalid_item_rate"], row["topk"], row["differences"] = score(row.pop("answers"))
-                row["agreement_with_exact_topk"] = row["topk"]["exact"] + row["topk"]["near-tie"]
+                row, diff = http_summary(runs[label], N)
+                row.update(judged(reference, items_of(row.pop("answers"), trie)))
+                add_route_stats(row, diff)
                 methods.append({"method": label, **row})
-            floor = summary(runs[plan[2][0]])
+            floor, _ = http_summary(runs[plan[2][0]], N)
             floor.pop("answers")
 
     base = methods[0]["requests_per_s"]
@@ -216,10 +145,8 @@ def run(args, device) -> dict:
         row["speedup_vs_baseline"] = row["requests_per_s"] / base
     floor["max_speedup_vs_baseline"] = floor["requests_per_s"] / base
     # paired: each timed round's baseline wall over the method's in the same round, median over rounds
-    base_runs = methods[0]["runs_ms"]
     for row in (*methods, floor):
-        row["paired_speedups"] = paired_speedups(base_runs, row["runs_ms"])
-        row["paired_speedup_median"] = statistics.median(row["paired_speedups"])
+        add_paired(row, methods[0]["runs_ms"])
     return {"suite": "vllm-http",
             "config": {**{k: getattr(args, k) for k in ("items", "levels", "codes", "batch", "clients", "beams",
                                                         "prompt_len", "hidden", "layers", "heads", "repeats", "seed",

@@ -4,8 +4,8 @@ Routes: ``POST /v1/completions`` (OpenAI-compatible beam search over a catalog, 
 vLLM route takes), ``POST /v1/recommendations``, ``GET /health``, ``GET /v1/models`` and
 ``GET /metrics`` (Prometheus). Errors come in OpenAI's shape, ``{"error": {"message", "type",
 "param", "code"}}``: 400 naming the argument (never repeating a path or what exists on the
-server), 401 without the operator's API key, 404 for a model the server does not serve, 429
-with ``Retry-After`` when ``max_queue`` requests wait.
+server), 401 without the operator's API key, 404 for a model the server does not serve, 413 for
+a body above ``max_body_bytes``, 429 with ``Retry-After`` when ``max_queue`` requests wait.
 
 A handler watches its connection while its request waits: a client that disconnects withdraws
 the request (never decoded if its batch had not started; its result dropped otherwise).
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import time
 import uuid
 
@@ -73,7 +74,8 @@ class ServerMetrics(BatchStats):
 
 
 def _error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 429: "RateLimitError",
+    kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
+            429: "RateLimitError",
             503: "ServiceUnavailableError"}.get(status, "InternalServerError")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
                         status_code=status, headers=headers)
@@ -88,7 +90,8 @@ async def _until_disconnected(request: Request) -> None:
 
 
 def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=None, eos_token_id: int | None = None,
-               api_key: str | None = None, max_batch_rows: int = 2048, max_wait_s: float = 0.01) -> FastAPI:
+               api_key: str | None = None, max_batch_rows: int = 2048, max_wait_s: float = 0.1,
+               arrival_gap_s: float = 0.02) -> FastAPI:
     """The server's FastAPI app around ``decoder`` (a :class:`~decoding.serving.decoders.Decoder`).
 
     Args:
@@ -96,7 +99,7 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
         caps: the operator's :class:`~decoding.serving.requests.Caps`.
         tokenizer: a transformers tokenizer for text prompts and choices' text (None: token ids only).
         api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
-        max_batch_rows, max_wait_s: the batcher's budget and bounded wait
+        max_batch_rows, max_wait_s, arrival_gap_s: the batcher's budget and bounded wait
             (:class:`~decoding.serving.batcher.Batcher`).
     """
     caps = caps or Caps()
@@ -108,7 +111,7 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
     @contextlib.asynccontextmanager
     async def lifespan(app):
         batcher = Batcher(decoder, max_batch_rows=max_batch_rows, max_queue=caps.max_queue, max_wait_s=max_wait_s,
-                          stats=metrics)
+                          arrival_gap_s=arrival_gap_s, stats=metrics)
         state["batcher"] = batcher
         batcher.start()
         try:
@@ -135,8 +138,14 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
     async def _serve(request: Request, parse, reply):
         if not authorised(request):
             return _error(401, "authorization: expected the server's API key as a Bearer token", "authorization")
+        raw = bytearray()
+        async for chunk in request.stream():  # read under the cap: an oversized body is never held whole
+            raw += chunk
+            if len(raw) > caps.max_body_bytes:
+                return _error(413, f"body: larger than this server's max_body_bytes ({caps.max_body_bytes}); the "
+                                   f"operator raises it with {caps.hint('max_body_bytes')}", "body")
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             return _error(400, "body: expected a JSON object", "body")
         try:
@@ -173,8 +182,10 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
         options["parameters"] = {"catalog": "decoding_catalog", "k": "n", "exclude": "decoding_exclude"}
         return request, options
 
-    def token_text(ids, skip_special_tokens=True) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) if tokenizer is not None else ""
+    def texts(identifiers, skip_special_tokens=True) -> list[str]:
+        if tokenizer is None:
+            return [""] * len(identifiers)
+        return tokenizer.batch_decode(identifiers, skip_special_tokens=skip_special_tokens)  # one call per answer
 
     def token_names(ids) -> list[str]:
         if tokenizer is None:
@@ -182,12 +193,14 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
         return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
 
     def completion_reply(request, options, result) -> dict:
-        choices = []
-        for j, (tokens, token_scores) in enumerate(zip(result.identifiers, result.token_scores)):
+        choices, shown_ids = [], []
+        for tokens in result.identifiers:
             ended = eos_token_id is not None and bool(tokens) and tokens[-1] == eos_token_id
-            shown = tokens[:-1] if ended and not options["include_stop_str_in_output"] else tokens
-            choice = {"index": j, "text": token_text(shown, options["skip_special_tokens"]), "logprobs": None,
-                      "finish_reason": "stop" if ended else "length", "stop_reason": None}
+            shown_ids.append((tokens[:-1] if ended and not options["include_stop_str_in_output"] else tokens, ended))
+        decoded = texts([shown for shown, _ in shown_ids], options["skip_special_tokens"])
+        for j, ((shown, ended), text, token_scores) in enumerate(zip(shown_ids, decoded, result.token_scores)):
+            choice = {"index": j, "text": text, "logprobs": None, "finish_reason": "stop" if ended else "length",
+                      "stop_reason": None}
             if options["logprobs"] is not None:
                 names, values = token_names(shown), token_scores[:len(shown)]
                 offsets, at = [], 0

@@ -2,8 +2,11 @@
 
 One worker takes the oldest waiting request and the requests behind it that share its
 :meth:`~decoding.serving.decoders.Decoder.batch_key`, oldest first, while their rows fit
-``max_batch_rows``; it waits at most ``max_wait_s`` after the oldest request arrived for more to
-fill the budget. A request larger than the budget runs alone. Every batch starts with the oldest
+``max_batch_rows``. When the worker is free and the budget is not full, it waits for more while
+requests keep arriving: until none arrived for ``arrival_gap_s``, and never past ``max_wait_s``
+after the oldest request arrived (a burst of concurrent clients, whose requests reach the server
+over tens of milliseconds, becomes one batch; a lone request waits one gap). A request larger than
+the budget runs alone. Every batch starts with the oldest
 request still waiting, so a request is held back by at most the batch that is running when it
 arrives (a request at the operator's cap included) plus the requests that arrived before it.
 
@@ -62,18 +65,20 @@ class Batcher:
         max_batch_rows: the budget of beam rows per batch (a larger request runs alone).
         max_queue: most requests waiting for a batch.
         max_wait_s: longest the oldest waiting request waits for others to fill the budget.
+        arrival_gap_s: the wait ends once no request arrived for this long.
         stats: a :class:`BatchStats` to report to.
     """
 
-    def __init__(self, decoder, *, max_batch_rows: int = 2048, max_queue: int = 1024, max_wait_s: float = 0.01,
-                 stats: BatchStats | None = None):
+    def __init__(self, decoder, *, max_batch_rows: int = 2048, max_queue: int = 1024, max_wait_s: float = 0.1,
+                 arrival_gap_s: float = 0.02, stats: BatchStats | None = None):
         for name, value in (("max_batch_rows", max_batch_rows), ("max_queue", max_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if not max_wait_s >= 0:
-            raise ValueError(f"max_wait_s: expected a non-negative number of seconds, got {max_wait_s!r}")
+        for name, value in (("max_wait_s", max_wait_s), ("arrival_gap_s", arrival_gap_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name}: expected a non-negative number of seconds, got {value!r}")
         self.decoder, self.max_batch_rows, self.max_queue = decoder, max_batch_rows, max_queue
-        self.max_wait_s = max_wait_s
+        self.max_wait_s, self.arrival_gap_s = max_wait_s, arrival_gap_s
         self.stats = stats or BatchStats()
         self._queue: collections.deque[_Entry] = collections.deque()
         self._arrived = asyncio.Event()
@@ -116,12 +121,15 @@ class Batcher:
                 kept.append(entry)
         self._queue = kept
 
-    def _compatible_rows(self, head: _Entry) -> int:
-        rows = 0
+    def _compatible(self, head: _Entry) -> tuple[int, float]:
+        """The rows of the waiting requests that can share ``head``'s batch, and when the last of
+        them arrived."""
+        rows, last = 0, head.arrived
         for entry in self._queue:
             if entry.key == head.key and not entry.future.done():
                 rows += entry.rows
-        return rows
+                last = max(last, entry.arrived)
+        return rows, last
 
     def _take(self) -> list[_Entry]:
         """The next batch: the oldest request and the compatible ones behind it, in arrival
@@ -151,9 +159,13 @@ class Batcher:
                 await self._arrived.wait()
                 continue
             head = self._queue[0]
-            # a bounded wait for more requests to fill the budget, counted from the oldest's arrival
-            while (not self._closing and self._compatible_rows(head) < self.max_batch_rows
-                   and (left := head.arrived + self.max_wait_s - time.monotonic()) > 0):
+            # a bounded wait for more requests to fill the budget: while requests that can share
+            # the batch keep arriving (others do not hold it), never past max_wait_s after the oldest's arrival
+            while not self._closing:
+                rows, last = self._compatible(head)
+                left = min(head.arrived + self.max_wait_s, last + self.arrival_gap_s) - time.monotonic()
+                if rows >= self.max_batch_rows or left <= 0:
+                    break
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)

@@ -52,14 +52,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-rows", type=_positive, default=2048,
                    help="beam rows per batched search (a larger request runs alone); the step's logits are "
                         "rows x vocabulary floats")
-    p.add_argument("--max-wait-ms", type=float, default=10.0,
+    p.add_argument("--max-wait-ms", type=float, default=100.0,
                    help="longest the oldest waiting request waits for others to fill a batch")
+    p.add_argument("--arrival-gap-ms", type=float, default=20.0,
+                   help="a batch stops waiting once no request arrived for this long")
     p.add_argument("--max-beams", type=_positive, default=1024, help="most beams (n / k) per request")
     p.add_argument("--max-exclude", type=_positive, default=100_000, help="most excluded item ids per request")
     p.add_argument("--max-prompt-tokens", type=_positive, default=None,
                    help="longest prompt (default: the model's positions less the longest identifier)")
     p.add_argument("--max-queue", type=_positive, default=1024,
                    help="requests waiting for a batch before the server answers 429")
+    p.add_argument("--max-body-bytes", type=_positive, default=16 << 20,
+                   help="largest request body (413 above it, before it is parsed)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -100,13 +104,14 @@ def build_app(args):
     if max_prompt is None and positions:
         max_prompt = max(1, int(positions) - max(t.depth for t in catalogs.values()))
     caps = Caps(max_beams=args.max_beams, max_exclude=args.max_exclude, max_prompt_tokens=max_prompt,
-                max_queue=args.max_queue)
+                max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
     eos = {t.eos_token_id for t in catalogs.values()} - {None}
     if len(eos) > 1:
         raise SystemExit("decoding-serve: --catalog: the catalogs end identifiers with different EOS tokens")
     return create_app(decoder, model_name=args.served_model_name or args.model, caps=caps, tokenizer=tokenizer,
                       eos_token_id=eos.pop() if eos else None, api_key=args.api_key,
-                      max_batch_rows=args.max_batch_rows, max_wait_s=args.max_wait_ms / 1e3)
+                      max_batch_rows=args.max_batch_rows, max_wait_s=args.max_wait_ms / 1e3,
+                      arrival_gap_s=args.arrival_gap_ms / 1e3)
 
 
 def main(argv=None) -> None:

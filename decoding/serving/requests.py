@@ -68,16 +68,18 @@ class Caps:
 
     max_beams: most beams (``n`` / ``k``) per request; max_exclude: most excluded item ids;
     max_prompt_tokens: longest prompt (None: no cap); max_queue: requests waiting for a batch
-    before the server answers 429 (decoding-serve)."""
+    before the server answers 429; max_body_bytes: largest request body, refused with 413 before
+    it is parsed (decoding-serve)."""
 
     max_beams: int = DEFAULT_MAX_BEAMS
     max_exclude: int = DEFAULT_MAX_EXCLUDE
     max_prompt_tokens: int | None = None
     max_queue: int = 1024
+    max_body_bytes: int = 16 << 20
     raise_with: str = "decoding-serve --{flag} <value>"  # how the operator raises a cap, shown in the 400
 
     def __post_init__(self):
-        for name in ("max_beams", "max_exclude", "max_prompt_tokens", "max_queue"):
+        for name in ("max_beams", "max_exclude", "max_prompt_tokens", "max_queue", "max_body_bytes"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value <= 0):
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
