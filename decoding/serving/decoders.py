@@ -15,13 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from decoding.serving.requests import (
-    CatalogError,
-    DecodeRequest,
-    RequestError,
-    check_exclusions,
-    unknown_catalog,
-)
+from decoding.serving.requests import CatalogError, DecodeRequest, check_against_catalog, unknown_catalog
 from decoding.trie import ItemTrie
 
 
@@ -91,17 +85,7 @@ class BeamDecoder:
         return trie
 
     def admit(self, request: DecodeRequest, parameters: Mapping[str, str]) -> None:
-        trie = self.catalog(request.catalog, parameters["catalog"])
-        if request.max_tokens is not None and request.max_tokens < trie.depth:
-            raise RequestError(f"max_tokens: {request.max_tokens} is shorter than the catalog's identifiers "
-                               f"({trie.depth} tokens)", "max_tokens")
-        if request.k > trie.num_items:
-            raise RequestError(f"{parameters['k']}: {request.k} beams is more than the catalog's {trie.num_items} "
-                               "items", parameters["k"])
-        try:
-            check_exclusions(list(request.exclude), len(request.exclude), trie.num_ids, parameter=parameters["exclude"])
-        except ValueError as exc:
-            raise RequestError(str(exc), parameters["exclude"]) from None
+        check_against_catalog(request, self.catalog(request.catalog, parameters["catalog"]), parameters)
 
     def batch_key(self, request: DecodeRequest) -> Hashable:
         # one search has one catalog, one beam count and one length penalty

@@ -178,6 +178,21 @@ def check_beams(beams: int, max_beams: int, *, parameter: str = "n", raise_with:
                          + (f"; the operator raises it with {raise_with}" if raise_with else ""))
 
 
+def check_against_catalog(request: DecodeRequest, trie, parameters: dict) -> None:
+    """What a request asks of its catalog (an :class:`~decoding.ItemTrie`): a token budget that
+    holds the identifiers, no more beams than items, excluded ids inside the catalog.
+    ``parameters`` maps ``k`` and ``exclude`` to the route's field names. RequestError naming the
+    field otherwise. Both servers call it once the catalog is resolved."""
+    if request.max_tokens is not None and request.max_tokens < trie.depth:
+        raise RequestError(f"max_tokens: {request.max_tokens} is shorter than the catalog's identifiers "
+                           f"({trie.depth} tokens)", "max_tokens")
+    if request.k > trie.num_items:
+        raise RequestError(f"{parameters['k']}: {request.k} beams is more than the catalog's {trie.num_items} items",
+                           parameters["k"])
+    _check(check_exclusions, parameters["exclude"], list(request.exclude), len(request.exclude), trie.num_ids,
+           parameter=EXCLUDE_KEY if parameters["exclude"] == "vllm_xargs" else parameters["exclude"])
+
+
 def completion_options(xargs, field_of, chat: bool) -> dict | None:
     """The exact beam route's options for an OpenAI beam-search request (``field_of(name,
     default)`` reads its fields): ``{"catalog", "exclude", "logprobs"}``; None if it names no

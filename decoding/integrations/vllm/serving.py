@@ -30,7 +30,7 @@ import numpy as np
 from decoding.integrations.vllm import _compat
 from decoding.integrations.vllm.arguments import beam_options, beam_unsupported, check_beams, check_exclusions
 from decoding.integrations.vllm.catalogs import CatalogError, catalogs_for
-from decoding.serving.requests import RequestError
+from decoding.serving.requests import DecodeRequest, RequestError, check_against_catalog
 
 logger = logging.getLogger("decoding.integrations.vllm")
 
@@ -119,15 +119,19 @@ async def catalog_beam_search(call: _compat.BeamCall, options: dict) -> list[_co
         check_beams(call.beam_width, limits.max_beams)
     except ValueError as exc:
         raise BeamRouteError(str(exc), "n") from None
+    if len(options["exclude"]) > limits.max_exclude:  # the cap, before any id is looked at
+        try:
+            check_exclusions(options["exclude"], limits.max_exclude, trie.num_ids)
+        except ValueError as exc:
+            raise BeamRouteError(str(exc), "vllm_xargs") from None
+    # the serving core's request and checks, as decoding-serve applies them
+    request = DecodeRequest(tuple(call.prompt_ids), call.beam_width, options["catalog"], tuple(options["exclude"]),
+                            length_penalty=call.length_penalty, max_tokens=call.max_tokens)
     try:
-        exclude = check_exclusions(options["exclude"], limits.max_exclude, trie.num_ids)
-    except ValueError as exc:
-        raise BeamRouteError(str(exc), "vllm_xargs") from None
-    if call.max_tokens < trie.depth:
-        raise BeamRouteError(f"max_tokens: {call.max_tokens} is shorter than the catalog's identifiers "
-                             f"({trie.depth} tokens)", "max_tokens")
-    if call.beam_width > trie.num_items:
-        raise BeamRouteError(f"n: {call.beam_width} beams is more than the catalog's {trie.num_items} items", "n")
+        check_against_catalog(request, trie, {"k": "n", "exclude": "vllm_xargs"})
+    except RequestError as exc:
+        raise BeamRouteError(str(exc), exc.parameter) from None
+    exclude = list(request.exclude)
     metrics = _metrics()
     if metrics:  # the engine's router knows the exact path's requests in flight
         pending = call.engine.router.pending
