@@ -290,3 +290,27 @@ def test_wide_beams_match_transformers(sid_catalog, sid_models, K):
         assert set(ours.items[b].tolist()) == set(hf_items[b].tolist())
     assert torch.allclose(ours.scores, hf_scores.sort(dim=1, descending=True).values, atol=1e-4)
     assert bool((ours.items >= 0).all()) and all(len(set(row.tolist())) == K for row in ours.items)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.3])
+def test_token_scores_are_each_tokens_term_of_the_score(title_catalog, title_models, length_penalty):
+    """Served per-token log-probs: on EOS-terminated identifiers of unequal lengths, each token's
+    term sums (over the identifier, its EOS included) to the score times length ** length_penalty,
+    and each is the model's own log-prob of that token after the prompt and the tokens before it."""
+    seqs, trie = title_catalog
+    model = title_models["llama"]
+    ids, mask = prompts(TITLE_VOCAB, batch=3, seed=21)
+    out = beam_search(model, ids, mask, trie=trie, num_beams=6, length_penalty=length_penalty)
+    live = out.scores > float("-inf")
+    lengths = (out.sequences >= 0).sum(-1).float()
+    assert len(set(lengths[live].tolist())) > 1  # identifiers of several lengths
+    total = out.token_scores.sum(-1) / lengths.clamp(min=1) ** length_penalty
+    torch.testing.assert_close(total[live], out.scores[live], rtol=0, atol=1e-5)
+    assert bool((out.token_scores[out.sequences < 0] == 0).all())
+    b, j = 1, 2  # one answer, read token by token from the model itself
+    tokens = [t for t in out.sequences[b, j].tolist() if t >= 0]
+    prompt = ids[b][mask[b].bool()].tolist()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1: -1]
+    expected = torch.log_softmax(logits.float(), -1)[torch.arange(len(tokens)), torch.tensor(tokens)]
+    torch.testing.assert_close(out.token_scores[b, j, :len(tokens)], expected, rtol=0, atol=1e-4)

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from decoding.serving.batcher import Batcher, BatchStats, QueueFull
+from decoding.serving.batcher import Batcher, BatchStats, QueueFull, ShuttingDown
 from decoding.serving.requests import Caps, DecodeRequest, RequestError, completion_request, recommendation_request
 
 
@@ -57,8 +57,7 @@ def test_batches_are_fifo_under_the_row_budget_and_keys_never_mix():
         batcher = Batcher(decoder, max_batch_rows=6, max_wait_s=0.0)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(req(0)))
-        await asyncio.sleep(0.05)  # the worker holds request 0
-        assert decoder.started.is_set()
+        assert await asyncio.to_thread(decoder.started.wait, 10)  # the worker holds request 0
         rest = [asyncio.ensure_future(batcher.submit(r)) for r in
                 (req(1), req(2, catalog="b"), req(3), req(4, k=10), req(5), req(6), req(7))]
         await asyncio.sleep(0.01)
@@ -118,7 +117,7 @@ def test_a_withdrawn_request_is_never_decoded_and_a_full_queue_refuses():
         batcher = Batcher(decoder, max_batch_rows=2, max_queue=2, max_wait_s=0.0, stats=counts)
         batcher.start()
         running = asyncio.ensure_future(batcher.submit(req(0)))
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(decoder.started.wait, 10)
         leaver = asyncio.ensure_future(batcher.submit(req(1)))
         stays = asyncio.ensure_future(batcher.submit(req(2)))
         await asyncio.sleep(0.01)
@@ -150,30 +149,71 @@ def test_close_answers_every_accepted_request_and_then_refuses():
         await asyncio.sleep(0)
         await batcher.close()
         assert all(p.done() for p in pending)
-        with pytest.raises(RuntimeError, match="shutting down"):
+        with pytest.raises(ShuttingDown):
             await batcher.submit(req(9))
         return [p.result() for p in pending]
 
     assert run(main()) == [(i,) for i in range(6)]
 
 
-def test_a_failing_batch_fails_its_requests_and_the_batcher_keeps_serving():
+def test_one_failing_request_fails_alone_and_the_batcher_keeps_serving():
     class Flaky(RecordingDecoder):
         def decode(self, requests):
-            if requests[0].prompt_ids == (0,):
-                raise RuntimeError("out of memory")
+            if any(r.prompt_ids == (0,) for r in requests):
+                raise RuntimeError("bad request 0")
             return super().decode(requests)
 
     async def main():
-        batcher = Batcher(Flaky(), max_batch_rows=2, max_wait_s=0.0)
+        decoder = Flaky()
+        batcher = Batcher(decoder, max_batch_rows=64, max_wait_s=0.2)
         batcher.start()
-        with pytest.raises(RuntimeError, match="out of memory"):
-            await batcher.submit(req(0))
-        answer = await batcher.submit(req(1))
+        together = [asyncio.ensure_future(batcher.submit(req(i))) for i in range(3)]  # one batch
+        outcomes = await asyncio.gather(*together, return_exceptions=True)
+        later = await batcher.submit(req(5))
         await batcher.close()
-        return answer
+        return outcomes, later, decoder.batches
 
-    assert run(main()) == (1,)
+    outcomes, later, batches = run(main())
+    assert isinstance(outcomes[0], RuntimeError) and outcomes[1:] == [(1,), (2,)]
+    assert later == (5,) and batches == [[1], [2], [5]]  # the failed batch, again one request at a time
+
+
+def test_the_token_budget_counts_padded_prompts():
+    async def main():
+        decoder = RecordingDecoder()
+        batcher = Batcher(decoder, max_batch_rows=64, max_batch_tokens=12, max_wait_s=0.2)
+        batcher.start()
+        lengths = [2, 3, 4, 5, 20]
+        await asyncio.gather(*(batcher.submit(DecodeRequest(tuple([i] * n), 2, "a")) for i, n in enumerate(lengths)))
+        await batcher.close()
+        return decoder.batches
+
+    # 3 x 4 tokens fit 12; a fourth (5 tokens) would pad all four to 20; 20 tokens run alone
+    assert run(main()) == [[0, 1, 2], [3], [4]]
+
+
+def test_a_worker_that_dies_fails_the_waiting_requests_instead_of_leaving_them():
+    class Key:
+        def __eq__(self, other):
+            raise RuntimeError("a bug in the batcher's worker")
+
+        __hash__ = object.__hash__
+
+    class Broken(RecordingDecoder):
+        def batch_key(self, request):
+            return Key()
+
+    async def main():
+        batcher = Batcher(Broken(), max_batch_rows=64, max_wait_s=0.05)
+        batcher.start()
+        pending = [asyncio.ensure_future(batcher.submit(req(i))) for i in range(2)]
+        outcomes = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 10)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(req(3))
+        await batcher.close()
+        return outcomes
+
+    assert all(isinstance(o, ShuttingDown) for o in run(main()))
 
 
 @pytest.mark.parametrize("kwargs", [{"max_batch_rows": 0}, {"max_queue": True}, {"max_wait_s": -1}])
@@ -199,6 +239,22 @@ def test_both_routes_read_one_request():
     with pytest.raises(RequestError, match="--max-exclude") as error:
         recommendation_request({"catalog": "c", "prompt_token_ids": [1], "exclude_items": [1] * 5}, caps)
     assert error.value.parameter == "exclude_items"
+
+
+@pytest.mark.parametrize("body, field, words", [
+    ({"catalog": "c", "prompt": " "}, "prompt", "no tokens"),
+    ({"catalog": "c", "prompt": "x" * 33}, "prompt", "characters"),
+    ({"catalog": "c", "prompt": "oov"}, "prompt", "does not have"),
+    ({"catalog": "c", "prompt_token_ids": [1], "length_penalty": float("nan")}, "length_penalty", "finite"),
+    ({"catalog": "c", "prompt_token_ids": [1], "length_penalty": 1e308}, "length_penalty", "finite"),
+    ({"catalog": "c", "prompt_token_ids": [1], "/etc/passwd": 1}, "a field", "not a field"),
+])
+def test_bad_requests_name_the_field_and_echo_no_path(body, field, words):
+    caps = Caps(max_prompt_tokens=1)
+    tokenize = {" ": [], "oov": [99]}.get
+    with pytest.raises(RequestError, match=words) as error:
+        recommendation_request(body, caps, tokenize=lambda text: tokenize(text, [5]), vocab_size=50)
+    assert error.value.parameter == field and "passwd" not in str(error.value)
 
 
 def test_caps_are_checked():

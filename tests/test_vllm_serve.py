@@ -632,6 +632,7 @@ def test_bench_cli_vllm_http_small_run(tmp_path, capsys):
     assert "vLLM server beam search, unconstrained + post-filter" in printed and "model work alone" in printed
 
 
+@pytest.mark.needs("fastapi")
 def test_bench_cli_serve_small_run(tmp_path, capsys):
     """decoding-bench serve: decoding-serve and vLLM's server on the same weights, concurrent
     clients, every method scored against the exact top-K, the in-process limit beside them."""

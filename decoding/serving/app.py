@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 
@@ -24,8 +25,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from decoding.serving.batcher import Batcher, BatchStats, QueueFull
-from decoding.serving.requests import Caps, RequestError, completion_request, recommendation_request
+from decoding.serving.batcher import Batcher, BatchStats, QueueFull, ShuttingDown
+from decoding.serving.requests import Caps, RequestError, completion_request, recommendation_request, shown_tokens
+
+logger = logging.getLogger("decoding.serving")
+
+
+class UnknownModel(LookupError):
+    """A completions request names a model this server does not serve (HTTP 404)."""
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -58,7 +65,7 @@ class ServerMetrics(BatchStats):
         running = Gauge("decoding_serve_running_requests", "Requests in the batch being decoded", registry=registry)
         running.set_function(lambda: batcher_ref().running if batcher_ref() else 0)
 
-    def accepted(self, entry_rows: int) -> None:
+    def accepted(self) -> None:
         self.accepted_requests.inc()
 
     def batch(self, requests: int, rows: int, seconds: float) -> None:
@@ -75,7 +82,7 @@ class ServerMetrics(BatchStats):
 
 def _error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
     kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
-            429: "RateLimitError",
+            429: "RateLimitError", 500: "InternalServerError",
             503: "ServiceUnavailableError"}.get(status, "InternalServerError")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
                         status_code=status, headers=headers)
@@ -90,8 +97,8 @@ async def _until_disconnected(request: Request) -> None:
 
 
 def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=None, eos_token_id: int | None = None,
-               api_key: str | None = None, max_batch_rows: int = 2048, max_wait_s: float = 0.1,
-               arrival_gap_s: float = 0.02) -> FastAPI:
+               api_key: str | None = None, max_batch_rows: int = 2048, max_batch_tokens: int | None = 1 << 17,
+               max_wait_s: float = 0.1, arrival_gap_s: float = 0.02) -> FastAPI:
     """The server's FastAPI app around ``decoder`` (a :class:`~decoding.serving.decoders.Decoder`).
 
     Args:
@@ -99,7 +106,7 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
         caps: the operator's :class:`~decoding.serving.requests.Caps`.
         tokenizer: a transformers tokenizer for text prompts and choices' text (None: token ids only).
         api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
-        max_batch_rows, max_wait_s, arrival_gap_s: the batcher's budget and bounded wait
+        max_batch_rows, max_batch_tokens, max_wait_s, arrival_gap_s: the batcher's budgets and bounded wait
             (:class:`~decoding.serving.batcher.Batcher`).
     """
     caps = caps or Caps()
@@ -110,8 +117,8 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        batcher = Batcher(decoder, max_batch_rows=max_batch_rows, max_queue=caps.max_queue, max_wait_s=max_wait_s,
-                          arrival_gap_s=arrival_gap_s, stats=metrics)
+        batcher = Batcher(decoder, max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens,
+                          max_queue=caps.max_queue, max_wait_s=max_wait_s, arrival_gap_s=arrival_gap_s, stats=metrics)
         state["batcher"] = batcher
         batcher.start()
         try:
@@ -120,7 +127,6 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
             await batcher.close()  # every accepted request is answered (uvicorn drains connections first)
 
     app = FastAPI(title="decoding-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.metrics = metrics
 
     def authorised(request: Request) -> bool:
         if api_key is None:
@@ -145,15 +151,12 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
                 return _error(413, f"body: larger than this server's max_body_bytes ({caps.max_body_bytes}); the "
                                    f"operator raises it with {caps.hint('max_body_bytes')}", "body")
         try:
-            body = json.loads(raw)
-        except ValueError:
-            return _error(400, "body: expected a JSON object", "body")
-        try:
-            decode_request, extra = parse(body)
-            decoder.admit(decode_request, extra.pop("parameters"))
+            # JSON, the schema and the tokenizer run off the event loop: a large body or a long
+            # text prompt never holds up accepting, refusing or cancelling other requests
+            decode_request, extra = await asyncio.to_thread(admitted, raw, parse)
         except RequestError as exc:
             return _error(400, str(exc), exc.parameter)
-        except LookupError as exc:
+        except UnknownModel as exc:
             return _error(404, str(exc), "model")
         batcher: Batcher = state["batcher"]
         try:
@@ -169,17 +172,28 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
             result = work.result()
         except QueueFull as exc:
             return _error(429, str(exc), None, headers={"Retry-After": str(exc.retry_after_s)})
-        except RuntimeError as exc:
-            if "shutting down" in str(exc):
-                return _error(503, "the server is shutting down", None)
-            raise
+        except ShuttingDown as exc:
+            return _error(503, str(exc), None)
+        except Exception:  # the decoder failed on this request: the log says why, the client gets a 500
+            logger.exception("decoding-serve: a request failed")
+            return _error(500, "the server failed to answer this request; its log says why", None)
         return JSONResponse(reply(decode_request, extra, result))
+
+    def admitted(raw: bytes, parse):
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise RequestError("body: expected a JSON object", "body") from None
+        decode_request, extra = parse(body)
+        decoder.admit(decode_request, extra.pop("parameters"))
+        return decode_request, extra
 
     def parse_completion(body):
         if isinstance(body, dict) and body.get("model") != model_name:
-            raise LookupError("model: not a model this server serves; GET /v1/models lists them")
+            raise UnknownModel("model: not a model this server serves; GET /v1/models lists them")
         request, options = completion_request(body, caps, tokenize=tokenize, vocab_size=vocab_size)
-        options["parameters"] = {"catalog": "decoding_catalog", "k": "n", "exclude": "decoding_exclude"}
+        # errors name vllm_xargs, the field the vLLM route names for its catalog arguments
+        options["parameters"] = {"catalog": "vllm_xargs", "k": "n", "exclude": "vllm_xargs"}
         return request, options
 
     def texts(identifiers, skip_special_tokens=True) -> list[str]:
@@ -193,10 +207,9 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
         return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
 
     def completion_reply(request, options, result) -> dict:
-        choices, shown_ids = [], []
-        for tokens in result.identifiers:
-            ended = eos_token_id is not None and bool(tokens) and tokens[-1] == eos_token_id
-            shown_ids.append((tokens[:-1] if ended and not options["include_stop_str_in_output"] else tokens, ended))
+        choices = []
+        shown_ids = [shown_tokens(tokens, eos_token_id, options["include_stop_str_in_output"])
+                     for tokens in result.identifiers]
         decoded = texts([shown for shown, _ in shown_ids], options["skip_special_tokens"])
         for j, ((shown, ended), text, token_scores) in enumerate(zip(shown_ids, decoded, result.token_scores)):
             choice = {"index": j, "text": text, "logprobs": None, "finish_reason": "stop" if ended else "length",

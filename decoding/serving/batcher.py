@@ -2,13 +2,15 @@
 
 One worker takes the oldest waiting request and the requests behind it that share its
 :meth:`~decoding.serving.decoders.Decoder.batch_key`, oldest first, while their rows fit
-``max_batch_rows``. When the worker is free and the budget is not full, it waits for more while
-requests keep arriving: until none arrived for ``arrival_gap_s``, and never past ``max_wait_s``
+``max_batch_rows`` and their prompts, padded to the longest, ``max_batch_tokens``. When the
+worker is free and the budget is not full, it waits for more while requests that can share the
+batch keep arriving: until none arrived for ``arrival_gap_s``, and never past ``max_wait_s``
 after the oldest request arrived (a burst of concurrent clients, whose requests reach the server
 over tens of milliseconds, becomes one batch; a lone request waits one gap). A request larger than
-the budget runs alone. Every batch starts with the oldest
-request still waiting, so a request is held back by at most the batch that is running when it
-arrives (a request at the operator's cap included) plus the requests that arrived before it.
+the budgets runs alone; a batch that fails is decoded again one request at a time, so that one
+request cannot fail the others. Every batch starts with the oldest request still waiting, so a
+request is held back by at most the batch that is running when it arrives (a request at the
+operator's cap included) plus the requests that arrived before it.
 
 A request whose client left before its batch starts is never decoded; one that leaves while its
 batch runs has its result dropped. At most ``max_queue`` requests wait: beyond them
@@ -23,11 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from decoding.serving.requests import DecodeRequest
+
+logger = logging.getLogger("decoding.serving")
+
+
+class ShuttingDown(RuntimeError):
+    """The batcher is closing: it takes no new request (HTTP 503)."""
 
 
 class QueueFull(RuntimeError):
@@ -51,7 +60,7 @@ class BatchStats:
     """What the batcher did, for ``/metrics`` and tests: a hook per event (no-ops here; the server
     binds them to Prometheus metrics)."""
 
-    def accepted(self, entry_rows: int) -> None: ...
+    def accepted(self) -> None: ...
     def batch(self, requests: int, rows: int, seconds: float) -> None: ...
     def decoded(self, requests: int) -> None: ...
     def cancelled(self, stage: str) -> None: ...
@@ -63,21 +72,26 @@ class Batcher:
     Args:
         decoder: a :class:`~decoding.serving.decoders.Decoder`.
         max_batch_rows: the budget of beam rows per batch (a larger request runs alone).
+        max_batch_tokens: the budget of prompt tokens per batch, counted as the prompts are
+            padded (requests x the longest prompt); None: no budget.
         max_queue: most requests waiting for a batch.
         max_wait_s: longest the oldest waiting request waits for others to fill the budget.
         arrival_gap_s: the wait ends once no request arrived for this long.
         stats: a :class:`BatchStats` to report to.
     """
 
-    def __init__(self, decoder, *, max_batch_rows: int = 2048, max_queue: int = 1024, max_wait_s: float = 0.1,
-                 arrival_gap_s: float = 0.02, stats: BatchStats | None = None):
-        for name, value in (("max_batch_rows", max_batch_rows), ("max_queue", max_queue)):
+    def __init__(self, decoder, *, max_batch_rows: int = 2048, max_batch_tokens: int | None = 1 << 17,
+                 max_queue: int = 1024, max_wait_s: float = 0.1, arrival_gap_s: float = 0.02,
+                 stats: BatchStats | None = None):
+        for name, value in (("max_batch_rows", max_batch_rows), ("max_queue", max_queue),
+                            ("max_batch_tokens", 1 if max_batch_tokens is None else max_batch_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         for name, value in (("max_wait_s", max_wait_s), ("arrival_gap_s", arrival_gap_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name}: expected a non-negative number of seconds, got {value!r}")
         self.decoder, self.max_batch_rows, self.max_queue = decoder, max_batch_rows, max_queue
+        self.max_batch_tokens = max_batch_tokens
         self.max_wait_s, self.arrival_gap_s = max_wait_s, arrival_gap_s
         self.stats = stats or BatchStats()
         self._queue: collections.deque[_Entry] = collections.deque()
@@ -95,19 +109,32 @@ class Batcher:
     def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="decoding-serve batcher")
+            self._worker.add_done_callback(self._stopped)
+
+    def _stopped(self, worker: asyncio.Task) -> None:
+        """The worker ended: after close, or from an error of its own, which fails every waiting
+        request (rather than leaving them to wait forever) and every later one."""
+        if worker.cancelled() or worker.exception() is None:
+            return
+        logger.error("the decoding-serve batcher stopped: %r", worker.exception())
+        self._closing = True
+        for entry in self._queue:
+            if not entry.future.done():
+                entry.future.set_exception(ShuttingDown("the server's batcher stopped; the server log says why"))
+        self._queue.clear()
 
     async def submit(self, request: DecodeRequest):
         """The decoder's result for ``request``, once its batch ran. Raises :class:`QueueFull`,
-        or RuntimeError once the batcher closed. Cancelling the awaiting task withdraws the
+        or :class:`ShuttingDown` once the batcher closed. Cancelling the awaiting task withdraws the
         request (never decoded if its batch had not started)."""
         if self._closing:
-            raise RuntimeError("the server is shutting down")
+            raise ShuttingDown("the server is shutting down")
         if self.waiting >= self.max_queue:
             raise QueueFull(max(1, round(self.last_batch_s + 0.5)))
         entry = _Entry(request, self.decoder.batch_key(request), self.decoder.rows(request),
                        asyncio.get_running_loop().create_future())
         self._queue.append(entry)
-        self.stats.accepted(entry.rows)
+        self.stats.accepted()
         self._arrived.set()
         return await entry.future  # a cancelled caller cancels the future: the worker skips it
 
@@ -131,15 +158,23 @@ class Batcher:
                 last = max(last, entry.arrived)
         return rows, last
 
+    def _fits(self, batch: list[_Entry], rows: int, entry: _Entry) -> bool:
+        if rows + entry.rows > self.max_batch_rows:
+            return False
+        if self.max_batch_tokens is None:
+            return True
+        longest = max(len(e.request.prompt_ids) for e in (*batch, entry))
+        return (len(batch) + 1) * longest <= self.max_batch_tokens
+
     def _take(self) -> list[_Entry]:
         """The next batch: the oldest request and the compatible ones behind it, in arrival
-        order, while they fit the budget (the oldest alone if it is larger)."""
+        order, while they fit the budgets (the oldest alone if it is larger)."""
         head = self._queue[0]
         batch, rows, rest = [head], head.rows, collections.deque()
         self._queue.popleft()
         full = False
         for entry in self._queue:
-            if not full and entry.key == head.key and rows + entry.rows <= self.max_batch_rows:
+            if not full and entry.key == head.key and self._fits(batch, rows, entry):
                 batch.append(entry)
                 rows += entry.rows
             else:
@@ -178,28 +213,36 @@ class Batcher:
             self.running = len(batch)
             started = time.monotonic()
             try:
-                results = await loop.run_in_executor(self._executor, self.decoder.decode,
-                                                     [e.request for e in batch])
-            except Exception as exc:  # the batch's requests fail; the server keeps serving
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(exc)
-                continue
+                outcomes = await loop.run_in_executor(self._executor, self._decode, [e.request for e in batch])
             finally:
                 self.running = 0
                 self.last_batch_s = time.monotonic() - started
             self.stats.batch(len(batch), sum(e.rows for e in batch), self.last_batch_s)
             self.stats.decoded(len(batch))
-            for entry, result in zip(batch, results):
+            for entry, (result, error) in zip(batch, outcomes):
                 if entry.future.cancelled():
                     self.stats.cancelled("running")  # its client left mid-batch: the result is dropped
+                elif error is not None:
+                    entry.future.set_exception(error)
                 else:
                     entry.future.set_result(result)
+
+    def _decode(self, requests: list[DecodeRequest]) -> list[tuple]:
+        """``(result, None)`` or ``(None, exception)`` per request. A batch that fails is decoded
+        again one request at a time, so that one request cannot fail the others (the worker
+        thread)."""
+        try:
+            return [(result, None) for result in self.decoder.decode(requests)]
+        except Exception as exc:
+            if len(requests) == 1:
+                return [(None, exc)]
+            logger.warning("a batch of %d requests failed (%s); decoding them one by one", len(requests), exc)
+            return [outcome for request in requests for outcome in self._decode([request])]
 
     async def close(self) -> None:
         """Stop taking requests; return once every accepted request has its answer."""
         self._closing = True
         self._arrived.set()
         if self._worker is not None:
-            await self._worker
+            await asyncio.gather(self._worker, return_exceptions=True)  # a worker's own error: logged
         self._executor.shutdown(wait=True)

@@ -47,11 +47,14 @@ def parser() -> argparse.ArgumentParser:
                    help="the beam-step op's backend")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("DECODING_SERVE_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1/* (also DECODING_SERVE_API_KEY)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: the DECODING_SERVE_API_KEY "
+                        "environment variable, which keeps the key out of the process list; none: no key)")
     p.add_argument("--max-batch-rows", type=_positive, default=2048,
                    help="beam rows per batched search (a larger request runs alone); the step's logits are "
                         "rows x vocabulary floats")
+    p.add_argument("--max-batch-tokens", type=_positive, default=1 << 17,
+                   help="prompt tokens per batched search, counted as padded (requests x the longest prompt)")
     p.add_argument("--max-wait-ms", type=float, default=100.0,
                    help="longest the oldest waiting request waits for others to fill a batch")
     p.add_argument("--arrival-gap-ms", type=float, default=20.0,
@@ -64,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
                    help="requests waiting for a batch before the server answers 429")
     p.add_argument("--max-body-bytes", type=_positive, default=16 << 20,
                    help="largest request body (413 above it, before it is parsed)")
+    p.add_argument("--shutdown-timeout-s", type=_positive, default=600,
+                   help="on SIGTERM, the longest the server waits for the requests it accepted")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -109,9 +114,10 @@ def build_app(args):
     if len(eos) > 1:
         raise SystemExit("decoding-serve: --catalog: the catalogs end identifiers with different EOS tokens")
     return create_app(decoder, model_name=args.served_model_name or args.model, caps=caps, tokenizer=tokenizer,
-                      eos_token_id=eos.pop() if eos else None, api_key=args.api_key,
-                      max_batch_rows=args.max_batch_rows, max_wait_s=args.max_wait_ms / 1e3,
-                      arrival_gap_s=args.arrival_gap_ms / 1e3)
+                      eos_token_id=eos.pop() if eos else None,
+                      api_key=args.api_key or os.environ.get("DECODING_SERVE_API_KEY") or None,
+                      max_batch_rows=args.max_batch_rows, max_batch_tokens=args.max_batch_tokens,
+                      max_wait_s=args.max_wait_ms / 1e3, arrival_gap_s=args.arrival_gap_ms / 1e3)
 
 
 def main(argv=None) -> None:
@@ -124,10 +130,11 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(args)
-    # timeout_graceful_shutdown None: on SIGTERM uvicorn closes its sockets, then waits for every
-    # request in flight; the app's lifespan then drains the batcher (nothing accepted is lost)
+    # on SIGTERM uvicorn closes its sockets, then waits for every request in flight (at most
+    # --shutdown-timeout-s, so a client that never finishes sending cannot hold it forever); the
+    # app's lifespan then drains the batcher (nothing accepted is lost)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=None, access_log=False)
+                            timeout_graceful_shutdown=args.shutdown_timeout_s, access_log=False)
     uvicorn.Server(config).run()
 
 

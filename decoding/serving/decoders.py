@@ -15,7 +15,13 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from decoding.serving.requests import CatalogError, DecodeRequest, check_against_catalog, unknown_catalog
+from decoding.serving.requests import (
+    CATALOG_KEY,
+    CatalogError,
+    DecodeRequest,
+    check_against_catalog,
+    unknown_catalog,
+)
 from decoding.trie import ItemTrie
 
 
@@ -80,8 +86,8 @@ class BeamDecoder:
 
     def catalog(self, name: str, parameter: str) -> ItemTrie:
         trie = self.catalogs.get(name) if isinstance(name, str) else None
-        if trie is None:
-            raise CatalogError(unknown_catalog(parameter), parameter)
+        if trie is None:  # one answer whatever the name (a path included) and whatever exists on disk
+            raise CatalogError(unknown_catalog(CATALOG_KEY if parameter == "vllm_xargs" else parameter), parameter)
         return trie
 
     def admit(self, request: DecodeRequest, parameters: Mapping[str, str]) -> None:

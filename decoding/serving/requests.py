@@ -16,6 +16,8 @@ name the operator registered, never a path).
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 CATALOG_KEY = "decoding_catalog"
@@ -35,6 +37,7 @@ CHAT_BEAM_SEARCH_REFUSED = (
 DECODERS = ("beam",)  # what a request may name as its decoder
 DEFAULT_MAX_BEAMS = 1024
 DEFAULT_MAX_EXCLUDE = 100_000
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def unknown_catalog(parameter: str = CATALOG_KEY) -> str:
@@ -86,6 +89,11 @@ class Caps:
 
     def hint(self, cap: str) -> str:
         return self.raise_with.format(flag=cap.replace("_", "-"), cap=cap)
+
+    @property
+    def max_text_chars(self) -> int | None:
+        """Longest text prompt handed to the tokenizer: 32 characters per token of the cap."""
+        return None if self.max_prompt_tokens is None else 32 * self.max_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,14 @@ def check_against_catalog(request: DecodeRequest, trie, parameters: dict) -> Non
            parameter=EXCLUDE_KEY if parameters["exclude"] == "vllm_xargs" else parameters["exclude"])
 
 
+def shown_tokens(tokens: list[int], eos_token_id: int | None, include_stop: bool) -> tuple[list[int], bool]:
+    """A completion choice's tokens, as both servers show them: ``(tokens, ended)``; an identifier
+    that ends with the catalog's EOS has ended (``finish_reason`` "stop"), and the EOS is shown only
+    with ``include_stop_str_in_output``."""
+    ended = eos_token_id is not None and bool(tokens) and tokens[-1] == eos_token_id
+    return (tokens[:-1] if ended and not include_stop else tokens), ended
+
+
 def completion_options(xargs, field_of, chat: bool) -> dict | None:
     """The exact beam route's options for an OpenAI beam-search request (``field_of(name,
     default)`` reads its fields): ``{"catalog", "exclude", "logprobs"}``; None if it names no
@@ -208,7 +224,8 @@ def completion_options(xargs, field_of, chat: bool) -> dict | None:
     return {"catalog": args.catalog, "exclude": list(args.exclude), "logprobs": field_of("logprobs", None)}
 
 
-def _prompt(body: dict, tokenize, *, ids_key: str, text_key: str, vocab_size: int | None) -> tuple[int, ...]:
+def _prompt(body: dict, tokenize, *, ids_key: str, text_key: str, vocab_size: int | None,
+            max_text_chars: int | None = None) -> tuple[int, ...]:
     """The prompt's token ids: ``body[ids_key]`` (a list of ints) or ``body[text_key]`` (a string,
     through ``tokenize``; on the completions route ``prompt`` also takes token ids, or a list of
     one prompt)."""
@@ -227,7 +244,16 @@ def _prompt(body: dict, tokenize, *, ids_key: str, text_key: str, vocab_size: in
             raise RequestError(f"{key}: the prompt is empty", key)
         if tokenize is None:
             raise RequestError(f"{key}: this model has no tokenizer; send the prompt as token ids", key)
-        return tuple(int(t) for t in tokenize(prompt))
+        if max_text_chars is not None and len(prompt) > max_text_chars:  # before the tokenizer sees it
+            raise RequestError(f"{key}: {len(prompt)} characters is more than this server tokenizes "
+                               f"({max_text_chars}, 32 per token of max_prompt_tokens)", key)
+        ids = [int(t) for t in tokenize(prompt)]
+        if not ids:
+            raise RequestError(f"{key}: the prompt has no tokens", key)
+        if vocab_size is not None and max(ids) >= vocab_size:
+            raise RequestError(f"{key}: the tokenizer gives token ids the model does not have (at or above its "
+                               f"vocabulary, {vocab_size})", key)
+        return tuple(ids)
     if not isinstance(prompt, list) or not prompt or not all(_is_int(t) and t >= 0 for t in prompt):
         raise RequestError(f"{key}: expected one prompt: a non-empty list of token ids (non-negative ints)"
                            + ("" if key == ids_key and ids_key != text_key else " or a string"), key)
@@ -241,6 +267,28 @@ def check_prompt(prompt_ids, caps: Caps, parameter: str) -> None:
         raise RequestError(f"{parameter}: {len(prompt_ids)} tokens is above this server's max_prompt_tokens "
                            f"({caps.max_prompt_tokens}); the operator raises it with "
                            f"{caps.hint('max_prompt_tokens')}", parameter)
+
+
+def _length_penalty(body: dict, default: float) -> float:
+    value = body.get("length_penalty", default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or abs(value) > 100:
+        raise RequestError("length_penalty: expected a finite number between -100 and 100", "length_penalty")
+    return float(value)
+
+
+def _field_name(key) -> str:
+    """A request's unknown field, as an error may name it: a plain identifier, never what else a
+    client sent (a path)."""
+    return key if isinstance(key, str) and _IDENTIFIER.fullmatch(key) else "a field"
+
+
+def check_exclude_cap(exclude, caps_or_max, parameter: str, raise_with: str = "") -> None:
+    """At most the operator's ``max_exclude`` ids, checked before any id is looked at (an
+    oversized list costs nothing)."""
+    if len(exclude) > caps_or_max:
+        raise RequestError(f"{EXCLUDE_KEY if parameter == 'vllm_xargs' else parameter}: {len(exclude)} item ids is "
+                           f"above this server's max_exclude ({caps_or_max})"
+                           + (f"; the operator raises it with {raise_with}" if raise_with else ""), parameter)
 
 
 def _check(fn, as_field: str, *args, **kwargs):
@@ -264,8 +312,8 @@ def recommendation_request(body, caps: Caps, *, tokenize=None, vocab_size: int |
         raise RequestError("body: expected a JSON object", "body")
     for key in body:
         if key not in RECOMMENDATION_FIELDS:
-            raise RequestError(f"{str(key)[:64]}: not a field of /v1/recommendations; it takes "
-                               f"{', '.join(RECOMMENDATION_FIELDS)}", str(key)[:64])
+            raise RequestError(f"{_field_name(key)}: not a field of /v1/recommendations; it takes "
+                               f"{', '.join(RECOMMENDATION_FIELDS)}", _field_name(key))
     catalog = body.get("catalog")
     if not isinstance(catalog, str):
         raise CatalogError("catalog: expected the name of a catalog (a string)", "catalog")
@@ -279,15 +327,12 @@ def recommendation_request(body, caps: Caps, *, tokenize=None, vocab_size: int |
     exclude = body.get("exclude_items", [])
     if not isinstance(exclude, list):
         raise RequestError("exclude_items: expected a list of item ids (non-negative ints)", "exclude_items")
-    if len(exclude) > caps.max_exclude:  # before each id is looked at: an oversized list costs nothing
-        _check(check_exclusions, "exclude_items", exclude, caps.max_exclude, 0, parameter="exclude_items",
-               raise_with=caps.hint("max_exclude"))
-    length_penalty = body.get("length_penalty", 0.0)
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
-        raise RequestError("length_penalty: expected a number", "length_penalty")
-    prompt = _prompt(body, tokenize, ids_key="prompt_token_ids", text_key="prompt", vocab_size=vocab_size)
+    check_exclude_cap(exclude, caps.max_exclude, "exclude_items", caps.hint("max_exclude"))
+    length_penalty = _length_penalty(body, 0.0)
+    prompt = _prompt(body, tokenize, ids_key="prompt_token_ids", text_key="prompt", vocab_size=vocab_size,
+                     max_text_chars=caps.max_text_chars)
     check_prompt(prompt, caps, "prompt_token_ids" if "prompt_token_ids" in body else "prompt")
-    return DecodeRequest(prompt, k, catalog, tuple(exclude), decoder, float(length_penalty))
+    return DecodeRequest(prompt, k, catalog, tuple(exclude), decoder, length_penalty)
 
 
 # OpenAI completions fields decoding-serve reads, beside vllm_xargs and BEAM_UNSUPPORTED_FIELDS:
@@ -300,6 +345,8 @@ COMPLETION_FIELDS = {
     "stream": "false", "ignore_eos": "a bool", "include_stop_str_in_output": "a bool",
     "skip_special_tokens": "a bool", "seed": "any (beam search is deterministic)", "user": "any",
     "top_p": "1", "top_k": "0 or -1", "best_of": "null or n", "early_stopping": "false",
+    "presence_penalty": "0", "frequency_penalty": "0", "repetition_penalty": "1", "logit_bias": "null",
+    "stream_options": "null",
 }
 
 
@@ -312,8 +359,8 @@ def completion_request(body, caps: Caps, *, tokenize=None, vocab_size: int | Non
     unsupported = {name for name, _ in BEAM_UNSUPPORTED_FIELDS}
     for key in body:
         if key not in COMPLETION_FIELDS and key not in unsupported:
-            raise RequestError(f"{str(key)[:64]}: not supported by decoding-serve's /v1/completions "
-                               "(beam search over a catalog)", str(key)[:64])
+            raise RequestError(f"{_field_name(key)}: not supported by decoding-serve's /v1/completions "
+                               "(beam search over a catalog)", _field_name(key))
     if body.get("use_beam_search") is not True:
         raise RequestError("use_beam_search: decoding-serve serves beam search over a catalog; send "
                            "use_beam_search: true", "use_beam_search")
@@ -326,7 +373,10 @@ def completion_request(body, caps: Caps, *, tokenize=None, vocab_size: int | Non
     if temperature not in (None, 0, 0.0):
         raise RequestError("temperature: beam search over a catalog ranks by the model's log-probs; send 0",
                            "temperature")
-    for name, allowed in (("top_p", (None, 1, 1.0)), ("top_k", (None, 0, -1)), ("early_stopping", (None, False))):
+    for name, allowed in (("top_p", (None, 1, 1.0)), ("top_k", (None, 0, -1)), ("early_stopping", (None, False)),
+                          ("presence_penalty", (None, 0, 0.0)), ("frequency_penalty", (None, 0, 0.0)),
+                          ("repetition_penalty", (None, 1, 1.0)), ("logit_bias", (None, {})),
+                          ("stream_options", (None,))):
         if body.get(name) not in allowed:
             raise RequestError(f"{name}: not supported by beam search over a catalog", name)
     n = body.get("n", 1)
@@ -336,8 +386,7 @@ def completion_request(body, caps: Caps, *, tokenize=None, vocab_size: int | Non
         raise RequestError("best_of: beam search returns its n beams; leave best_of unset", "best_of")
     _check(check_beams, "n", n, caps.max_beams, parameter="n", raise_with=caps.hint("max_beams"))
     exclude = options["exclude"]
-    if len(exclude) > caps.max_exclude:
-        _check(check_exclusions, "vllm_xargs", exclude, caps.max_exclude, 0, raise_with=caps.hint("max_exclude"))
+    check_exclude_cap(exclude, caps.max_exclude, "vllm_xargs", caps.hint("max_exclude"))
     max_tokens = body.get("max_tokens", 16)
     if not _is_int(max_tokens) or max_tokens <= 0:
         raise RequestError("max_tokens: expected a positive int", "max_tokens")
@@ -345,15 +394,14 @@ def completion_request(body, caps: Caps, *, tokenize=None, vocab_size: int | Non
     if logprobs not in (None, 0) or isinstance(logprobs, bool):
         raise RequestError("logprobs: decoding-serve returns the chosen tokens' log-probs (logprobs: 0); "
                            "alternatives are not served", "logprobs")
-    length_penalty = body.get("length_penalty", 1.0)
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
-        raise RequestError("length_penalty: expected a number", "length_penalty")
+    length_penalty = _length_penalty(body, 1.0)
     for name in ("return_token_ids", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
         if not isinstance(body.get(name, False), bool):
             raise RequestError(f"{name}: expected a bool", name)
-    prompt = _prompt(body, tokenize, ids_key="prompt", text_key="prompt", vocab_size=vocab_size)
+    prompt = _prompt(body, tokenize, ids_key="prompt", text_key="prompt", vocab_size=vocab_size,
+                     max_text_chars=caps.max_text_chars)
     check_prompt(prompt, caps, "prompt")
-    request = DecodeRequest(prompt, n, options["catalog"], tuple(exclude), "beam", float(length_penalty), max_tokens)
+    request = DecodeRequest(prompt, n, options["catalog"], tuple(exclude), "beam", length_penalty, max_tokens)
     reply = {"logprobs": logprobs, "return_token_ids": body.get("return_token_ids", False),
              "include_stop_str_in_output": body.get("include_stop_str_in_output", False),
              "skip_special_tokens": body.get("skip_special_tokens", True)}

@@ -36,11 +36,10 @@ from decoding.serving.requests import completion_options as beam_options  # noqa
 RAISE_WITH = "--additional-config '{{\"decoding\": {{\"{cap}\": <{unit}>}}}}'"
 
 
-def check_exclusions(exclude, max_exclude: int, num_ids: int) -> list[int]:
-    """``exclude`` checked against the operator's ``max_exclude`` and the catalog's ``num_ids``
-    (:func:`decoding.serving.requests.check_exclusions`)."""
-    return _requests.check_exclusions(exclude, max_exclude, num_ids,
-                                      raise_with=RAISE_WITH.format(cap="max_exclude", unit="ids"))
+def check_exclude_cap(exclude, max_exclude: int) -> None:
+    """At most the operator's ``max_exclude`` ids, before any is looked at
+    (:func:`decoding.serving.requests.check_exclude_cap`; RequestError naming ``vllm_xargs``)."""
+    _requests.check_exclude_cap(exclude, max_exclude, "vllm_xargs", RAISE_WITH.format(cap="max_exclude", unit="ids"))
 
 
 def check_beams(beams: int, max_beams: int) -> None:

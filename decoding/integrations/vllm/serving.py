@@ -28,9 +28,9 @@ import logging
 import numpy as np
 
 from decoding.integrations.vllm import _compat
-from decoding.integrations.vllm.arguments import beam_options, beam_unsupported, check_beams, check_exclusions
+from decoding.integrations.vllm.arguments import beam_options, beam_unsupported, check_beams, check_exclude_cap
 from decoding.integrations.vllm.catalogs import CatalogError, catalogs_for
-from decoding.serving.requests import DecodeRequest, RequestError, check_against_catalog
+from decoding.serving.requests import DecodeRequest, RequestError, check_against_catalog, shown_tokens
 
 logger = logging.getLogger("decoding.integrations.vllm")
 
@@ -119,11 +119,10 @@ async def catalog_beam_search(call: _compat.BeamCall, options: dict) -> list[_co
         check_beams(call.beam_width, limits.max_beams)
     except ValueError as exc:
         raise BeamRouteError(str(exc), "n") from None
-    if len(options["exclude"]) > limits.max_exclude:  # the cap, before any id is looked at
-        try:
-            check_exclusions(options["exclude"], limits.max_exclude, trie.num_ids)
-        except ValueError as exc:
-            raise BeamRouteError(str(exc), "vllm_xargs") from None
+    try:
+        check_exclude_cap(options["exclude"], limits.max_exclude)  # the cap, before any id is looked at
+    except RequestError as exc:
+        raise BeamRouteError(str(exc), exc.parameter) from None
     # the serving core's request and checks, as decoding-serve applies them
     request = DecodeRequest(tuple(call.prompt_ids), call.beam_width, options["catalog"], tuple(options["exclude"]),
                             length_penalty=call.length_penalty, max_tokens=call.max_tokens)
@@ -151,8 +150,7 @@ async def catalog_beam_search(call: _compat.BeamCall, options: dict) -> list[_co
         if score == float("-inf"):
             break  # fewer valid items than beams (exclusions): fewer choices
         tokens = [t for t in sequence if t >= 0]
-        ended = eos is not None and bool(tokens) and tokens[-1] == eos
-        shown = tokens[:-1] if ended and not call.include_stop_str_in_output else tokens
+        shown, ended = shown_tokens(tokens, eos, call.include_stop_str_in_output)
         text = call.tokenizer.decode(shown, skip_special_tokens=call.skip_special_tokens) if call.tokenizer else ""
         logprobs = (_choice_logprobs(book, 0, tokens, alternatives, ranked)[:len(shown)]
                     if options["logprobs"] is not None else None)
