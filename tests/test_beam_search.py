@@ -308,6 +308,7 @@ def test_token_scores_are_each_tokens_term_of_the_score(title_catalog, title_mod
     torch.testing.assert_close(total[live], out.scores[live], rtol=0, atol=1e-5)
     assert bool((out.token_scores[out.sequences < 0] == 0).all())
     b, j = 1, 2  # one answer, read token by token from the model itself
+    assert bool(live[b, j])
     tokens = [t for t in out.sequences[b, j].tolist() if t >= 0]
     prompt = ids[b][mask[b].bool()].tolist()
     with torch.no_grad():

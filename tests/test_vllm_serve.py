@@ -418,8 +418,9 @@ def server_state(client) -> dict:
 def test_a_search_at_the_beam_cap_leaves_room_for_others_and_stops_when_its_client_leaves(server, catalogs):
     """n=16000 (the operator raised max_beams to 16384): a bystander's 4-token completion is
     served within 5 s while the search runs; once the search's client hangs up, within a second
-    the engine holds none of its requests and receives no more (its own gauges and prefix-cache
-    counter stop), and the exact path has none in flight."""
+    the engine holds none of its requests and receives no more (its own gauges stop, and its
+    prefix-cache counter after at most one late report of the step that was running), and the
+    exact path has none in flight."""
     import socket
     import time
     from urllib.parse import urlparse
@@ -450,8 +451,14 @@ def test_a_search_at_the_beam_cap_leaves_room_for_others_and_stops_when_its_clie
             break
         assert time.monotonic() - hung_up < 1.0, f"a second after the client left: {state}"
         time.sleep(0.05)
+    # the engine's counters are published with its step stats: the step that was running when the
+    # requests left may still report its queries once (on a loaded machine, after the gauges read
+    # zero). One late report is allowed; a search that kept going would keep adding to them.
+    queries = state["prefix_cache_queries"]
     time.sleep(0.5)
-    assert server_state(client)["prefix_cache_queries"] == state["prefix_cache_queries"], "requests kept coming"
+    late = server_state(client)["prefix_cache_queries"]
+    time.sleep(0.5)
+    assert server_state(client)["prefix_cache_queries"] == late, f"requests kept coming ({queries} -> {late} -> ...)"
     assert proc.poll() is None and tokens_of(complete(client, model, [10, 11, 12]))
 
 

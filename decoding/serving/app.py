@@ -34,6 +34,7 @@ logger = logging.getLogger("decoding.serving")
 class UnknownModel(LookupError):
     """A completions request names a model this server does not serve (HTTP 404)."""
 
+
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
@@ -119,7 +120,7 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
     async def lifespan(app):
         batcher = Batcher(decoder, max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens,
                           max_queue=caps.max_queue, max_wait_s=max_wait_s, arrival_gap_s=arrival_gap_s, stats=metrics)
-        state["batcher"] = batcher
+        state["batcher"] = app.state.batcher = batcher  # app.state: for an embedding process to inspect
         batcher.start()
         try:
             yield
@@ -136,7 +137,11 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
 
     async def serve(request: Request, route: str, parse, reply):
         started = time.monotonic()
-        response = await _serve(request, parse, reply)
+        try:
+            response = await _serve(request, parse, reply)
+        except Exception:  # the server failed on this request: the log says why, the client gets a 500
+            logger.exception("decoding-serve: a request to %s failed", route)
+            response = _error(500, "the server failed to answer this request; its log says why", None)
         metrics.requests.labels(route, str(response.status_code)).inc()
         metrics.latency.labels(route).observe(time.monotonic() - started)
         return response
@@ -159,24 +164,22 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
         except UnknownModel as exc:
             return _error(404, str(exc), "model")
         batcher: Batcher = state["batcher"]
+        work = asyncio.ensure_future(batcher.submit(decode_request))
+        gone = asyncio.ensure_future(_until_disconnected(request))
         try:
-            work = asyncio.ensure_future(batcher.submit(decode_request))
-            gone = asyncio.ensure_future(_until_disconnected(request))
-            try:
-                done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                gone.cancel()
-            if work not in done:  # the client left: withdraw the request
+            done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler is cancelled (uvicorn's shutdown timeout): withdraw the request
+            gone.cancel()
+            if not work.done():
                 work.cancel()
-                return Response(status_code=499)
+        if work not in done:  # the client left
+            return Response(status_code=499)
+        try:
             result = work.result()
         except QueueFull as exc:
             return _error(429, str(exc), None, headers={"Retry-After": str(exc.retry_after_s)})
         except ShuttingDown as exc:
             return _error(503, str(exc), None)
-        except Exception:  # the decoder failed on this request: the log says why, the client gets a 500
-            logger.exception("decoding-serve: a request failed")
-            return _error(500, "the server failed to answer this request; its log says why", None)
         return JSONResponse(reply(decode_request, extra, result))
 
     def admitted(raw: bytes, parse):
@@ -249,7 +252,8 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
 
     @app.get("/health")
     async def health():
-        return Response(status_code=200)
+        batcher = state.get("batcher")  # 503 once the batcher stopped: the process should be restarted
+        return Response(status_code=200 if batcher is not None and batcher.alive else 503)
 
     @app.get("/v1/models")
     async def models(request: Request):

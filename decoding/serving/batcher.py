@@ -100,6 +100,7 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decoding-serve")
         self.running = 0  # requests in the batch being decoded
+        self._current: list[_Entry] = []  # that batch
         self.last_batch_s = 0.0
 
     @property
@@ -111,14 +112,20 @@ class Batcher:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="decoding-serve batcher")
             self._worker.add_done_callback(self._stopped)
 
+    @property
+    def alive(self) -> bool:
+        """The worker runs (``/health``)."""
+        return self._worker is not None and not self._worker.done()
+
     def _stopped(self, worker: asyncio.Task) -> None:
-        """The worker ended: after close, or from an error of its own, which fails every waiting
-        request (rather than leaving them to wait forever) and every later one."""
-        if worker.cancelled() or worker.exception() is None:
-            return
-        logger.error("the decoding-serve batcher stopped: %r", worker.exception())
+        """The worker ended. After a clean close nothing waits; cancelled, or stopped by an error of
+        its own, it fails every request still waiting or in its batch (rather than leaving them to
+        wait forever), and every later one."""
         self._closing = True
-        for entry in self._queue:
+        error = None if worker.cancelled() else worker.exception()
+        if error is not None:
+            logger.error("the decoding-serve batcher stopped: %r", error)
+        for entry in (*self._queue, *self._current):
             if not entry.future.done():
                 entry.future.set_exception(ShuttingDown("the server's batcher stopped; the server log says why"))
         self._queue.clear()
@@ -158,25 +165,20 @@ class Batcher:
                 last = max(last, entry.arrived)
         return rows, last
 
-    def _fits(self, batch: list[_Entry], rows: int, entry: _Entry) -> bool:
-        if rows + entry.rows > self.max_batch_rows:
-            return False
-        if self.max_batch_tokens is None:
-            return True
-        longest = max(len(e.request.prompt_ids) for e in (*batch, entry))
-        return (len(batch) + 1) * longest <= self.max_batch_tokens
-
     def _take(self) -> list[_Entry]:
         """The next batch: the oldest request and the compatible ones behind it, in arrival
         order, while they fit the budgets (the oldest alone if it is larger)."""
         head = self._queue[0]
-        batch, rows, rest = [head], head.rows, collections.deque()
+        batch, rows, longest, rest = [head], head.rows, len(head.request.prompt_ids), collections.deque()
         self._queue.popleft()
         full = False
         for entry in self._queue:
-            if not full and entry.key == head.key and self._fits(batch, rows, entry):
+            padded = max(longest, len(entry.request.prompt_ids))
+            fits = (rows + entry.rows <= self.max_batch_rows
+                    and (self.max_batch_tokens is None or (len(batch) + 1) * padded <= self.max_batch_tokens))
+            if not full and entry.key == head.key and fits:
                 batch.append(entry)
-                rows += entry.rows
+                rows, longest = rows + entry.rows, padded
             else:
                 full = full or entry.key == head.key  # stop at the first compatible one that does not fit
                 rest.append(entry)
@@ -209,7 +211,7 @@ class Batcher:
             self._prune()
             if not self._queue:
                 continue
-            batch = self._take()
+            batch = self._current = self._take()
             self.running = len(batch)
             started = time.monotonic()
             try:
@@ -226,13 +228,17 @@ class Batcher:
                     entry.future.set_exception(error)
                 else:
                     entry.future.set_result(result)
+            self._current = []
 
     def _decode(self, requests: list[DecodeRequest]) -> list[tuple]:
         """``(result, None)`` or ``(None, exception)`` per request. A batch that fails is decoded
         again one request at a time, so that one request cannot fail the others (the worker
         thread)."""
         try:
-            return [(result, None) for result in self.decoder.decode(requests)]
+            results = self.decoder.decode(requests)
+            if len(results) != len(requests):
+                raise RuntimeError(f"the decoder answered {len(results)} of {len(requests)} requests")
+            return [(result, None) for result in results]
         except Exception as exc:
             if len(requests) == 1:
                 return [(None, exc)]

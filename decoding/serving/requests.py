@@ -4,7 +4,8 @@ Two servers read these requests: ``decoding-serve`` (:mod:`decoding.serving.app`
 beam route inside vLLM's OpenAI server (:mod:`decoding.integrations.vllm.serving`). Both take an
 OpenAI completions request with ``use_beam_search`` and ``vllm_xargs: {"decoding_catalog": ...,
 "decoding_exclude": [...]}``, parsed here by :func:`completion_options` and checked against the
-operator's caps by :func:`check_beams` and :func:`check_exclusions`; ``decoding-serve`` also
+operator's caps by :func:`check_beams` and :func:`check_exclude_cap`, and against the catalog by
+:func:`check_against_catalog`; ``decoding-serve`` also
 takes ``/v1/recommendations`` bodies (:func:`recommendation_request`). Both end as one
 :class:`DecodeRequest`.
 
@@ -16,7 +17,6 @@ name the operator registered, never a path).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -142,6 +142,7 @@ def parse(extra, route: str) -> CatalogArgs | None:
         raise ValueError(f"extra_args: expected a dict, got {type(extra).__name__}")
     for key in extra:
         if isinstance(key, str) and key.startswith("decoding_") and key not in keys:
+            key = _field_name(key)
             if route == "beam":
                 raise ValueError(beam_unsupported(key))
             raise ValueError(f"{key}: not a decoding argument of this route; it takes {', '.join(keys)}"
@@ -269,11 +270,16 @@ def check_prompt(prompt_ids, caps: Caps, parameter: str) -> None:
                            f"{caps.hint('max_prompt_tokens')}", parameter)
 
 
-def _length_penalty(body: dict, default: float) -> float:
-    value = body.get("length_penalty", default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or abs(value) > 100:
+def check_length_penalty(value) -> float:
+    """A request's length penalty: a number in [-100, 100] (NaN and infinities refused; a huge
+    JSON integer is compared, never converted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
         raise RequestError("length_penalty: expected a finite number between -100 and 100", "length_penalty")
     return float(value)
+
+
+def _length_penalty(body: dict, default: float) -> float:
+    return check_length_penalty(body.get("length_penalty", default))
 
 
 def _field_name(key) -> str:
@@ -282,12 +288,12 @@ def _field_name(key) -> str:
     return key if isinstance(key, str) and _IDENTIFIER.fullmatch(key) else "a field"
 
 
-def check_exclude_cap(exclude, caps_or_max, parameter: str, raise_with: str = "") -> None:
+def check_exclude_cap(exclude, max_exclude: int, parameter: str, raise_with: str = "") -> None:
     """At most the operator's ``max_exclude`` ids, checked before any id is looked at (an
     oversized list costs nothing)."""
-    if len(exclude) > caps_or_max:
+    if len(exclude) > max_exclude:
         raise RequestError(f"{EXCLUDE_KEY if parameter == 'vllm_xargs' else parameter}: {len(exclude)} item ids is "
-                           f"above this server's max_exclude ({caps_or_max})"
+                           f"above this server's max_exclude ({max_exclude})"
                            + (f"; the operator raises it with {raise_with}" if raise_with else ""), parameter)
 
 

@@ -55,6 +55,20 @@ def _stop(proc, timeout_s: float = 30) -> None:
 
 
 @contextlib.contextmanager
+def _running(command, env: dict, log_path, port: int, startup_timeout_s: float, what: str):
+    """``command`` as a server process logging to ``log_path``: ``(base_url, process)`` once its
+    ``/health`` answers; stopped on exit."""
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_healthy(proc, url, log_path, startup_timeout_s, what)
+            yield url, proc
+        finally:
+            _stop(proc)
+
+
+@contextlib.contextmanager
 def decoding_server(model_dir: str, catalogs: dict, log_path, *, args=(), env: dict | None = None,
                     startup_timeout_s: float = 120):
     """Start ``decoding-serve`` (``python -m decoding.serving.cli``) for ``model_dir`` with
@@ -74,14 +88,8 @@ def decoding_server(model_dir: str, catalogs: dict, log_path, *, args=(), env: d
                "--port", str(port), "--log-level", "warning", *args]
     for name, path in catalogs.items():
         command += ["--catalog", f"{name}={path}"]
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-        try:
-            _wait_healthy(proc, url, log_path, startup_timeout_s, "decoding-serve")
-            yield url, proc
-        finally:
-            _stop(proc)
+    with _running(command, full_env, log_path, port, startup_timeout_s, "decoding-serve") as running:
+        yield running
 
 
 @contextlib.contextmanager
@@ -107,11 +115,5 @@ def vllm_server(model_dir: str, log_path, *, additional_config: dict | None = No
                "--max-logprobs", "-1", "--enforce-eager", "--seed", "0", *args]
     if additional_config is not None:
         command += ["--additional-config", json.dumps(additional_config)]
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-        try:
-            _wait_healthy(proc, url, log_path, startup_timeout_s, "vLLM server")
-            yield url, proc
-        finally:
-            _stop(proc)
+    with _running(command, full_env, log_path, port, startup_timeout_s, "vLLM server") as running:
+        yield running

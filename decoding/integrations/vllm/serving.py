@@ -30,7 +30,13 @@ import numpy as np
 from decoding.integrations.vllm import _compat
 from decoding.integrations.vllm.arguments import beam_options, beam_unsupported, check_beams, check_exclude_cap
 from decoding.integrations.vllm.catalogs import CatalogError, catalogs_for
-from decoding.serving.requests import DecodeRequest, RequestError, check_against_catalog, shown_tokens
+from decoding.serving.requests import (
+    DecodeRequest,
+    RequestError,
+    check_against_catalog,
+    check_length_penalty,
+    shown_tokens,
+)
 
 logger = logging.getLogger("decoding.integrations.vllm")
 
@@ -124,9 +130,10 @@ async def catalog_beam_search(call: _compat.BeamCall, options: dict) -> list[_co
     except RequestError as exc:
         raise BeamRouteError(str(exc), exc.parameter) from None
     # the serving core's request and checks, as decoding-serve applies them
-    request = DecodeRequest(tuple(call.prompt_ids), call.beam_width, options["catalog"], tuple(options["exclude"]),
-                            length_penalty=call.length_penalty, max_tokens=call.max_tokens)
     try:
+        request = DecodeRequest(tuple(call.prompt_ids), call.beam_width, options["catalog"],
+                                tuple(options["exclude"]), length_penalty=check_length_penalty(call.length_penalty),
+                                max_tokens=call.max_tokens)
         check_against_catalog(request, trie, {"k": "n", "exclude": "vllm_xargs"})
     except RequestError as exc:
         raise BeamRouteError(str(exc), exc.parameter) from None
@@ -137,7 +144,7 @@ async def catalog_beam_search(call: _compat.BeamCall, options: dict) -> list[_co
         metrics["requests_in_flight"].set_function(lambda: len(pending))
     try:
         out, book = await search(call.engine, [call.prompt_ids], trie=trie, num_beams=call.beam_width,
-                                 length_penalty=call.length_penalty, exclude_items=[exclude],
+                                 length_penalty=request.length_penalty, exclude_items=[exclude],
                                  lora_request=call.lora_request, record_logprobs=options["logprobs"] is not None)
     except (ValueError, TypeError) as exc:
         raise BeamRouteError(str(exc), "prompt") from None
