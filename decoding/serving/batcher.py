@@ -99,8 +99,7 @@ class Batcher:
         self._closing = False
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decoding-serve")
-        self.running = 0  # requests in the batch being decoded
-        self._current: list[_Entry] = []  # that batch
+        self._current: list[_Entry] = []  # the batch being decoded
         self.last_batch_s = 0.0
 
     @property
@@ -111,6 +110,11 @@ class Batcher:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="decoding-serve batcher")
             self._worker.add_done_callback(self._stopped)
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch being decoded."""
+        return len(self._current)
 
     @property
     def alive(self) -> bool:
@@ -212,12 +216,10 @@ class Batcher:
             if not self._queue:
                 continue
             batch = self._current = self._take()
-            self.running = len(batch)
             started = time.monotonic()
             try:
                 outcomes = await loop.run_in_executor(self._executor, self._decode, [e.request for e in batch])
             finally:
-                self.running = 0
                 self.last_batch_s = time.monotonic() - started
             self.stats.batch(len(batch), sum(e.rows for e in batch), self.last_batch_s)
             self.stats.decoded(len(batch))

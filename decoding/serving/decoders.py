@@ -19,6 +19,7 @@ from decoding.serving.requests import (
     CATALOG_KEY,
     CatalogError,
     DecodeRequest,
+    argument_label,
     check_against_catalog,
     unknown_catalog,
 )
@@ -87,7 +88,7 @@ class BeamDecoder:
     def catalog(self, name: str, parameter: str) -> ItemTrie:
         trie = self.catalogs.get(name) if isinstance(name, str) else None
         if trie is None:  # one answer whatever the name (a path included) and whatever exists on disk
-            raise CatalogError(unknown_catalog(CATALOG_KEY if parameter == "vllm_xargs" else parameter), parameter)
+            raise CatalogError(unknown_catalog(argument_label(parameter, CATALOG_KEY)), parameter)
         return trie
 
     def admit(self, request: DecodeRequest, parameters: Mapping[str, str]) -> None:

@@ -40,6 +40,12 @@ DEFAULT_MAX_EXCLUDE = 100_000
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
+def argument_label(parameter: str, key: str) -> str:
+    """What an error message names: the ``vllm_xargs`` key itself (``decoding_catalog``,
+    ``decoding_exclude``) when the request field is ``vllm_xargs``, else the field."""
+    return key if parameter == "vllm_xargs" else parameter
+
+
 def unknown_catalog(parameter: str = CATALOG_KEY) -> str:
     """The one answer to a catalog name the server does not serve, whatever exists on its disk."""
     return f"{parameter}: not a catalog this server serves; name a catalog that the operator registered"
@@ -199,7 +205,7 @@ def check_against_catalog(request: DecodeRequest, trie, parameters: dict) -> Non
         raise RequestError(f"{parameters['k']}: {request.k} beams is more than the catalog's {trie.num_items} items",
                            parameters["k"])
     _check(check_exclusions, parameters["exclude"], list(request.exclude), len(request.exclude), trie.num_ids,
-           parameter=EXCLUDE_KEY if parameters["exclude"] == "vllm_xargs" else parameters["exclude"])
+           parameter=argument_label(parameters["exclude"], EXCLUDE_KEY))
 
 
 def shown_tokens(tokens: list[int], eos_token_id: int | None, include_stop: bool) -> tuple[list[int], bool]:
@@ -292,7 +298,7 @@ def check_exclude_cap(exclude, max_exclude: int, parameter: str, raise_with: str
     """At most the operator's ``max_exclude`` ids, checked before any id is looked at (an
     oversized list costs nothing)."""
     if len(exclude) > max_exclude:
-        raise RequestError(f"{EXCLUDE_KEY if parameter == 'vllm_xargs' else parameter}: {len(exclude)} item ids is "
+        raise RequestError(f"{argument_label(parameter, EXCLUDE_KEY)}: {len(exclude)} item ids is "
                            f"above this server's max_exclude ({max_exclude})"
                            + (f"; the operator raises it with {raise_with}" if raise_with else ""), parameter)
 
