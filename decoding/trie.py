@@ -307,6 +307,30 @@ class ItemTrie:
         nodes = torch.where(out_of_vocab.to(nodes.device), torch.full_like(nodes, -1), nodes)
         return self.leaf_items(nodes)
 
+    def identifiers(self, items) -> list[list[int]]:
+        """The identifier of each item id (the inverse of :meth:`lookup`): ``items`` a sequence
+        of ids in ``[0, num_ids)`` -> one token list each (ending with the EOS where identifiers
+        have one). A duplicate row kept with ``on_duplicate="first"`` gives its first row's
+        identifier. Walks down by ranks: each level's nodes own sorted, contiguous rank ranges."""
+        items = torch.as_tensor(list(items), dtype=torch.long).reshape(-1)
+        if items.numel() and (int(items.min()) < 0 or int(items.max()) >= self.num_ids):
+            raise ValueError(f"items: item ids must be in [0, {self.num_ids})")
+        ranks = self.rank_of_item.cpu()[items]
+        item_lo, node_token = self.item_lo.cpu().long(), self.node_token.cpu().long()
+        offsets = self.level_offsets.cpu().tolist()
+        out: list[list[int]] = [[] for _ in range(items.numel())]
+        live = torch.arange(items.numel())
+        for level in range(1, self.depth + 1):
+            if live.numel() == 0:
+                break
+            lo, hi = offsets[level], offsets[level + 1]
+            node = lo + torch.searchsorted(item_lo[lo:hi], ranks[live], right=True) - 1
+            tokens = node_token[node]
+            for row, token in zip(live.tolist(), tokens.tolist()):
+                out[row].append(token)
+            live = live[tokens != self.eos_token_id] if self.eos_token_id is not None else live
+        return out
+
     def excluded_ranks(self, exclude_items, batch_size: int) -> torch.Tensor | None:
         """Per-request item ids to exclude -> sorted unique ranks ``[B, X]`` int64, padded with
         ``num_items`` (past every range). Accepts a list of ``B`` id lists or an int tensor

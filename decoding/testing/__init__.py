@@ -104,8 +104,9 @@ def save_for_serving(model, path) -> str:
 
 
 def layer_draft(target, layers: int):
-    """The target's first ``layers`` decoder layers with its embeddings, norm and head."""
-    draft = copy.deepcopy(target)
-    draft.model.layers = draft.model.layers[:layers]
-    draft.config.num_hidden_layers = layers
-    return draft.eval()
+    """A copy of the target's first ``layers`` decoder layers with its embeddings, norm and head
+    (weights of its own, to be trained; :func:`decoding.speculative.draft.truncated_draft`
+    shares them)."""
+    from decoding.speculative.draft import truncated_draft
+
+    return copy.deepcopy(truncated_draft(target, layers)).eval()
