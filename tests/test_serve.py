@@ -54,11 +54,56 @@ def _server(model_dir, catalog, name, args):
     return decoding_server(model_dir, {"items": catalog["path"]}, catalog["root"] / f"{name}.log", args=args)
 
 
+# the KV policies the main server allows (--kv-policy NAME=JSON), and the same objects in-process
+KV_POLICIES = {"recent": {"kind": "streamingllm", "sink": 2, "recent": 4},
+               "snap": {"kind": "snapkv", "window": 2, "capacity": 6, "kernel": 3},
+               "earn": {"kind": "earn", "layer": 1, "registers": [0, -1]}}
+SLOTS, CODES, DIGITS, SET_DIM = 3, 16, 4, 32
+
+
+def kv_policy(name):
+    from decoding.kv import EarnCut, SnapKV, StreamingLLM
+
+    spec = dict(KV_POLICIES[name])
+    kind = spec.pop("kind")
+    if kind == "earn":
+        return EarnCut(spec["layer"], tuple(spec["registers"]))
+    return {"streamingllm": StreamingLLM, "snapkv": SnapKV}[kind](**spec)
+
+
 @pytest.fixture(scope="module")
-def server(served_model_dir, catalog):
-    """The main server: an API key, caps a test can reach, a batch budget that holds 64 requests."""
+def bundles(tmp_path_factory):
+    """A SETRec bundle (400 items, 3 slots) and an RPG bundle (500 items, 4 digits of 16 codes),
+    each on a random model of their own, saved by the package (decoding.setid.bundle)."""
+    from decoding.setid import SetIdCatalog
+    from decoding.setid.bundle import save_rpg_bundle, save_setrec_bundle
+
+    root = tmp_path_factory.mktemp("setid_bundles")
+    g = torch.Generator().manual_seed(3)
+    setrec = {"model": bm.tiny_llama(32, hidden_size=SET_DIM, layers=2, heads=2, seed=21),
+              "queries": torch.randn(SLOTS, SET_DIM, generator=g),
+              "table": torch.randn(SLOTS, 400, SET_DIM, generator=g), "weights": torch.tensor([0.8, 0.1, 0.1])}
+    save_setrec_bundle(root / "setrec", setrec["model"], setrec["queries"],
+                       SetIdCatalog(setrec["table"], setrec["weights"]), name="sets")
+    rpg = {"model": bm.tiny_llama(32, hidden_size=SET_DIM, layers=2, heads=2, seed=22),
+           "codes": torch.randint(0, CODES, (500, DIGITS), generator=g, dtype=torch.uint8),
+           "codebooks": torch.randn(DIGITS, CODES, SET_DIM, generator=g),
+           "heads": torch.randn(DIGITS, SET_DIM, SET_DIM, generator=g) / SET_DIM ** 0.5, "temperature": 0.2}
+    save_rpg_bundle(root / "rpg", rpg["model"], rpg["codes"], rpg["codebooks"], rpg["heads"], rpg["temperature"],
+                    name="codes")
+    return {"setrec": setrec, "rpg": rpg, "root": root}
+
+
+@pytest.fixture(scope="module")
+def server(served_model_dir, catalog, bundles):
+    """The main server: an API key, caps a test can reach, a batch budget that holds 64 requests,
+    every decoder (a draft of the target's first layer, a SETRec and an RPG bundle, three KV
+    policies)."""
     args = ("--api-key", API_KEY, "--max-beams", "64", "--max-exclude", "100", "--max-prompt-tokens", "64",
-            "--max-batch-rows", "1024", "--served-model-name", "rec", "--max-body-bytes", "100000")
+            "--max-batch-rows", "1024", "--served-model-name", "rec", "--max-body-bytes", "100000",
+            "--draft-layers", "1", "--setid", str(bundles["root"] / "setrec"),
+            "--setid", f"codes2={bundles['root'] / 'rpg'}",
+            *[arg for name, spec in KV_POLICIES.items() for arg in ("--kv-policy", f"{name}={json.dumps(spec)}")])
     with _server(served_model_dir, catalog, "server", args) as (url, proc):
         headers = {"Authorization": f"Bearer {API_KEY}"}
         with httpx.Client(base_url=url, timeout=120, headers=headers,
@@ -174,6 +219,179 @@ def test_recommendations_agree_with_completions_and_honour_exclusions(server, ca
         xargs = {"decoding_catalog": "items", "decoding_exclude": exclude}
         choices = client.post("/v1/completions", json=completion(prompt, vllm_xargs=xargs)).json()["choices"]
         assert trie.lookup(torch.tensor([c["token_ids"] for c in choices])).tolist() == again["items"]
+
+
+def recommend(client, **body):
+    response = client.post("/v1/recommendations", json={"catalog": "items", "k": K, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_speculative_strict_is_beam_search_and_relaxed_returns_catalog_items(server, catalog, hf_model):
+    """The draft is the target's first layer (--draft-layers 1): strict answers are beam search's
+    items (the exactness contract), relaxed answers are catalog items whose identifiers are the
+    catalog's, reproducible for one seed."""
+    client, _ = server
+    trie, prompts = catalog["trie"], random_prompts(6, seed=31)
+    judge = ExactReference(hf_model, prompts, trie, K, catalog["seqs"])
+    for b, prompt in enumerate(prompts):
+        options = {"mode": "strict", "num_drafts": 2 * K, "draft_steps": 1 + b % 3}
+        got = recommend(client, prompt_token_ids=prompt, decoder="speculative", options=options)
+        assert judge.check(b, got["items"], got["scores"]) != "wrong", (b, got["items"], judge.items[b])
+    relaxed = {"mode": "relaxed", "seed": 5}
+    for prompt in prompts[:3]:
+        got = recommend(client, prompt_token_ids=prompt, decoder="speculative", options=relaxed)
+        assert len(got["items"]) == K == len(set(got["items"])) and min(got["items"]) >= 0
+        assert trie.lookup(torch.tensor(got["identifiers"])).tolist() == got["items"]
+        assert recommend(client, prompt_token_ids=prompt, decoder="speculative", options=relaxed) == got
+
+
+def setrec_reference(bundles, history, k):
+    from decoding.setid import SetIdCatalog, setid_generate
+
+    b = bundles["setrec"]
+    table = b["table"]
+    embeds = table[:, history].transpose(0, 1).reshape(1, -1, SET_DIM)
+    groups = torch.arange(len(history)).repeat_interleave(SLOTS)[None]
+    out = setid_generate(b["model"], embeds, groups, b["queries"], SetIdCatalog(table, b["weights"]), k)
+    return out.items[0].tolist(), out.scores[0].tolist()
+
+
+@torch.no_grad()
+def rpg_reference(bundles, history, k):
+    from decoding.setid import cosine_digit_logits, digit_logprobs, rpg_topk
+
+    b = bundles["rpg"]
+    codebooks, codes = b["codebooks"], b["codes"][history].long()
+    embeds = torch.stack([codebooks[torch.arange(DIGITS), c].mean(0) for c in codes])[None]
+    hidden = b["model"].model(inputs_embeds=embeds).last_hidden_state[:, -1]
+    digits = torch.stack([hidden @ b["heads"][s].T for s in range(DIGITS)], dim=1)
+    top = rpg_topk(digit_logprobs(cosine_digit_logits(digits, codebooks, b["temperature"])), b["codes"], k)
+    return top.items[0].tolist(), top.scores[0].tolist()
+
+
+def test_set_identifiers_equal_in_process_setid_generate_and_rpg_topk(server, bundles):
+    client, _ = server
+    g = torch.Generator().manual_seed(8)
+    for n in (1, 5, 12):
+        for catalog, size, reference in (("sets", 400, setrec_reference), ("codes2", 500, rpg_reference)):
+            history = torch.randint(0, size, (n,), generator=g).tolist()
+            got = recommend(client, catalog=catalog, decoder="setid", history=history, k=10)
+            items, scores = reference(bundles, history, 10)
+            assert got["items"] == items, (catalog, n)
+            assert got["scores"] == pytest.approx(scores, abs=1e-4)
+            assert got["identifiers"] == [[]] * 10
+            excluded = recommend(client, catalog=catalog, decoder="setid", history=history, k=10,
+                                 exclude_items=items[:4])
+            assert excluded["items"][:6] == items[4:]
+
+
+@pytest.mark.parametrize("policy", sorted(KV_POLICIES))
+def test_each_kv_policy_equals_its_in_process_search(server, catalog, hf_model, policy):
+    client, _ = server
+    trie = catalog["trie"]
+    pruned_differs = False
+    for prompt in random_prompts(3, seed=41, low=8, high=16):
+        got = recommend(client, prompt_token_ids=prompt, options={"kv_policy": policy})
+        ref = beam_search(hf_model, torch.tensor([prompt]), trie=trie, num_beams=K, kv_policy=kv_policy(policy))
+        assert got["items"] == ref.items[0].tolist()
+        assert got["scores"] == pytest.approx(ref.scores[0].tolist(), abs=1e-4)
+        pruned_differs |= got["scores"] != recommend(client, prompt_token_ids=prompt)["scores"]
+    assert pruned_differs, "the policy pruned nothing: the test cannot tell it from the shared cache"
+
+
+MIXED = [  # (decoder, catalog, options): the 64 requests cycle through them
+    ("beam", "items", {}), ("beam", "items", {"kv_policy": "recent"}), ("beam", "items", {"kv_policy": "snap"}),
+    ("beam", "items", {"kv_policy": "earn"}), ("speculative", "items", {"mode": "strict", "num_drafts": 12}),
+    ("speculative", "items", {"mode": "relaxed"}), ("setid", "sets", {}), ("setid", "codes2", {}),
+]
+
+
+def mixed_bodies(n=64):
+    prompts = random_prompts(n, seed=51, low=4, high=16)
+    g = torch.Generator().manual_seed(52)
+    bodies = []
+    for b in range(n):
+        decoder, name, options = MIXED[b % len(MIXED)]
+        body = {"catalog": name, "k": K, "decoder": decoder, "options": dict(options)}
+        if decoder == "setid":
+            body["history"] = torch.randint(0, 400, (3 + b % 7,), generator=g).tolist()
+        else:
+            body["prompt_token_ids"] = prompts[b]
+        if decoder == "speculative" and options["mode"] == "relaxed":
+            body["options"]["seed"] = b
+        bodies.append(body)
+    return bodies
+
+
+def same_answer(a: dict, b: dict) -> bool:
+    """Equal items, or the same ranking scores (within 1e-4) where a near tie swapped two items:
+    a batch pads its prompts, which moves float sums by rounding."""
+    close = len(a["scores"]) == len(b["scores"]) and all(abs(x - y) < 1e-4 for x, y in zip(a["scores"], b["scores"]))
+    return close and (a["items"] == b["items"] or sorted(a["items"]) == sorted(b["items"])
+                      or all(abs(x - y) < 1e-4 for x, y in zip(a["scores"], b["scores"])))
+
+
+def test_64_concurrent_mixed_decoder_requests_equal_their_sequential_answers(server):
+    """Beam search under each KV policy, speculative strict and relaxed, SETRec and RPG, 64 at
+    once: each answer is the one the request gets alone."""
+    client, _ = server
+    bodies = mixed_bodies()
+    alone = [client.post("/v1/recommendations", json=body) for body in bodies]
+    batches_before = metric(client, "decoding_serve_batch_requests_count")
+    with ThreadPoolExecutor(64) as pool:
+        together = list(pool.map(lambda body: client.post("/v1/recommendations", json=body), bodies))
+    swapped = []
+    for b, (one, many) in enumerate(zip(alone, together)):
+        assert one.status_code == 200 == many.status_code, (bodies[b], one.text, many.text)
+        assert same_answer(one.json(), many.json()), (bodies[b], one.json(), many.json())
+        if one.json()["items"] != many.json()["items"]:
+            swapped.append(b)
+    assert len(swapped) <= 3, swapped
+    batches = metric(client, "decoding_serve_batch_requests_count") - batches_before
+    assert batches < 64 - 8, f"64 mixed requests ran in {batches} batches"  # relaxed ones run alone
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"decoder": "speculative", "options": {"mode": "greedy"}}, "options", "options.mode"),
+    ({"decoder": "speculative", "options": {"num_drafts": 4}}, "options", "at least k"),
+    ({"decoder": "speculative", "options": {"num_drafts": 65}}, "options", "max_beams (64)"),
+    ({"decoder": "speculative", "options": {"draft_steps": 17}}, "options", "1 to 16"),
+    ({"decoder": "speculative", "options": {"kv_policy": "recent"}}, "options", "not an option of the speculative"),
+    ({"decoder": "beam", "options": {"kv_policy": "evict_all"}}, "options", "allows shared, recent, snap, earn"),
+    ({"decoder": "beam", "options": {"kv_policy": "/etc/passwd"}}, "options", "name of a KV policy"),
+    ({"decoder": "beam", "options": {"mode": "strict"}}, "options", "not an option of the beam"),
+    ({"decoder": "beam", "options": {"kv_policy": "snap"}, "prompt_token_ids": [10, 11]}, "options",
+     "needs prompts longer"),
+    ({"decoder": "beam", "options": []}, "options", "JSON object"),
+    ({"decoder": "speculative", "length_penalty": 1.0}, "length_penalty", "leave it unset"),
+    ({"decoder": "nucleus"}, "decoder", "expected one of beam, speculative, setid"),
+    ({"decoder": "setid", "catalog": "sets"}, "history", "not a prompt"),
+    ({"decoder": "setid", "catalog": "items", "history": [1], "prompt_token_ids": None}, "catalog", "not a catalog"),
+    ({"decoder": "setid", "catalog": "sets", "history": [400], "prompt_token_ids": None}, "history", "below 400"),
+    ({"decoder": "setid", "catalog": "sets", "history": [1], "exclude_items": [400], "prompt_token_ids": None},
+     "exclude_items", "below 400"),
+    ({"decoder": "setid", "catalog": "sets", "history": [], "prompt_token_ids": None}, "history", "non-empty"),
+    ({"decoder": "beam", "history": [1, 2]}, "history", "not both"),
+    ({"decoder": "beam", "history": [1, 2], "prompt_token_ids": None}, "history", "no history prompt"),
+])
+def test_decoder_options_are_checked_by_the_schema(server, body, param, words):
+    client, _ = server
+    request = {"catalog": "items", "prompt_token_ids": [10, 11, 12, 13], "k": K, **body}
+    request = {key: value for key, value in request.items() if value is not None}
+    response = client.post("/v1/recommendations", json=request)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_a_decoder_the_operator_did_not_enable_gets_400_saying_how(busy_server):
+    client, _ = busy_server
+    for decoder, flag in (("speculative", "--draft"), ("setid", "--setid")):
+        response = client.post("/v1/recommendations", json={"catalog": "items", "history": [10, 11], "k": 2,
+                                                             "decoder": decoder})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "decoder", response.text
+        assert flag in response.json()["error"]["message"]
 
 
 def test_text_prompts_models_and_api_key(server, served_model_dir):
@@ -346,7 +564,7 @@ class FailingDecoder:
     vocab_size = 100
 
     def admit(self, request, parameters):
-        pass
+        return request
 
     def batch_key(self, request):
         return request.k
@@ -391,3 +609,49 @@ def test_the_api_key_stays_out_of_help_and_the_process_list(monkeypatch):
 
     monkeypatch.setenv("DECODING_SERVE_API_KEY", "s3cret-key")
     assert "s3cret-key" not in parser().format_help()
+
+
+def docs_curl_body() -> dict:
+    """The JSON body of docs/serving.md's curl that asks the exported MovieLens recommender."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    found = re.search(r"^curl .*/v1/recommendations .*-d '(\{.*\"history\".*\})'$", text, re.M)
+    assert found, "docs/serving.md shows no curl with a history"
+    return json.loads(found.group(1))
+
+
+@pytest.mark.needs("recbole")
+def test_an_exported_movielens_recommender_serves_titles_with_no_other_flag(tmp_path):
+    """decoding-bench workload --export DIR (a toy training run), then `decoding-serve DIR` and
+    the docs' curl: catalog items with their titles, the history's prompt as the model was
+    trained on, and speculative strict search with the exported draft."""
+    from decoding.bench.__main__ import main
+    from decoding.testing.serving import decoding_server
+    from decoding.workloads.datasets import movielens_100k
+
+    export = tmp_path / "ml-100k"
+    assert main(["workload", "ml-100k", "--max-users", "24", "--train-epochs", "1", "--cache-dir", "none",
+                 "--export", str(export), "--out", str(tmp_path / "out")]) == 0
+    titles = json.loads((export / "movies.titles.json").read_text())
+    data = movielens_100k()
+    assert len(titles) == data.num_items and titles[0].startswith(data.titles[0])
+    body = docs_curl_body()
+    with decoding_server(str(export), None, tmp_path / "serve.log") as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            got = client.post("/v1/recommendations", json=body)
+            assert got.status_code == 200, got.text
+            answer = got.json()
+            assert len(answer["items"]) == body["k"] and answer["titles"] == [titles[i] for i in answer["items"]]
+            assert not set(answer["items"]) & set(body.get("exclude_items", []))
+            # the prompt the history stands for: BOS, then the last 20 movies' identifiers
+            from decoding import ItemTrie
+
+            trie = ItemTrie.load(export / "movies.trie")
+            prompt = [1] + [t for ids in trie.identifiers(body["history"][-20:]) for t in ids]
+            same = {key: value for key, value in body.items() if key != "history"}
+            by_prompt = client.post("/v1/recommendations", json={**same, "prompt_token_ids": prompt}).json()
+            assert by_prompt == answer
+            strict = client.post("/v1/recommendations", json={**body, "decoder": "speculative"}).json()
+            assert strict["items"] == answer["items"]
+            assert client.get("/v1/models").json()["data"][0]["id"] == "ml-100k"

@@ -99,7 +99,7 @@ async def _until_disconnected(request: Request) -> None:
 
 def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=None, eos_token_id: int | None = None,
                api_key: str | None = None, max_batch_rows: int = 2048, max_batch_tokens: int | None = 1 << 17,
-               max_wait_s: float = 0.1, arrival_gap_s: float = 0.02) -> FastAPI:
+               max_wait_s: float = 0.1, arrival_gap_s: float = 0.02, titles: dict | None = None) -> FastAPI:
     """The server's FastAPI app around ``decoder`` (a :class:`~decoding.serving.decoders.Decoder`).
 
     Args:
@@ -109,8 +109,11 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
         api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
         max_batch_rows, max_batch_tokens, max_wait_s, arrival_gap_s: the batcher's budgets and bounded wait
             (:class:`~decoding.serving.batcher.Batcher`).
+        titles: ``{catalog name: [title of item 0, ...]}``: ``/v1/recommendations`` answers for
+            these catalogs carry ``titles`` beside ``items``.
     """
     caps = caps or Caps()
+    titles = dict(titles or {})
     state: dict = {}
     metrics = ServerMetrics(lambda: state.get("batcher"))
     vocab_size = getattr(decoder, "vocab_size", None)
@@ -188,8 +191,7 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
         except ValueError:
             raise RequestError("body: expected a JSON object", "body") from None
         decode_request, extra = parse(body)
-        decoder.admit(decode_request, extra.pop("parameters"))
-        return decode_request, extra
+        return decoder.admit(decode_request, extra.pop("parameters")), extra
 
     def parse_completion(body):
         if isinstance(body, dict) and body.get("model") != model_name:
@@ -240,7 +242,11 @@ def create_app(decoder, *, model_name: str, caps: Caps | None = None, tokenizer=
         return request, {"parameters": {"catalog": "catalog", "k": "k", "exclude": "exclude_items"}}
 
     def recommendation_reply(request, options, result) -> dict:
-        return {"items": result.items, "scores": result.scores, "identifiers": result.identifiers}
+        reply = {"items": result.items, "scores": result.scores, "identifiers": result.identifiers}
+        names = titles.get(request.catalog)
+        if names is not None:  # the operator's titles, beside the items
+            reply["titles"] = [names[i] for i in result.items]
+        return reply
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -173,11 +173,11 @@ class Batcher:
         """The next batch: the oldest request and the compatible ones behind it, in arrival
         order, while they fit the budgets (the oldest alone if it is larger)."""
         head = self._queue[0]
-        batch, rows, longest, rest = [head], head.rows, len(head.request.prompt_ids), collections.deque()
+        batch, rows, longest, rest = [head], head.rows, head.request.length, collections.deque()
         self._queue.popleft()
         full = False
         for entry in self._queue:
-            padded = max(longest, len(entry.request.prompt_ids))
+            padded = max(longest, entry.request.length)
             fits = (rows + entry.rows <= self.max_batch_rows
                     and (self.max_batch_tokens is None or (len(batch) + 1) * padded <= self.max_batch_tokens))
             if not full and entry.key == head.key and fits:

@@ -34,7 +34,17 @@ CHAT_BEAM_SEARCH_REFUSED = (
     "chat completions with use_beam_search do not apply it, so they are refused rather than answered "
     "with unconstrained beams"
 )
-DECODERS = ("beam",)  # what a request may name as its decoder
+DECODERS = ("beam", "speculative", "setid")  # what a /v1/recommendations request may name as its decoder
+# each decoder's per-request options ({"options": {...}}): name -> what it takes
+DECODER_OPTIONS = {
+    "beam": {"kv_policy": "the name of a KV policy the operator allows ('shared', the default: no pruning)"},
+    "speculative": {"mode": "'strict' (exact, the default) or 'relaxed'",
+                    "num_drafts": "the draft's beams per level, at least k (default 2k, at most max_beams)",
+                    "draft_steps": "levels drafted per round, 1 to 16 (default 2)",
+                    "seed": "relaxed mode's random stream, a non-negative int (default 0)"},
+    "setid": {},
+}
+MAX_DRAFT_STEPS = 16
 DEFAULT_MAX_BEAMS = 1024
 DEFAULT_MAX_EXCLUDE = 100_000
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -78,17 +88,18 @@ class Caps:
     max_beams: most beams (``n`` / ``k``) per request; max_exclude: most excluded item ids;
     max_prompt_tokens: longest prompt (None: no cap); max_queue: requests waiting for a batch
     before the server answers 429; max_body_bytes: largest request body, refused with 413 before
-    it is parsed (decoding-serve)."""
+    it is parsed (decoding-serve); max_history: most history item ids per request."""
 
     max_beams: int = DEFAULT_MAX_BEAMS
     max_exclude: int = DEFAULT_MAX_EXCLUDE
     max_prompt_tokens: int | None = None
     max_queue: int = 1024
     max_body_bytes: int = 16 << 20
+    max_history: int = 1024
     raise_with: str = "decoding-serve --{flag} <value>"  # how the operator raises a cap, shown in the 400
 
     def __post_init__(self):
-        for name in ("max_beams", "max_exclude", "max_prompt_tokens", "max_queue", "max_body_bytes"):
+        for name in ("max_beams", "max_exclude", "max_prompt_tokens", "max_queue", "max_body_bytes", "max_history"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value <= 0):
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
@@ -118,7 +129,10 @@ class DecodeRequest:
     prompt_ids: the prompt's token ids; k: items to return (beams); catalog: a registered catalog
     name; exclude: item ids never to return; decoder: which decoder serves it (:data:`DECODERS`);
     length_penalty: scores are ``sum log p / length ** length_penalty``; max_tokens: the
-    completions route's token budget, which must hold the catalog's identifiers."""
+    completions route's token budget, which must hold the catalog's identifiers; history: the
+    user's item ids, which a decoder turns into its prompt (``prompt_ids`` is then empty until
+    the decoder admits the request); options: the decoder's options, checked for form
+    (:func:`decoder_options`)."""
 
     prompt_ids: tuple[int, ...]
     k: int
@@ -127,6 +141,16 @@ class DecodeRequest:
     decoder: str = "beam"
     length_penalty: float = 0.0
     max_tokens: int | None = None  # the completions route's token budget (None: no limit)
+    history: tuple[int, ...] = ()  # the user's items, when the prompt is built from them
+    options: tuple[tuple[str, object], ...] = ()  # the decoder's options (DECODER_OPTIONS), sorted by name
+
+    def option(self, name: str, default=None):
+        return dict(self.options).get(name, default)
+
+    @property
+    def length(self) -> int:
+        """What the request adds to a batch's padded prompt: its prompt tokens, or its history items."""
+        return len(self.prompt_ids) or len(self.history)
 
 
 def _is_int(value) -> bool:
@@ -313,13 +337,61 @@ def _check(fn, as_field: str, *args, **kwargs):
         raise RequestError(str(exc), as_field) from None
 
 
-RECOMMENDATION_FIELDS = ("catalog", "prompt_token_ids", "prompt", "k", "exclude_items", "decoder", "length_penalty")
+RECOMMENDATION_FIELDS = ("catalog", "prompt_token_ids", "prompt", "history", "k", "exclude_items", "decoder",
+                         "options", "length_penalty")
+
+
+def _non_negative_int(value, parameter: str, *, below: int | None = None) -> int:
+    if not _is_int(value) or value < 0 or (below is not None and value >= below):
+        raise RequestError(f"{parameter}: expected a non-negative int" + (f" below {below}" if below else ""),
+                           parameter)
+    return value
+
+
+def decoder_options(decoder: str, options, k: int, caps: Caps) -> tuple[tuple[str, object], ...]:
+    """A request's ``options`` for ``decoder``, checked for form (not against what the server
+    holds: a decoder does that when it admits the request), defaults filled in, as sorted
+    ``(name, value)`` pairs. RequestError naming ``options.<name>`` otherwise."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise RequestError("options: expected a JSON object of the decoder's options", "options")
+    allowed = DECODER_OPTIONS[decoder]
+    for key in options:
+        if key not in allowed:
+            takes = ", ".join(allowed) if allowed else "none"
+            raise RequestError(f"options.{_field_name(key)}: not an option of the {decoder} decoder; it takes "
+                               f"{takes}", "options")
+    out: dict = {}
+    if decoder == "beam":
+        policy = options.get("kv_policy", "shared")
+        if not isinstance(policy, str) or not _IDENTIFIER.fullmatch(policy):
+            raise RequestError("options.kv_policy: expected the name of a KV policy the operator allows", "options")
+        if policy != "shared":  # the default is left out: one request whichever route it came by
+            out["kv_policy"] = policy
+    elif decoder == "speculative":
+        mode = options.get("mode", "strict")
+        if mode not in ("strict", "relaxed"):
+            raise RequestError("options.mode: expected 'strict' or 'relaxed'", "options")
+        drafts = options.get("num_drafts", min(2 * k, max(k, caps.max_beams)))
+        if not _is_int(drafts) or drafts < k:
+            raise RequestError(f"options.num_drafts: expected an int of at least k ({k})", "options")
+        _check(check_beams, "options", drafts, caps.max_beams, parameter="options.num_drafts",
+               raise_with=caps.hint("max_beams"))
+        steps = options.get("draft_steps", 2)
+        if not _is_int(steps) or not 1 <= steps <= MAX_DRAFT_STEPS:
+            raise RequestError(f"options.draft_steps: expected an int from 1 to {MAX_DRAFT_STEPS}", "options")
+        seed = _non_negative_int(options.get("seed", 0), "options.seed", below=1 << 63)
+        out.update(mode=mode, num_drafts=drafts, draft_steps=steps, seed=seed)
+    return tuple(sorted(out.items()))
 
 
 def recommendation_request(body, caps: Caps, *, tokenize=None, vocab_size: int | None = None) -> DecodeRequest:
-    """A ``/v1/recommendations`` body: ``{"catalog", "prompt_token_ids" | "prompt", "k",
-    "exclude_items", "decoder" ("beam"), "length_penalty" (0.0)}``. RequestError naming the field
-    for anything malformed, unknown or above a cap."""
+    """A ``/v1/recommendations`` body: ``{"catalog", "prompt_token_ids" | "prompt" | "history",
+    "k", "exclude_items", "decoder" ("beam", "speculative" or "setid"), "options" (the decoder's,
+    :data:`DECODER_OPTIONS`), "length_penalty" (0.0)}``. ``history`` (item ids of the catalog)
+    asks the server to build the prompt from the user's items; set identifiers take only a
+    history. RequestError naming the field for anything malformed, unknown or above a cap."""
     if not isinstance(body, dict):
         raise RequestError("body: expected a JSON object", "body")
     for key in body:
@@ -341,10 +413,33 @@ def recommendation_request(body, caps: Caps, *, tokenize=None, vocab_size: int |
         raise RequestError("exclude_items: expected a list of item ids (non-negative ints)", "exclude_items")
     check_exclude_cap(exclude, caps.max_exclude, "exclude_items", caps.hint("max_exclude"))
     length_penalty = _length_penalty(body, 0.0)
+    if decoder != "beam" and length_penalty != 0:
+        raise RequestError(f"length_penalty: the {decoder} decoder ranks by the plain sum of log-probs; leave it "
+                           "unset", "length_penalty")
+    options = decoder_options(decoder, body.get("options"), k, caps)
+    history = body.get("history")
+    if history is not None or decoder == "setid":
+        if decoder == "setid" and any(body.get(key) is not None for key in ("prompt_token_ids", "prompt")):
+            raise RequestError("history: the setid decoder takes the user's history (item ids), not a prompt",
+                               "history")
+        if body.get("prompt_token_ids") is not None or body.get("prompt") is not None:
+            raise RequestError("history: give the prompt as history (item ids) or as prompt_token_ids / prompt, "
+                               "not both", "history")
+        if not isinstance(history, list) or not history or not all(_is_int(i) and i >= 0 for i in history):
+            raise RequestError("history: expected a non-empty list of item ids (non-negative ints)", "history")
+        if len(history) > caps.max_history:
+            raise RequestError(f"history: {len(history)} items is above this server's max_history "
+                               f"({caps.max_history}); the operator raises it with {caps.hint('max_history')}",
+                               "history")
+        return DecodeRequest((), k, catalog, tuple(exclude), decoder, length_penalty, history=tuple(history),
+                             options=options)
+    if body.get("prompt_token_ids") is None and body.get("prompt") is None:
+        raise RequestError("prompt_token_ids: give the prompt as prompt_token_ids (token ids), prompt (text) or "
+                           "history (item ids)", "prompt_token_ids")
     prompt = _prompt(body, tokenize, ids_key="prompt_token_ids", text_key="prompt", vocab_size=vocab_size,
                      max_text_chars=caps.max_text_chars)
     check_prompt(prompt, caps, "prompt_token_ids" if "prompt_token_ids" in body else "prompt")
-    return DecodeRequest(prompt, k, catalog, tuple(exclude), decoder, length_penalty)
+    return DecodeRequest(prompt, k, catalog, tuple(exclude), decoder, length_penalty, options=options)
 
 
 # OpenAI completions fields decoding-serve reads, beside vllm_xargs and BEAM_UNSUPPORTED_FIELDS:

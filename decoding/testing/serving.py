@@ -69,11 +69,12 @@ def _running(command, env: dict, log_path, port: int, startup_timeout_s: float, 
 
 
 @contextlib.contextmanager
-def decoding_server(model_dir: str, catalogs: dict, log_path, *, args=(), env: dict | None = None,
+def decoding_server(model_dir: str, catalogs: dict | None, log_path, *, args=(), env: dict | None = None,
                     startup_timeout_s: float = 120):
     """Start ``decoding-serve`` (``python -m decoding.serving.cli``) for ``model_dir`` with
-    ``catalogs`` (``{name: ItemTrie file}``) and yield ``(base_url, process)`` once ``/health``
-    answers; the server gets SIGTERM on exit (and SIGKILL after 30 s).
+    ``catalogs`` (``{name: ItemTrie file}``; None: ``model_dir`` is a directory with
+    ``decoding-serve.json``, served as ``decoding-serve DIR``) and yield ``(base_url, process)``
+    once ``/health`` answers; the server gets SIGTERM on exit (and SIGKILL after 30 s).
 
     Args:
         args: further command-line arguments (``("--max-batch-rows", "64")``).
@@ -84,9 +85,10 @@ def decoding_server(model_dir: str, catalogs: dict, log_path, *, args=(), env: d
     port = free_port()
     full_env = {**os.environ, **(env or {})}
     full_env.pop("TRITON_INTERPRET", None)  # a test session's setting
-    command = [sys.executable, "-m", "decoding.serving.cli", "--model", model_dir, "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning", *args]
-    for name, path in catalogs.items():
+    command = [sys.executable, "-m", "decoding.serving.cli", *([model_dir] if catalogs is None else
+                                                               ["--model", model_dir]),
+               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args]
+    for name, path in (catalogs or {}).items():
         command += ["--catalog", f"{name}={path}"]
     with _running(command, full_env, log_path, port, startup_timeout_s, "decoding-serve") as running:
         yield running
