@@ -214,6 +214,9 @@ def _workload_flags(p):
                    help="training seeds for the main rows (mean and spread); 1: the main run's only")
     p.add_argument("--batch", type=int, default=64, help="users per batch")
     p.add_argument("--beams", default="20", help="beams = items returned per user (at least 20: R@20)")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="write the trained recommender (model, draft, movie catalog with titles) as a directory "
+                        "`decoding-serve DIR` serves, then stop (no evaluation)")
     _common_flags(p)
 
 

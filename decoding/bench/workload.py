@@ -18,6 +18,7 @@ the prompts, K and transformers' version: their results are cached beside the tr
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -167,6 +168,8 @@ def run(args, device) -> dict:
     t0 = time.perf_counter()
     pair = load_or_train(data_all, recipe, cache_dir=cache, log=log)
     setup_s = time.perf_counter() - t0
+    if args.export:
+        return export(pair, args.export)
     data, trie, sids, target, draft = pair.data, pair.trie, pair.sids, pair.target, pair.draft
     K, B, L = args.beams, args.batch, trie.depth
     seqs = sids.tokens.tolist()
@@ -337,7 +340,41 @@ def run(args, device) -> dict:
     return results
 
 
+CATALOG = "movies"
+
+
+def export(pair, folder: str) -> dict:
+    """The trained pair as a directory ``decoding-serve DIR`` serves: the target, its draft, the
+    ``movies`` catalog with each movie's title and year, and the prompt the model was trained on
+    (BOS, then the identifiers of a user's last ``max_items`` movies) for requests that give a
+    ``history``."""
+    from decoding.serving.decoders import HistoryPrompt
+    from decoding.serving.directory import write_server_directory
+    from decoding.workloads.movielens import BOS
+
+    data = pair.data
+    titles = [f"{title} ({year})" if year > 0 else title for title, year in zip(data.titles, data.years.tolist())]
+    folder = os.path.abspath(os.path.expanduser(folder))
+    write_server_directory(folder, model=pair.target, draft=pair.draft, catalogs={CATALOG: pair.trie},
+                           titles={CATALOG: titles},
+                           history_prompts={CATALOG: HistoryPrompt((BOS,), pair.recipe.max_items)},
+                           served_model_name=data.name)
+    log(f"[ml-100k] exported to {folder}: serve it with `decoding-serve {folder}`")
+    history = [int(i) for i in data.histories[0][-5:]]
+    return {"suite": "ml-100k-export", "export": {"directory": folder, "catalog": CATALOG, "items": data.num_items,
+                                           "example_history": history,
+                                           "example_titles": [titles[i] for i in history]}}
+
+
 def show(res: dict) -> None:
+    if "export" in res:
+        e = res["export"]
+        body = json.dumps({"catalog": e["catalog"], "history": e["example_history"], "k": 5})
+        print(f"\nExported MovieLens-100K's recommender ({e['items']} movies) to {e['directory']}.\n"
+              f"Serve it:   decoding-serve {e['directory']}\n"
+              f"Ask it (a user who watched {', '.join(e['example_titles'])}):\n"
+              f"  curl -s localhost:8000/v1/recommendations -H 'Content-Type: application/json' -d '{body}'")
+        return
     cfg = res["config"]
     print(f"\nMovieLens-100K, recipe {cfg.get('recipe_name', 'default')} ({cfg.get('parameters', 0):,} parameters): "
           f"{cfg['users']} test users, {cfg['items']} items, K={cfg['beams']}, {cfg['identifier_tokens']}-token "
