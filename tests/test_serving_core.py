@@ -260,3 +260,72 @@ def test_bad_requests_name_the_field_and_echo_no_path(body, field, words):
 def test_caps_are_checked():
     with pytest.raises(ValueError, match="max_queue"):
         Caps(max_queue=0)
+
+
+def test_a_served_directory_round_trips_and_never_names_a_path_outside_it(tmp_path):
+    import json
+
+    from decoding import ItemTrie
+    from decoding import testing as bm
+    from decoding.serving.decoders import HistoryPrompt
+    from decoding.serving.directory import MANIFEST, read_server_directory, write_server_directory
+
+    trie = ItemTrie.from_sequences([[3, 4], [3, 5], [6, 4]], vocab_size=8)
+    model = bm.tiny_llama(8, hidden_size=16, heads=2, layers=1)
+    write_server_directory(tmp_path / "d", model=model, catalogs={"movies": trie}, titles={"movies": ["a", "b", "c"]},
+                           history_prompts={"movies": HistoryPrompt((1,), 2)}, draft=model, served_model_name="m")
+    served = read_server_directory(tmp_path / "d")
+    entry = served.catalogs["movies"]
+    assert served.model == str(tmp_path / "d" / "model") and served.draft == str(tmp_path / "d" / "draft")
+    assert ItemTrie.load(entry.trie).identifiers([0, 1, 2]) == [[3, 4], [3, 5], [6, 4]]
+    assert entry.history_prompt == HistoryPrompt((1,), 2) and served.served_model_name == "m"
+    # the prompt a history stands for: the prefix, then the last max_items items' identifiers
+    assert entry.history_prompt.prompt(trie, [0, 2, 1]) == (1, 6, 4, 3, 5)
+    manifest = tmp_path / "d" / MANIFEST
+    meta = json.loads(manifest.read_text())
+    for bad, words in (({"model": "/etc"}, "relative"), ({"model": "../x"}, "leaves the directory"),
+                       ({"catalogs": {"m": {"trie": "a/../../t"}}}, "leaves the directory"),
+                       ({"catalogs": {}}, "at least one catalog"), ({"version": 2}, "version 1"),
+                       ({"catalogs": {"m": {"trie": "t", "history_prompt": {"max_items": 0}}}}, "max_items")):
+        manifest.write_text(json.dumps({**meta, **bad}))
+        with pytest.raises(ValueError, match=words):
+            read_server_directory(tmp_path / "d")
+    with pytest.raises(ValueError, match="titles"):
+        write_server_directory(tmp_path / "e", model=model, catalogs={"movies": trie}, titles={"movies": ["a"]})
+
+
+def test_decoder_options_are_filled_and_checked_before_any_decoder_sees_them():
+    from decoding.serving.requests import decoder_options
+
+    caps = Caps(max_beams=16)
+    assert decoder_options("speculative", None, 4, caps) == (("draft_steps", 2), ("mode", "strict"),
+                                                             ("num_drafts", 8), ("seed", 0))
+    assert dict(decoder_options("speculative", {}, 12, caps))["num_drafts"] == 16  # 2k, at most max_beams
+    assert decoder_options("beam", {"kv_policy": "shared"}, 4, caps) == ()  # the default is left out
+    assert decoder_options("setid", {}, 4, caps) == ()
+    for decoder, options, words in (("setid", {"mode": "strict"}, "takes none"),
+                                    ("speculative", {"seed": -1}, "options.seed"),
+                                    ("speculative", {"seed": True}, "options.seed"),
+                                    ("speculative", {"num_drafts": 2.5}, "at least k")):
+        with pytest.raises(RequestError, match=words) as error:
+            decoder_options(decoder, options, 4, caps)
+        assert error.value.parameter == "options"
+
+
+def test_cli_kv_policies_are_parsed_into_the_package_policies():
+    from decoding.kv import EarnCut, SnapKV, StreamingLLM
+    from decoding.serving.cli import parser
+
+    args = parser().parse_args(["--model", "m", "--catalog", "a=b", "--kv-policy",
+                                'r={"kind": "streamingllm", "sink": 1, "recent": 8}', "--kv-policy",
+                                's={"kind": "snapkv", "window": 4, "capacity": 16}', "--kv-policy",
+                                'e={"kind": "earn", "layer": 1, "registers": [0, -1]}', "--setid", "x=dir", "--setid",
+                                "dir2"])
+    assert dict(args.kv_policy) == {"r": StreamingLLM(1, 8), "s": SnapKV(4, 16), "e": EarnCut(1, (0, -1))}
+    assert args.setid == [("x", "dir"), (None, "dir2")]
+    for bad in ('r={"kind": "lru"}', 'r={"kind": "snapkv", "window": 9, "capacity": 4}',
+                'r={"kind": "streamingllm", "size": 3}', "r=[1]", "1r={}"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["--model", "m", "--catalog", "a=b", "--kv-policy", bad])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--model", "m", "--draft", "d", "--draft-layers", "1"])

@@ -188,3 +188,73 @@ def test_setid_generate_exclusions_masks_and_errors():
         setid_generate(ms["sdpa"], embeds, groups, queries, catalog.item_embeddings, 10)
     with pytest.raises(ValueError, match="slot_weights"):
         SetIdCatalog(torch.randn(3, 10, D), torch.ones(2))
+
+
+def test_bundles_round_trip_and_a_padded_batch_answers_as_each_history_alone(tmp_path):
+    """A SETRec and an RPG bundle saved and loaded by decoding.setid.bundle: the loaded bundle's
+    top-k for histories of different lengths in one (left-padded) batch equals each history's
+    answer alone, and equals setid_generate / rpg_topk on inputs built by hand from the tensors."""
+    from decoding import testing as bm
+    from decoding.setid.bundle import load_setid_bundle, save_rpg_bundle, save_setrec_bundle
+
+    g = torch.Generator().manual_seed(4)
+    table, queries, weights = torch.randn(3, 200, D, generator=g), torch.randn(3, D, generator=g), torch.rand(3)
+    save_setrec_bundle(tmp_path / "s", bm.tiny_llama(40, hidden_size=D, heads=2, seed=1), queries,
+                       SetIdCatalog(table, weights), name="sets")
+    codes = torch.randint(0, 8, (300, 4), generator=g, dtype=torch.uint8)
+    codebooks, heads = torch.randn(4, 8, D, generator=g), torch.randn(4, D, D, generator=g) / D ** 0.5
+    save_rpg_bundle(tmp_path / "r", bm.tiny_llama(40, hidden_size=D, heads=2, seed=2), codes, codebooks, heads, 0.3)
+    histories = [[5], [7, 3, 199, 0, 12], [150, 150, 2]]
+    setrec, rpg = load_setid_bundle(tmp_path / "s"), load_setid_bundle(tmp_path / "r")
+    assert (setrec.kind, setrec.name, setrec.num_items, rpg.kind, rpg.name, rpg.num_items) == (
+        "setrec", "sets", 200, "rpg", "setid", 300)
+    for bundle in (setrec, rpg):
+        items, scores = bundle.topk(histories, 6, exclude_items=[[1], [], [2, 3]])
+        for b, history in enumerate(histories):
+            alone = bundle.topk([history], 6, exclude_items=[[[1], [], [2, 3]][b]])
+            assert items[b].tolist() == alone[0][0].tolist()
+            torch.testing.assert_close(scores[b], alone[1][0], atol=1e-5, rtol=0)
+    history = histories[1]
+    embeds = table[:, history].transpose(0, 1).reshape(1, -1, D)
+    groups = torch.arange(len(history)).repeat_interleave(3)[None]
+    ref = setid_generate(setrec.model, embeds, groups, queries, SetIdCatalog(table, weights), 6)
+    assert setrec.topk([history], 6)[0].tolist() == ref.items.tolist()
+    from decoding.setid import cosine_digit_logits, digit_logprobs, rpg_topk
+
+    with torch.no_grad():
+        inputs = torch.stack([codebooks[torch.arange(4), codes[i].long()].mean(0) for i in history])[None]
+        h = rpg.model.model(inputs_embeds=inputs).last_hidden_state[:, -1]
+        lp = digit_logprobs(cosine_digit_logits(torch.einsum("sde,be->bsd", heads, h), codebooks, 0.3))
+    assert rpg.topk([history], 6)[0].tolist() == rpg_topk(lp, codes, 6).items.tolist()
+
+
+def test_bundles_that_do_not_fit_are_refused_at_save_or_load(tmp_path):
+    import json
+
+    from decoding import testing as bm
+    from decoding.setid.bundle import load_setid_bundle, save_rpg_bundle, save_setrec_bundle
+
+    model = bm.tiny_llama(40, hidden_size=D, heads=2, seed=1)
+    with pytest.raises(ValueError, match=r"queries: expected shape \[3, 32\]"):
+        save_setrec_bundle(tmp_path / "a", model, torch.randn(2, D), SetIdCatalog(torch.randn(3, 10, D)))
+    with pytest.raises(ValueError, match="heads: expected shape"):
+        save_rpg_bundle(tmp_path / "b", model, torch.zeros(10, 4, dtype=torch.uint8), torch.randn(4, 8, D),
+                        torch.randn(4, D, 2), 1.0)
+    with pytest.raises(ValueError, match="item_codes: codes must be in"):
+        save_rpg_bundle(tmp_path / "b", model, torch.full((10, 4), 8, dtype=torch.uint8), torch.randn(4, 8, D),
+                        torch.randn(4, D, D), 1.0)
+    with pytest.raises(ValueError, match="name: expected a catalog name"):
+        save_setrec_bundle(tmp_path / "c", model, torch.randn(3, D), SetIdCatalog(torch.randn(3, 10, D)),
+                           name="../x")
+    with pytest.raises(ValueError, match="not a set-identifier bundle"):
+        load_setid_bundle(tmp_path / "missing")
+    # a table of another width than the model's hidden size, written by hand
+    save_setrec_bundle(tmp_path / "d", model, torch.randn(3, D), SetIdCatalog(torch.randn(3, 10, D)))
+    wide = bm.tiny_llama(40, hidden_size=2 * D, heads=2, seed=1)
+    wide.save_pretrained(tmp_path / "d" / "model")
+    with pytest.raises(ValueError, match="the model's hidden size"):
+        load_setid_bundle(tmp_path / "d")
+    manifest = tmp_path / "d" / "setid.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "kind": "other"}))
+    with pytest.raises(ValueError, match="kind must be"):
+        load_setid_bundle(tmp_path / "d")

@@ -312,3 +312,26 @@ def test_admission_policy_admits_once_half_the_slots_are_free(live, waiting, adm
     from decoding.speculative.search import AdmissionPolicy
 
     assert AdmissionPolicy(4).admit(live, waiting) == admitted
+
+
+def test_a_truncated_draft_is_the_targets_first_layers_and_leaves_the_target_alone(sid_models):
+    import copy
+
+    from decoding.speculative.draft import truncated_draft
+
+    target = sid_models["llama"]
+    layers = len(target.model.layers)
+    draft = truncated_draft(target, 1)
+    ref = copy.deepcopy(target)  # the plain way: a copy with its upper layers cut
+    ref.model.layers = ref.model.layers[:1]
+    ref.config.num_hidden_layers = 1
+    ids = torch.randint(0, SID_VOCAB, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(draft(ids).logits, ref(ids).logits)
+    assert len(target.model.layers) == layers and target.config.num_hidden_layers == layers
+    assert draft.lm_head is target.lm_head and draft.config.num_hidden_layers == 1
+    for bad in (0, layers + 1, True):
+        with pytest.raises(ValueError, match="layers: expected an int"):
+            truncated_draft(target, bad)
+    with pytest.raises(ValueError, match="no decoder layers"):
+        truncated_draft(sid_models["t5"], 1)

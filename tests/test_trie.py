@@ -110,6 +110,27 @@ def test_duplicates_error_or_alias():
     assert torch.equal(trie.excluded_ranks([[2]], 1), trie.excluded_ranks([[0]], 1))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_identifiers_invert_lookup(seed):
+    """Fixed-length, EOS-terminated of mixed lengths (one identifier a prefix of another's
+    tokens), and aliased duplicates: every item's identifier is the row it was built from."""
+    rng = np.random.default_rng(seed)
+    fixed = rng.integers(0, 6, size=(300, 3))
+    fixed = np.unique(fixed, axis=0)
+    rng.shuffle(fixed)
+    trie = ItemTrie.from_sequences(fixed, vocab_size=6)
+    order = rng.permutation(len(fixed)).tolist()
+    assert trie.identifiers(order) == fixed[order].tolist()
+    rows = list({tuple(rng.integers(0, 8, size=rng.integers(0, 4)).tolist()) + (9,) for _ in range(80)})
+    varied = ItemTrie.from_sequences([list(r) for r in rows], vocab_size=10, eos_token_id=9)
+    assert varied.identifiers(range(len(rows))) == [list(r) for r in rows]
+    assert varied.lookup(varied.identifiers(range(len(rows)))).tolist() == list(range(len(rows)))
+    aliased = ItemTrie.from_sequences([[1, 2], [3, 4], [1, 2]], vocab_size=5, on_duplicate="first")
+    assert aliased.identifiers([2, 1, 0]) == [[1, 2], [3, 4], [1, 2]] and trie.identifiers([]) == []
+    with pytest.raises(ValueError, match="items: item ids must be in"):
+        aliased.identifiers([3])
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

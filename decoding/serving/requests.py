@@ -341,10 +341,10 @@ RECOMMENDATION_FIELDS = ("catalog", "prompt_token_ids", "prompt", "history", "k"
                          "options", "length_penalty")
 
 
-def _non_negative_int(value, parameter: str, *, below: int | None = None) -> int:
+def _non_negative_int(value, label: str, *, below: int | None = None) -> int:
     if not _is_int(value) or value < 0 or (below is not None and value >= below):
-        raise RequestError(f"{parameter}: expected a non-negative int" + (f" below {below}" if below else ""),
-                           parameter)
+        raise RequestError(f"{label}: expected a non-negative int" + (f" below {below}" if below else ""),
+                           label.split(".")[0])
     return value
 
 
