@@ -235,6 +235,9 @@ def build_app(args):
             if name in bundles:
                 _fail(f"--setid: {name!r} is given twice")
             bundles[name] = bundle
+            if name in titles and len(titles[name]) != bundle.num_items:  # titles are per catalog name
+                _fail(f"{flag}: the bundle has {bundle.num_items} items, the titles of catalog {name!r} "
+                      f"{len(titles[name])}")
         setid = SetIdDecoder(bundles, backend=args.backend)
     max_prompt = args.max_prompt_tokens
     positions = getattr(model.config, "max_position_embeddings", None)

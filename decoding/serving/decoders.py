@@ -265,6 +265,9 @@ class SpeculativeDecoder:
                                "catalog's identifiers end with an EOS (use the beam decoder)", "decoder")
         request = self.beam.with_prompt(request, trie)
         check_against_catalog(request, trie, parameters)
+        if request.option("num_drafts", request.k) > trie.num_items:
+            raise RequestError(f"options.num_drafts: {request.option('num_drafts')} draft beams is more than the "
+                               f"catalog's {trie.num_items} items", "options")
         if request.option("mode") == "relaxed":  # its sample depends on its batch: it runs alone
             request = replace(request, options=request.options + (("batch", next(self._alone)),))
         return request
