@@ -503,10 +503,11 @@ def test_a_client_that_leaves_before_its_batch_is_never_decoded(busy_server):
     decoded, rows = (metric(client, "decoding_serve_decoded_requests_total"),
                      metric(client, "decoding_serve_batch_rows_sum"))
     cancelled = metric(client, "decoding_serve_cancelled_requests_total", 'stage="queued"')
+    accepted = metric(client, "decoding_serve_accepted_requests_total") + 3  # once the heavy ones are in
     with ThreadPoolExecutor(4) as pool:
         heavies = [pool.submit(client.post, "/v1/recommendations", json=heavy(seed=s)) for s in range(3)]
-        wait_for(lambda: metric(client, "decoding_serve_queue_depth") >= 1, "a heavy request waiting")
-        accepted = metric(client, "decoding_serve_accepted_requests_total")
+        wait_for(lambda: metric(client, "decoding_serve_accepted_requests_total") == accepted
+                 and metric(client, "decoding_serve_queue_depth") >= 1, "the heavy requests accepted, one waiting")
         body = json.dumps({"catalog": "items", "prompt_token_ids": [10, 11, 12], "k": 3}).encode()
         leaver = socket.create_connection((client.base_url.host, client.base_url.port))
         leaver.sendall(b"POST /v1/recommendations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
