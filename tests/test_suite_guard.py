@@ -130,11 +130,11 @@ def test_a_whole_suite_run_fails_when_a_module_needing_a_required_package_ran_no
 def test_the_guard_knows_which_modules_need_which_package():
     """Read from the modules' top-level ``need(...)`` calls: pinned, so a module that stops
     declaring what it needs (and would then skip unguarded) fails here."""
-    names = {pkg: [p.name for p in modules_needing({pkg})] for pkg in ("vllm", "httpx", "triton", "fastapi")}
+    names = {pkg: [p.name for p in modules_needing({pkg})] for pkg in ("vllm", "httpx", "triton", "fastapi", "ray")}
     assert names == {"vllm": ["test_suite_guard.py", "test_vllm.py", "test_vllm_async.py", "test_vllm_contract.py",
                               "test_vllm_rows.py", "test_vllm_serve.py"],
-                     "httpx": ["test_serve.py", "test_vllm_serve.py"], "triton": ["test_aot_compile.py"],
-                     "fastapi": ["test_serve.py"]}
+                     "httpx": ["test_ray_serve.py", "test_serve.py", "test_vllm_serve.py"],
+                     "triton": ["test_aot_compile.py"], "fastapi": ["test_serve.py"], "ray": ["test_ray_serve.py"]}
 
 
 def test_missing_release_code_stops_the_run_where_vllm_is_required(tmp_path):

@@ -1,2 +1,2 @@
-"""Thin adapters to serving stacks: transformers (:mod:`decoding.integrations.hf`) and vLLM
-(:mod:`decoding.integrations.vllm`)."""
+"""Thin adapters to serving stacks: transformers (:mod:`decoding.integrations.hf`), vLLM
+(:mod:`decoding.integrations.vllm`) and Ray Serve (:mod:`decoding.integrations.ray_serve`)."""
