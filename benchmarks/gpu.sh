@@ -8,13 +8,15 @@
 #   4. decoding-bench end to end against transformers on a ~0.5B random Llama (hidden 1024,
 #      24 layers, 32k text tokens + semantic-ID tokens, 1M items) at K = 20 and 256;
 #   5. decoding-bench serve: decoding-serve on the GPU over HTTP (64 concurrent requests, K = 20,
-#      100k items, the bench's small Llama) against the same search in process; no vLLM here, so
-#      only those two methods run. It needs FastAPI, uvicorn and prometheus-client, which the bare
+#      100k items, the bench's small Llama) against the same search in process, and its served
+#      decoders (speculative strict and relaxed, SETRec, the three KV policies); no vLLM here, so
+#      the vLLM methods do not run. It needs FastAPI, uvicorn and prometheus-client, which the bare
 #      machine lacks: run benchmarks/fetch_serve_wheels.sh here first and carry benchmarks/wheels
 #      (git-ignored) with the repository; this step installs from it offline.
-# Time budget: step 5 is kept to about a minute of the 8 (imports and the exact reference on the
-# CPU ~15 s, decoding-serve's start-up ~20 s, 6 rounds per method of well under a second each at
-# this size) and cut at 90 s, so that it cannot push the run past its budget.
+# Time budget: step 5 is kept to about a minute and a half of the 8 (imports and the exact
+# reference on the CPU ~15 s, decoding-serve's start-up ~20 s, 4 rounds per method of well under a
+# second each at this size, the relaxed speculative row's 64 requests one batch each a few
+# seconds) and cut at 120 s, so that it cannot push the run past its budget.
 # Everything lands in benchmarks/results/gpu-<device>*.json (and $OUT when set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +80,7 @@ if ! serve_deps; then
     fi
 fi
 if serve_deps; then
-    timeout 90 decoding-bench serve --device cuda --repeats 5 --out "$res/gpu-$dev-serve" || status=1
+    timeout 120 decoding-bench serve --device cuda --repeats 3 --out "$res/gpu-$dev-serve" || status=1
     [ -f "$res/gpu-$dev-serve/results.json" ] && cp "$res/gpu-$dev-serve/results.json" "$res/gpu-$dev-serve.json"
 else
     status=1

@@ -642,7 +642,10 @@ def test_bench_cli_vllm_http_small_run(tmp_path, capsys):
 @pytest.mark.needs("fastapi")
 def test_bench_cli_serve_small_run(tmp_path, capsys):
     """decoding-bench serve: decoding-serve and vLLM's server on the same weights, concurrent
-    clients, every method scored against the exact top-K, the in-process limit beside them."""
+    clients, every method scored against the exact top-K, the in-process limit beside them; and
+    every decoder decoding-serve serves, on /v1/recommendations from the same clients: strict
+    speculative search never wrong, relaxed speculative search and SETRec without invalid items,
+    each KV policy's agreement with the exact top-K recorded."""
     from decoding.bench.__main__ import main
 
     rc = main(["serve", "--items", "3000", "--batch", "6", "--clients", "6", "--beams", "4", "--prompt-len", "16",
@@ -658,6 +661,24 @@ def test_bench_cli_serve_small_run(tmp_path, capsys):
     for row in (vllm_own, route, served):
         assert row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0 and row["bystander_max_ms"] > 0
     assert res["serve_batches"]["requests"] == 6 and res["server_overhead"]["fraction_of_in_process"] > 0
-    assert [r["round"] for r in res["rounds"]] == [0] * 4 + [1] * 4  # the methods take turns, round by round
+    decoders = {row["method"]: row for row in res["decoders"]}
+    assert list(decoders) == res["decoders_run"] and len(decoders) == 7  # beam + strict, relaxed, setid, 3 KV
+    kinds = [(row["decoder"], row["options"].get("mode") or row["options"].get("kv_policy")) for row in res["decoders"]]
+    assert kinds == [("beam", None), ("speculative", "strict"), ("speculative", "relaxed"), ("setid", None),
+                     ("beam", "streamingllm"), ("beam", "snapkv"), ("beam", "earn")]
+    beam_row, strict, relaxed, setid, *kv_rows = res["decoders"]
+    for row in (beam_row, strict):  # exact by contract: judged like the beam rows
+        assert row["topk"]["wrong"] == 0 and row["invalid_item_rate"] == 0.0
+    for row in (relaxed, setid):  # samples / another model: no reference, but every item valid and distinct
+        assert row["invalid_item_rate"] == 0.0 and row["items_outside_catalog"] == row["repeated_items"] == 0
+    assert setid["short_answers"] == 0  # k items from the whole catalog, none excluded
+    for row in kv_rows:  # informative: how much of the exact unpruned top-K the pruned cache keeps
+        assert 0.0 <= row["overlap_with_exact_topk"] <= 1.0 and row["invalid_item_rate"] == 0.0
+    for row in res["decoders"]:
+        assert row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0 and row["batches"]["requests"] == 6
+    assert relaxed["batches"]["batches"] == 6  # a relaxed request runs in a batch of its own
+    runs = len(res["methods_run"]) + len(res["decoders_run"])
+    assert [r["round"] for r in res["rounds"]] == [0] * runs + [1] * runs  # the methods take turns, round by round
     assert (tmp_path / "decoding-serve.log").exists() and (tmp_path / "vllm-server.log").exists()
-    assert "server overhead" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "server overhead" in out and "served decoders" in out

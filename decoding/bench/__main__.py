@@ -185,10 +185,16 @@ def _serve_flags(p):
     _run_flags(p, batch=64, backend=False)
     _common_flags(p)  # --device: decoding-serve's and the in-process search's (vLLM runs on its own build)
     _server_flags(p)
-    p.add_argument_group("decoding-serve").add_argument(
-        "--max-wait-ms", type=float, default=None,
-        help="decoding-serve's --max-wait-ms, the longest the oldest waiting request waits for others to fill "
-             "a batch; None: decoding-serve's own default")
+    g = p.add_argument_group("decoding-serve")
+    g.add_argument("--max-wait-ms", type=float, default=None,
+                   help="decoding-serve's --max-wait-ms, the longest the oldest waiting request waits for others to "
+                        "fill a batch; None: decoding-serve's own default")
+    g.add_argument("--decoders", default="all",
+                   help="the served-decoders rows on /v1/recommendations, comma-separated among strict, relaxed "
+                        "(speculative), setid (SETRec), streamingllm, snapkv, earn (KV policies), or all or none; "
+                        "beam search on the same route runs beside any of them")
+    g.add_argument("--draft-layers", type=int, default=1,
+                   help="decoding-serve's --draft-layers: the speculative rows' draft is the model's first N layers")
 
 
 def _server_flags(p):
@@ -276,9 +282,21 @@ def _check_http(p, args):
 
 
 def _check_serve(p, args):
+    from decoding.bench.serve import DECODERS
+
     _check_http(p, args)
     if args.max_wait_ms is not None and not args.max_wait_ms >= 0:
         p.error("--max-wait-ms must be non-negative")
+    names = [name.strip() for name in args.decoders.split(",") if name.strip()]
+    if names == ["all"]:
+        names = list(DECODERS)
+    elif names == ["none"]:
+        names = []
+    elif not names or any(name not in DECODERS for name in names):
+        p.error(f"--decoders must be all, none, or comma-separated names among {', '.join(DECODERS)}")
+    args.decoders = [name for name in DECODERS if name in names]
+    if not 1 <= args.draft_layers <= args.layers:
+        p.error("--draft-layers must be in 1..--layers")
 
 
 SUITES: dict[str, Suite] = {

@@ -1,7 +1,8 @@
 """What every ``decoding-bench`` suite shares: progress logging, timing, the environment record,
 the method table and the chart, the synthetic catalog and model most suites run on, and what the
 HTTP suites (``vllm-http``, ``serve``) share: concurrent rounds of requests with a bystander
-beside them, the beam-search request and its answer, the servers' metrics and the exact judge."""
+beside them, the beam-search request and its answer, ``decoding-serve``'s recommendation and its
+answer, the servers' metrics and the exact judge."""
 
 from __future__ import annotations
 
@@ -283,6 +284,18 @@ def post_beam_request(client, body: dict) -> tuple[float, tuple[list, list]]:
     tokens = [c["token_ids"][:L] + [-1] * (L - len(c["token_ids"][:L])) for c in choices]
     scores = [sum(c["logprobs"]["token_logprobs"][:L]) for c in choices]
     return elapsed, (tokens, scores)
+
+
+def post_recommendation(client, body: dict) -> tuple[float, tuple[list, list, list]]:
+    """``body`` (a ``decoding-serve`` ``/v1/recommendations`` request) sent: its latency and its
+    answer ``(items, scores, identifiers)``, best first, as the server returned them."""
+    t0 = time.perf_counter()
+    response = client.post("/v1/recommendations", json=body)
+    elapsed = time.perf_counter() - t0
+    if response.status_code != 200:
+        raise RuntimeError(f"server answered {response.status_code}: {response.text[:500]}")
+    answer = response.json()
+    return elapsed, (answer["items"], answer["scores"], answer["identifiers"])
 
 
 def items_of(answers, trie) -> list:
