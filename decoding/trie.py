@@ -315,9 +315,8 @@ class ItemTrie:
         items = torch.as_tensor(list(items), dtype=torch.long).reshape(-1)
         if items.numel() and (int(items.min()) < 0 or int(items.max()) >= self.num_ids):
             raise ValueError(f"items: item ids must be in [0, {self.num_ids})")
-        ranks = self.rank_of_item.cpu()[items]
-        item_lo, node_token = self.item_lo.cpu().long(), self.node_token.cpu().long()
-        offsets = self.level_offsets.cpu().tolist()
+        rank_of_item, item_lo, node_token, offsets = self._host_tables()
+        ranks = rank_of_item[items].to(item_lo.dtype)
         out: list[list[int]] = [[] for _ in range(items.numel())]
         live = torch.arange(items.numel())
         for level in range(1, self.depth + 1):
@@ -330,6 +329,18 @@ class ItemTrie:
                 out[row].append(token)
             live = live[tokens != self.eos_token_id] if self.eos_token_id is not None else live
         return out
+
+    def _host_tables(self):
+        """Host copies of the tables :meth:`identifiers` walks, made once per trie (a served
+        request's prompt costs its items' walk, never a copy of the catalog)."""
+        with _COMPACT_LOCK:
+            found = getattr(self, "_host_view", None)
+        if found is None:
+            found = (self.rank_of_item.cpu(), self.item_lo.cpu(), self.node_token.cpu(),
+                     self.level_offsets.cpu().tolist())
+            with _COMPACT_LOCK:
+                self._host_view = found
+        return found
 
     def excluded_ranks(self, exclude_items, batch_size: int) -> torch.Tensor | None:
         """Per-request item ids to exclude -> sorted unique ranks ``[B, X]`` int64, padded with

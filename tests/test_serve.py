@@ -57,7 +57,7 @@ def _server(model_dir, catalog, name, args):
 # the KV policies the main server allows (--kv-policy NAME=JSON), and the same objects in-process
 KV_POLICIES = {"recent": {"kind": "streamingllm", "sink": 2, "recent": 4},
                "snap": {"kind": "snapkv", "window": 2, "capacity": 6, "kernel": 3},
-               "earn": {"kind": "earn", "layer": 1, "registers": [0, -1]}}
+               "earn": {"kind": "earn", "layer": 1, "registers": [0, 1, -1]}}
 SLOTS, CODES, DIGITS, SET_DIM = 3, 16, 4, 32
 
 
@@ -238,12 +238,20 @@ def test_speculative_strict_is_beam_search_and_relaxed_returns_catalog_items(ser
         options = {"mode": "strict", "num_drafts": 2 * K, "draft_steps": 1 + b % 3}
         got = recommend(client, prompt_token_ids=prompt, decoder="speculative", options=options)
         assert judge.check(b, got["items"], got["scores"]) != "wrong", (b, got["items"], judge.items[b])
+    from decoding import speculative_beam_search
+    from decoding.speculative.draft import truncated_draft
+
     relaxed = {"mode": "relaxed", "seed": 5}
+    draft = truncated_draft(hf_model, 1)
     for prompt in prompts[:3]:
         got = recommend(client, prompt_token_ids=prompt, decoder="speculative", options=relaxed)
         assert len(got["items"]) == K == len(set(got["items"])) and min(got["items"]) >= 0
         assert trie.lookup(torch.tensor(got["identifiers"])).tolist() == got["items"]
         assert recommend(client, prompt_token_ids=prompt, decoder="speculative", options=relaxed) == got
+        # the sample in-process, with the server's defaults (2k draft beams, 2 levels) and seed
+        ref = speculative_beam_search(hf_model, draft, torch.tensor([prompt]), trie=trie, num_beams=K,
+                                      num_drafts=2 * K, draft_steps=2, mode="relaxed", seed=5)
+        assert got["items"] == ref.items[0].tolist()
 
 
 def setrec_reference(bundles, history, k):
@@ -324,12 +332,20 @@ def mixed_bodies(n=64):
     return bodies
 
 
-def same_answer(a: dict, b: dict) -> bool:
-    """Equal items, or the same ranking scores (within 1e-4) where a near tie swapped two items:
-    a batch pads its prompts, which moves float sums by rounding."""
-    close = len(a["scores"]) == len(b["scores"]) and all(abs(x - y) < 1e-4 for x, y in zip(a["scores"], b["scores"]))
-    return close and (a["items"] == b["items"] or sorted(a["items"]) == sorted(b["items"])
-                      or all(abs(x - y) < 1e-4 for x, y in zip(a["scores"], b["scores"])))
+def same_answer(a: dict, b: dict, tol: float = 1e-4) -> bool:
+    """The same answer up to float rounding (a batch pads its prompts, which moves float sums):
+    scores equal position by position within ``tol``, every item both return scored alike, and
+    an item only one returns scored within ``tol`` of the last one kept (a tie at the cut). So two
+    items swap places only where their scores tie."""
+    if len(a["items"]) != len(b["items"]) or any(abs(x - y) >= tol for x, y in zip(a["scores"], b["scores"])):
+        return False
+    if a["items"] == b["items"]:
+        return True
+    in_a, in_b = dict(zip(a["items"], a["scores"])), dict(zip(b["items"], b["scores"]))
+    if any(abs(in_a[i] - in_b[i]) >= tol for i in in_a.keys() & in_b.keys()):
+        return False
+    cut = min(a["scores"][-1], b["scores"][-1])
+    return all({**in_a, **in_b}[i] - cut < tol for i in in_a.keys() ^ in_b.keys())
 
 
 def test_64_concurrent_mixed_decoder_requests_equal_their_sequential_answers(server):
@@ -338,6 +354,11 @@ def test_64_concurrent_mixed_decoder_requests_equal_their_sequential_answers(ser
     client, _ = server
     bodies = mixed_bodies()
     alone = [client.post("/v1/recommendations", json=body) for body in bodies]
+    # strict speculative search alone is beam search alone (the same prompts, as beam requests)
+    for body, answer in zip(bodies, alone):
+        if body["decoder"] == "speculative" and body["options"]["mode"] == "strict":
+            beam = client.post("/v1/recommendations", json={**body, "decoder": "beam", "options": {}}).json()
+            assert same_answer(answer.json(), beam), (body, answer.json(), beam)
     batches_before = metric(client, "decoding_serve_batch_requests_count")
     with ThreadPoolExecutor(64) as pool:
         together = list(pool.map(lambda body: client.post("/v1/recommendations", json=body), bodies))
@@ -358,6 +379,9 @@ def test_64_concurrent_mixed_decoder_requests_equal_their_sequential_answers(ser
     ({"decoder": "speculative", "options": {"num_drafts": 65}}, "options", "max_beams (64)"),
     ({"decoder": "speculative", "options": {"draft_steps": 17}}, "options", "1 to 16"),
     ({"decoder": "speculative", "options": {"kv_policy": "recent"}}, "options", "not an option of the speculative"),
+    ({"decoder": "speculative", "options": {"seed": 3}}, "options", "a seed is for mode relaxed"),
+    ({"decoder": "beam", "options": {"kv_policy": "earn"}, "prompt_token_ids": [10]}, "options",
+     "need prompts of at least 2 tokens"),
     ({"decoder": "beam", "options": {"kv_policy": "evict_all"}}, "options", "allows shared, recent, snap, earn"),
     ({"decoder": "beam", "options": {"kv_policy": "/etc/passwd"}}, "options", "name of a KV policy"),
     ({"decoder": "beam", "options": {"mode": "strict"}}, "options", "not an option of the beam"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -298,9 +299,10 @@ def test_decoder_options_are_filled_and_checked_before_any_decoder_sees_them():
     from decoding.serving.requests import decoder_options
 
     caps = Caps(max_beams=16)
-    assert decoder_options("speculative", None, 4, caps) == (("draft_steps", 2), ("mode", "strict"),
-                                                             ("num_drafts", 8), ("seed", 0))
-    assert dict(decoder_options("speculative", {}, 12, caps))["num_drafts"] == 16  # 2k, at most max_beams
+    # num_drafts unset: the decoder's default (it knows the catalog); a seed only for relaxed mode
+    assert decoder_options("speculative", None, 4, caps) == (("draft_steps", 2), ("mode", "strict"))
+    assert decoder_options("speculative", {"mode": "relaxed", "num_drafts": 6}, 4, caps) == (
+        ("draft_steps", 2), ("mode", "relaxed"), ("num_drafts", 6), ("seed", 0))
     assert decoder_options("beam", {"kv_policy": "shared"}, 4, caps) == ()  # the default is left out
     assert decoder_options("setid", {}, 4, caps) == ()
     for decoder, options, words in (("setid", {"mode": "strict"}, "takes none"),
@@ -329,3 +331,28 @@ def test_cli_kv_policies_are_parsed_into_the_package_policies():
             parser().parse_args(["--model", "m", "--catalog", "a=b", "--kv-policy", bad])
     with pytest.raises(SystemExit):
         parser().parse_args(["--model", "m", "--draft", "d", "--draft-layers", "1"])
+
+
+def test_the_default_draft_beams_fit_the_catalog_and_the_cap_and_relaxed_requests_run_alone():
+    from decoding import ItemTrie
+    from decoding import testing as bm
+    from decoding.serving.decoders import BeamDecoder, SpeculativeDecoder
+    from decoding.serving.requests import decoder_options
+    from decoding.speculative.draft import truncated_draft
+
+    model = bm.tiny_llama(16, hidden_size=16, heads=2, layers=2)
+    trie = ItemTrie.from_sequences([[a, b] for a in range(3, 6) for b in range(3, 6)][:8], vocab_size=16)
+    names = {"catalog": "catalog", "k": "k", "exclude": "exclude_items"}
+    for cap, k, drafts in ((64, 6, 8), (64, 3, 6), (4, 3, 4)):  # 2k, within the 8 items and max_beams
+        decoder = SpeculativeDecoder(BeamDecoder(model, {"c": trie}), truncated_draft(model, 1), max_drafts=cap)
+        request = DecodeRequest((3, 4), k, "c", decoder="speculative",
+                                options=decoder_options("speculative", {}, k, Caps(max_beams=cap)))
+        assert decoder.admit(request, names).option("num_drafts") == drafts
+    relaxed = DecodeRequest((3, 4), 2, "c", decoder="speculative",
+                            options=decoder_options("speculative", {"mode": "relaxed"}, 2, Caps()))
+    first, second = decoder.admit(relaxed, names), decoder.admit(relaxed, names)
+    assert decoder.batch_key(first) != decoder.batch_key(second)  # a sample never shares its batch
+    strict = DecodeRequest((3, 4), 2, "c", decoder="speculative", options=decoder_options("speculative", {}, 2, Caps()))
+    assert decoder.batch_key(decoder.admit(strict, names)) == decoder.batch_key(decoder.admit(strict, names))
+    with pytest.raises(RequestError, match="more than the catalog's 8 items"):
+        decoder.admit(replace(strict, options=(("draft_steps", 2), ("mode", "strict"), ("num_drafts", 9))), names)

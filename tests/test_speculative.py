@@ -328,8 +328,19 @@ def test_a_truncated_draft_is_the_targets_first_layers_and_leaves_the_target_alo
     ids = torch.randint(0, SID_VOCAB, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(draft(ids).logits, ref(ids).logits)
+    # as a search runs it: the shared-prefix cache and the tree-attention op dispatch on the
+    # draft's own config, which its layers must hold
+    trie = ItemTrie.from_sequences(bm.random_semantic_ids(300, seed=9), vocab_size=SID_VOCAB)
+    ids, mask = prompts(SID_VOCAB, batch=3, seed=4)
+    assert torch.equal(beam_search(draft, ids, mask, trie=trie, num_beams=5).items,
+                       beam_search(ref, ids, mask, trie=trie, num_beams=5).items)
+    fast = speculative_beam_search(target, draft, ids, mask, trie=trie, num_beams=5, num_drafts=8, draft_steps=2,
+                                   tree_attention="op")
+    assert torch.equal(fast.items, beam_search(target, ids, mask, trie=trie, num_beams=5).items)
     assert len(target.model.layers) == layers and target.config.num_hidden_layers == layers
-    assert draft.lm_head is target.lm_head and draft.config.num_hidden_layers == 1
+    assert draft.lm_head.weight is target.lm_head.weight and draft.config.num_hidden_layers == 1
+    assert draft.model.layers[0].self_attn.config is draft.config
+    assert sum(p.numel() for p in draft.parameters()) < sum(p.numel() for p in target.parameters())
     for bad in (0, layers + 1, True):
         with pytest.raises(ValueError, match="layers: expected an int"):
             truncated_draft(target, bad)

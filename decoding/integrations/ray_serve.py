@@ -13,7 +13,7 @@ The application's one argument, ``argv``, is ``decoding-serve``'s command line (
 or one string split as a shell would), parsed by ``decoding-serve``'s own parser: every option of
 ``decoding-serve`` means the same here. The listening address is Serve's (``http_options``), so
 ``--host`` and ``--port`` are refused; a replica drains under Serve's ``graceful_shutdown_timeout_s``,
-so ``--shutdown-timeout-s`` has no effect.
+so ``--shutdown-timeout-s`` is refused too.
 
 How a replica runs: the deployment is a :func:`ray.serve.ingress` class with no app of its own;
 Serve calls its ``__serve_build_asgi_app__`` once the replica's actor has started, which loads the
@@ -45,7 +45,11 @@ MAX_ONGOING_REQUESTS = 256
 5, would keep the batcher from batching); the proxy queues the rest and routes each to the first
 replica with room."""
 
-_REFUSED = {"host": "--host", "port": "--port"}  # Serve's http_options say where it listens
+_REFUSED = {  # decoding-serve's options that Serve's own config replaces
+    "--host": "its http_options (host, port) set where the proxy listens",
+    "--port": "its http_options (host, port) set where the proxy listens",
+    "--shutdown-timeout-s": "a stopping replica drains under the deployment's graceful_shutdown_timeout_s",
+}
 
 logger = logging.getLogger("decoding.serving")
 
@@ -64,8 +68,9 @@ def parse_argv(argv):
     shell would), with ``decoding-serve``'s own parser.
 
     Raises:
-        ValueError: an option ``decoding-serve`` refuses (with its parser's message), ``--host`` or
-            ``--port`` (Serve's ``http_options`` set the address), or ``argv`` of another type.
+        ValueError: an option ``decoding-serve`` refuses (with its parser's message), ``--host``,
+            ``--port`` or ``--shutdown-timeout-s`` (Serve's config sets them), or ``argv`` of another
+            type.
     """
     from decoding.serving.cli import parser
 
@@ -73,17 +78,15 @@ def parse_argv(argv):
         argv = shlex.split(argv)
     if not isinstance(argv, (list, tuple)) or not all(isinstance(a, str) for a in argv):
         raise ValueError(f"argv: expected decoding-serve's command line as a list of strings, got {argv!r}")
+    for flag, why in _REFUSED.items():  # given at all, even at its default: it would not do what it says
+        if any(a == flag or a.startswith(flag + "=") for a in argv):
+            raise ValueError(f"argv: {flag} is not used on Ray Serve: {why}")
     p = parser()
     p.prog = "decoding.integrations.ray_serve argv"
     try:
-        args = p.parse_args(list(argv))
-    except SystemExit as exc:  # argparse printed why
-        raise ValueError(f"argv: decoding-serve refuses {list(argv)!r} (the message above says why)") from exc
-    for dest, flag in _REFUSED.items():
-        if getattr(args, dest, None) != p.get_default(dest):
-            raise ValueError(f"argv: {flag} is not used on Ray Serve: its http_options (host, port) set where the "
-                             "proxy listens")
-    return args
+        return p.parse_args(list(argv))
+    except SystemExit as exc:  # argparse printed why; argv is not repeated (it may hold an API key)
+        raise ValueError("argv: decoding-serve refuses these options (the message above says why)") from exc
 
 
 class _ReplicaHeader:

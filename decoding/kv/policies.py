@@ -109,10 +109,16 @@ class EarnCut(KVPolicy):
             raise ValueError(f"EarnCut: layer must be >= 0, got {self.layer}")
         if not self.registers:
             raise ValueError("EarnCut: registers must name at least one prompt position")
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in self.registers):
+            raise ValueError(f"EarnCut: registers must be ints (prompt positions), got {self.registers!r}")
 
     def check(self, num_layers, attention_mask):
         if self.layer > num_layers:
             raise ValueError(f"kv_policy: EarnCut.layer {self.layer} is above the model's {num_layers} layers")
+        shortest = int(attention_mask.sum(dim=1).min()) if attention_mask.numel() else 0
+        if any(not -shortest <= r < shortest for r in self.registers):  # every prompt holds every register
+            raise ValueError(f"kv_policy: EarnCut registers {self.registers} need prompts of at least "
+                             f"{max(max(self.registers) + 1, -min(self.registers))} tokens")
 
     def keep(self, layer_idx, layer, attention_mask):
         return earn_keep(self, attention_mask, layer_idx)

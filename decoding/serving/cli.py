@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 logger = logging.getLogger("decoding.serving")
@@ -60,8 +61,9 @@ def _kv_policy(text: str):
     from decoding import kv
 
     name, sep, spec = text.partition("=")
-    if not sep or not name.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected NAME=JSON (NAME an identifier), got {text!r}")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name) or name == "shared":
+        raise argparse.ArgumentTypeError(f"expected NAME=JSON (NAME a name requests can give: letters, digits and "
+                                         f"'_', not 'shared'), got {text!r}")
     try:
         fields = json.loads(spec)
     except ValueError:
@@ -81,12 +83,30 @@ def _kv_policy(text: str):
         raise argparse.ArgumentTypeError(f"{name}: {exc}") from None
 
 
+def _history_prompt(text: str):
+    """``NAME=JSON``: how a catalog's requests turn a history into a prompt, e.g.
+    ``movies={"prefix": [1], "max_items": 20}``."""
+    import json
+
+    from decoding.serving.decoders import HistoryPrompt
+
+    name, sep, spec = text.partition("=")
+    try:
+        fields = json.loads(spec) if sep and name else None
+        if not isinstance(fields, dict) or set(fields) - {"prefix", "max_items"}:
+            raise ValueError("expected a JSON object with prefix and max_items")
+        return name, HistoryPrompt(tuple(fields.get("prefix", ())), fields.get("max_items", 20))
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"expected NAME={{\"prefix\": [...], \"max_items\": N}}: {exc}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="decoding-serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("directory", nargs="?", default=None, metavar="DIR",
                    help="a directory with decoding-serve.json (its model, draft, catalogs, titles and history "
-                        "prompts); flags below add to it")
+                        "prompts); --catalog, --setid, --kv-policy and --history-prompt add to it, --draft and "
+                        "--draft-layers replace its draft")
     p.add_argument("--model", default=None, help="a transformers causal LM directory (save_pretrained)")
     p.add_argument("--catalog", action="append", type=_catalog, default=[], metavar="NAME=FILE",
                    help="serve the ItemTrie saved at FILE to requests naming NAME (repeatable)")
@@ -102,6 +122,10 @@ def parser() -> argparse.ArgumentParser:
                    help="a KV pruning policy beam requests may name as options.kv_policy, e.g. "
                         "'recent={\"kind\": \"streamingllm\", \"sink\": 4, \"recent\": 64}' (kinds: "
                         + ", ".join(KV_POLICY_KINDS) + "); 'shared' (no pruning) is always allowed")
+    p.add_argument("--history-prompt", action="append", type=_history_prompt, default=[], metavar="NAME=JSON",
+                   help="let requests to catalog NAME give a history (item ids) for a prompt: the prefix tokens, "
+                        "then the identifiers of the last max_items items, e.g. "
+                        "'items={\"prefix\": [1], \"max_items\": 20}'")
     p.add_argument("--served-model-name", default=None, help="the name requests give as `model` (default: --model)")
     p.add_argument("--device", default="cpu", help="where the model and search run: cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -193,13 +217,22 @@ def build_app(args):
                 titles[name] = load_titles(entry.titles, catalogs[name].num_ids)
             except (OSError, ValueError) as exc:
                 _fail(f"DIR: catalogs.{name}.titles: {exc}")
+    for name, prompt in args.history_prompt:
+        if name not in catalogs:
+            _fail(f"--history-prompt: {name!r} is not a catalog")
+        prompts[name] = prompt
+    policies = {}
+    for name, policy in args.kv_policy:
+        if name in policies:
+            _fail(f"--kv-policy: {name!r} is given twice")
+        policies[name] = policy
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = _load_model(model_dir, dtype, device, "--model")
     has_tokenizer = any(os.path.isfile(os.path.join(model_dir, name))
                         for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir) if has_tokenizer else None
     try:
-        beam = BeamDecoder(model, catalogs, device=device, backend=args.backend, kv_policies=dict(args.kv_policy),
+        beam = BeamDecoder(model, catalogs, device=device, backend=args.backend, kv_policies=policies,
                            history_prompts=prompts)
     except (TypeError, ValueError) as exc:
         _fail(f"--catalog / --kv-policy: {exc}")
@@ -216,7 +249,7 @@ def build_app(args):
         draft = None if draft_dir is None else _load_model(draft_dir, dtype, device, "--draft")
     if draft is not None:
         try:
-            speculative = SpeculativeDecoder(beam, draft)
+            speculative = SpeculativeDecoder(beam, draft, max_drafts=args.max_beams)
         except ValueError as exc:
             _fail(f"--draft: {exc}")
     setid = None
@@ -243,6 +276,11 @@ def build_app(args):
     positions = getattr(model.config, "max_position_embeddings", None)
     if max_prompt is None and positions:
         max_prompt = max(1, int(positions) - max(t.depth for t in catalogs.values()))
+    for name, prompt in prompts.items():  # the longest prompt a history builds is the operator's to fit
+        longest = len(prompt.prefix) + prompt.max_items * catalogs[name].depth
+        if max_prompt is not None and longest > max_prompt:
+            _fail(f"history prompt of {name!r}: up to {longest} tokens, above the longest prompt served ({max_prompt}, "
+                  "--max-prompt-tokens)")
     caps = Caps(max_beams=args.max_beams, max_exclude=args.max_exclude, max_prompt_tokens=max_prompt,
                 max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_history=args.max_history)
     eos = {t.eos_token_id for t in catalogs.values()} - {None}

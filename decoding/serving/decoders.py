@@ -174,9 +174,12 @@ class BeamDecoder:
             except ValueError as exc:
                 raise ValueError(f"kv_policies[{name!r}]: {exc}") from None
         prompts = dict(history_prompts or {})
-        for name in prompts:
+        for name, prompt in prompts.items():
             if name not in catalogs:
                 raise ValueError(f"history_prompts: {name!r} is not one of the catalogs")
+            if any(t >= vocab for t in prompt.prefix):
+                raise ValueError(f"history_prompts[{name!r}]: prefix tokens must be below the model's vocabulary "
+                                 f"({vocab})")
         self.model, self.device, self.backend = model, torch.device(device), backend
         self.catalogs = {name: trie.to(self.device) for name, trie in catalogs.items()}
         self.vocab_size = vocab
@@ -212,7 +215,7 @@ class BeamDecoder:
             policy.check(int(self.model.config.num_hidden_layers),
                          torch.ones((1, len(request.prompt_ids)), dtype=torch.long))
         except ValueError as exc:  # the prompt alone decides it, never the batch it joins
-            raise RequestError(f"options.kv_policy: {exc}", "options") from None
+            raise RequestError(f"options.kv_policy: {str(exc).removeprefix('kv_policy: ')}", "options") from None
         return policy
 
     def admit(self, request: DecodeRequest, parameters: Mapping[str, str]) -> DecodeRequest:
@@ -249,14 +252,14 @@ class SpeculativeDecoder:
     drawn with its own ``seed``, so it runs in a batch of its own and the same request always
     gets the same answer. Catalogs of fixed-length identifiers only (no EOS)."""
 
-    def __init__(self, beam: BeamDecoder, draft, *, backend: str | None = None):
+    def __init__(self, beam: BeamDecoder, draft, *, backend: str | None = None, max_drafts: int | None = None):
         vocab = int(draft.config.vocab_size)
         if vocab != beam.vocab_size:
             raise ValueError(f"draft: vocabulary {vocab} differs from the model's {beam.vocab_size}")
         self.beam, self.draft = beam, draft
         self.backend = beam.backend if backend is None else backend
         self.vocab_size = beam.vocab_size
-        self._alone = itertools.count()  # relaxed requests' own batch keys
+        self.max_drafts = max_drafts  # the default num_drafts stays within it (the operator's max_beams)
 
     def admit(self, request: DecodeRequest, parameters: Mapping[str, str]) -> DecodeRequest:
         trie = self.beam.catalog(request.catalog, parameters["catalog"])
@@ -265,15 +268,19 @@ class SpeculativeDecoder:
                                "catalog's identifiers end with an EOS (use the beam decoder)", "decoder")
         request = self.beam.with_prompt(request, trie)
         check_against_catalog(request, trie, parameters)
-        if request.option("num_drafts", request.k) > trie.num_items:
-            raise RequestError(f"options.num_drafts: {request.option('num_drafts')} draft beams is more than the "
-                               f"catalog's {trie.num_items} items", "options")
+        drafts = request.option("num_drafts")
+        if drafts is None:  # 2k, within the catalog and the operator's cap (k is within both)
+            drafts = min(2 * request.k, trie.num_items, self.max_drafts or 2 * request.k)
+            request = replace(request, options=tuple(sorted(request.options + (("num_drafts", drafts),))))
+        elif drafts > trie.num_items:
+            raise RequestError(f"options.num_drafts: {drafts} draft beams is more than the catalog's "
+                               f"{trie.num_items} items", "options")
         if request.option("mode") == "relaxed":  # its sample depends on its batch: it runs alone
-            request = replace(request, options=request.options + (("batch", next(self._alone)),))
+            request = replace(request, alone=object())
         return request
 
     def batch_key(self, request: DecodeRequest) -> Hashable:
-        return ("speculative", request.catalog, request.k, request.options)
+        return ("speculative", request.catalog, request.k, request.options, request.alone)
 
     def rows(self, request: DecodeRequest) -> int:
         return request.option("num_drafts", request.k)
@@ -310,14 +317,19 @@ class SetIdDecoder:
     def admit(self, request: DecodeRequest, parameters: Mapping[str, str]) -> DecodeRequest:
         bundle = self.bundles.get(request.catalog) if isinstance(request.catalog, str) else None
         if bundle is None:
-            raise CatalogError(unknown_catalog(parameters["catalog"]), parameters["catalog"])
+            raise CatalogError(unknown_catalog(argument_label(parameters["catalog"], CATALOG_KEY)),
+                               parameters["catalog"])
         if request.k > bundle.num_items:
             raise RequestError(f"{parameters['k']}: {request.k} items is more than the catalog's {bundle.num_items}",
                                parameters["k"])
+        if len(request.history) > bundle.max_history:
+            raise RequestError(f"history: {len(request.history)} items is more than this catalog's model takes "
+                               f"({bundle.max_history})", "history")
         _check_history(request, bundle.num_items)
         _check(check_exclusions, parameters["exclude"], list(request.exclude), len(request.exclude),
                bundle.num_items, parameter=parameters["exclude"])
-        return request
+        # a batch's padded prompt holds each history item's vectors
+        return replace(request, width=len(request.history) * bundle.vectors_per_item)
 
     def batch_key(self, request: DecodeRequest) -> Hashable:
         return ("setid", request.catalog, request.k)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from decoding.serving.decoders import HistoryPrompt
@@ -54,8 +55,8 @@ def _inside(root: str, relative, what: str) -> str:
     """``root/relative``, refused unless ``relative`` is a relative path that stays inside ``root``."""
     if not isinstance(relative, str) or not relative or os.path.isabs(relative):
         raise ValueError(f"{what}: expected a path relative to the directory, got {relative!r}")
-    path = os.path.normpath(os.path.join(root, relative))
-    if os.path.commonpath([root, path]) != root:
+    path = os.path.realpath(os.path.join(root, relative))  # links resolved: one cannot lead out either
+    if os.path.commonpath([os.path.realpath(root), path]) != os.path.realpath(root):
         raise ValueError(f"{what}: {relative!r} leaves the directory")
     return path
 
@@ -93,7 +94,10 @@ def read_server_directory(path) -> ServerDirectory:
             _inside(root, entry.get("trie"), f"catalogs.{name}.trie"),
             _inside(root, entry["titles"], f"catalogs.{name}.titles") if entry.get("titles") is not None else None,
             prompt)
-    for name, bundle in (meta.get("setid") or {}).items():
+    bundles = meta.get("setid") or {}
+    if not isinstance(bundles, dict):
+        raise ValueError(f"{where}: setid: expected an object of catalog name to bundle folder")
+    for name, bundle in bundles.items():
         out.setid[name] = _inside(root, bundle, f"setid.{name}")
     return out
 
@@ -109,7 +113,7 @@ def load_titles(path: str, num_ids: int) -> list[str]:
 
 def write_server_directory(path, *, model, catalogs: dict, titles: dict | None = None,
                            history_prompts: dict | None = None, draft=None, tokenizer=None,
-                           served_model_name: str | None = None) -> None:
+                           served_model_name: str | None = None, setid: dict | None = None) -> None:
     """Write a directory ``decoding-serve DIR`` serves.
 
     Args:
@@ -120,6 +124,8 @@ def write_server_directory(path, *, model, catalogs: dict, titles: dict | None =
         draft: a draft model for speculative search (``draft/``).
         tokenizer: saved beside the model (text prompts).
         served_model_name: the name ``/v1/models`` lists.
+        setid: ``{name: folder}``: set-identifier bundles already saved inside ``path``
+            (:func:`decoding.setid.bundle.save_setrec_bundle`), ``folder`` relative to it.
     """
     root = os.fspath(path)
     os.makedirs(root, exist_ok=True)
@@ -133,7 +139,7 @@ def write_server_directory(path, *, model, catalogs: dict, titles: dict | None =
     if served_model_name is not None:
         meta["served_model_name"] = served_model_name
     for name, trie in catalogs.items():
-        if not isinstance(name, str) or not name.replace("-", "_").isidentifier():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
             raise ValueError(f"catalogs: {name!r} is not a catalog name (letters, digits, '_' and '-')")
         entry: dict = {"trie": f"{name}.trie"}
         trie.save(os.path.join(root, entry["trie"]))
@@ -148,5 +154,10 @@ def write_server_directory(path, *, model, catalogs: dict, titles: dict | None =
         if prompt is not None:
             entry["history_prompt"] = {"prefix": list(prompt.prefix), "max_items": prompt.max_items}
         meta["catalogs"][name] = entry
+    for name, folder in (setid or {}).items():
+        _inside(os.path.abspath(root), folder, f"setid[{name!r}]")
+        if not os.path.isfile(os.path.join(root, folder, "setid.json")):
+            raise ValueError(f"setid[{name!r}]: no bundle at {folder!r} inside the directory")
+        meta.setdefault("setid", {})[name] = folder
     with open(os.path.join(root, MANIFEST), "w") as f:
         json.dump(meta, f, indent=1)

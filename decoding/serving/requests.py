@@ -39,9 +39,10 @@ DECODERS = ("beam", "speculative", "setid")  # what a /v1/recommendations reques
 DECODER_OPTIONS = {
     "beam": {"kv_policy": "the name of a KV policy the operator allows ('shared', the default: no pruning)"},
     "speculative": {"mode": "'strict' (exact, the default) or 'relaxed'",
-                    "num_drafts": "the draft's beams per level, at least k (default 2k, at most max_beams)",
+                    "num_drafts": "the draft's beams per level, at least k (default: 2k, at most max_beams and the "
+                                  "catalog's items)",
                     "draft_steps": "levels drafted per round, 1 to 16 (default 2)",
-                    "seed": "relaxed mode's random stream, a non-negative int (default 0)"},
+                    "seed": "relaxed mode's random stream, a non-negative int (default 0; relaxed mode only)"},
     "setid": {},
 }
 MAX_DRAFT_STEPS = 16
@@ -143,14 +144,17 @@ class DecodeRequest:
     max_tokens: int | None = None  # the completions route's token budget (None: no limit)
     history: tuple[int, ...] = ()  # the user's items, when the prompt is built from them
     options: tuple[tuple[str, object], ...] = ()  # the decoder's options (DECODER_OPTIONS), sorted by name
+    width: int = 0  # prompt positions the request takes in a batch, where its decoder says (0: its tokens)
+    alone: object = None  # a key of its own (set by its decoder): the request never shares a batch
 
     def option(self, name: str, default=None):
         return dict(self.options).get(name, default)
 
     @property
     def length(self) -> int:
-        """What the request adds to a batch's padded prompt: its prompt tokens, or its history items."""
-        return len(self.prompt_ids) or len(self.history)
+        """What the request adds to a batch's padded prompt: the positions its decoder counted,
+        or its prompt tokens, or its history items."""
+        return self.width or len(self.prompt_ids) or len(self.history)
 
 
 def _is_int(value) -> bool:
@@ -373,16 +377,22 @@ def decoder_options(decoder: str, options, k: int, caps: Caps) -> tuple[tuple[st
         mode = options.get("mode", "strict")
         if mode not in ("strict", "relaxed"):
             raise RequestError("options.mode: expected 'strict' or 'relaxed'", "options")
-        drafts = options.get("num_drafts", min(2 * k, max(k, caps.max_beams)))
-        if not _is_int(drafts) or drafts < k:
-            raise RequestError(f"options.num_drafts: expected an int of at least k ({k})", "options")
-        _check(check_beams, "options", drafts, caps.max_beams, parameter="options.num_drafts",
-               raise_with=caps.hint("max_beams"))
+        if "num_drafts" in options:  # unset: the decoder's default, which knows the catalog's size
+            drafts = options["num_drafts"]
+            if not _is_int(drafts) or drafts < k:
+                raise RequestError(f"options.num_drafts: expected an int of at least k ({k})", "options")
+            _check(check_beams, "options", drafts, caps.max_beams, parameter="options.num_drafts",
+                   raise_with=caps.hint("max_beams"))
+            out["num_drafts"] = drafts
         steps = options.get("draft_steps", 2)
         if not _is_int(steps) or not 1 <= steps <= MAX_DRAFT_STEPS:
             raise RequestError(f"options.draft_steps: expected an int from 1 to {MAX_DRAFT_STEPS}", "options")
-        seed = _non_negative_int(options.get("seed", 0), "options.seed", below=1 << 63)
-        out.update(mode=mode, num_drafts=drafts, draft_steps=steps, seed=seed)
+        out.update(mode=mode, draft_steps=steps)
+        if mode == "relaxed":
+            out["seed"] = _non_negative_int(options.get("seed", 0), "options.seed", below=1 << 63)
+        elif "seed" in options:
+            raise RequestError("options.seed: strict mode is exact and draws nothing; a seed is for mode relaxed",
+                               "options")
     return tuple(sorted(out.items()))
 
 
@@ -414,8 +424,8 @@ def recommendation_request(body, caps: Caps, *, tokenize=None, vocab_size: int |
     check_exclude_cap(exclude, caps.max_exclude, "exclude_items", caps.hint("max_exclude"))
     length_penalty = _length_penalty(body, 0.0)
     if decoder != "beam" and length_penalty != 0:
-        raise RequestError(f"length_penalty: the {decoder} decoder ranks by the plain sum of log-probs; leave it "
-                           "unset", "length_penalty")
+        raise RequestError(f"length_penalty: the {decoder} decoder takes no length penalty; leave it unset",
+                           "length_penalty")
     options = decoder_options(decoder, body.get("options"), k, caps)
     history = body.get("history")
     if history is not None or decoder == "setid":
@@ -425,12 +435,14 @@ def recommendation_request(body, caps: Caps, *, tokenize=None, vocab_size: int |
         if body.get("prompt_token_ids") is not None or body.get("prompt") is not None:
             raise RequestError("history: give the prompt as history (item ids) or as prompt_token_ids / prompt, "
                                "not both", "history")
-        if not isinstance(history, list) or not history or not all(_is_int(i) and i >= 0 for i in history):
+        if not isinstance(history, list) or not history:
             raise RequestError("history: expected a non-empty list of item ids (non-negative ints)", "history")
-        if len(history) > caps.max_history:
+        if len(history) > caps.max_history:  # before any id is looked at: an oversized list costs nothing
             raise RequestError(f"history: {len(history)} items is above this server's max_history "
                                f"({caps.max_history}); the operator raises it with {caps.hint('max_history')}",
                                "history")
+        if not all(_is_int(i) and i >= 0 for i in history):
+            raise RequestError("history: expected a non-empty list of item ids (non-negative ints)", "history")
         return DecodeRequest((), k, catalog, tuple(exclude), decoder, length_penalty, history=tuple(history),
                              options=options)
     if body.get("prompt_token_ids") is None and body.get("prompt") is None:

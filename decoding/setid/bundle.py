@@ -9,12 +9,13 @@ A bundle is a folder holding::
     tables.safetensors   the kind's tensors (below)
 
 * ``"setrec"`` (:func:`decoding.setid_generate`): ``queries [S, d]``, ``item_embeddings
-  [S, N, d]`` and ``slot_weights [S]`` float32. A user's history is the prompt: history item
-  ``g`` is its ``S`` table vectors ``item_embeddings[:, i]``, with group id ``g``
-  (:mod:`decoding.setid.setrec`); the ``S`` queries follow.
-* ``"rpg"`` (:func:`decoding.setid.rpg_topk`): ``item_codes [N, S]`` (uint8 / int16 / int32 /
-  int64), ``codebooks [S, C, d]`` and ``heads [S, d, d]``, plus ``"temperature"`` in
-  ``setid.json``. A history item is the mean of its codes' embeddings; the model's last hidden
+  [S, N, d]`` (float32, float16 or bfloat16) and ``slot_weights [S]`` float32. A user's history
+  is the prompt: its ``g``-th item, item id ``i``, is the ``S`` table vectors
+  ``item_embeddings[:, i]`` with group id ``g`` (:mod:`decoding.setid.setrec`); the ``S`` queries
+  follow.
+* ``"rpg"`` (:func:`decoding.setid.rpg_topk`; a decoder-only model): ``item_codes [N, S]``
+  (uint8 / int16 / int32 / int64), ``codebooks [S, C, d]`` and ``heads [S, d, d]`` (float), plus
+  ``"temperature"`` in ``setid.json``. A history item is the mean of its codes' embeddings; the model's last hidden
   state ``h`` gives digit ``s`` the vector ``heads[s] @ h``, scored against that digit's
   codebook by cosine over ``temperature`` (:func:`decoding.setid.cosine_digit_logits`); every
   item is then ranked by its mean per-digit log-probability.
@@ -51,6 +52,11 @@ def _left_padded(rows: list[torch.Tensor], width: int, fill) -> torch.Tensor:
     return out
 
 
+def _positions(model) -> int:
+    """The longest input the model's positions allow (no limit for relative positions)."""
+    return int(getattr(model.config, "max_position_embeddings", None) or 1 << 30)
+
+
 def _histories(histories, num_items: int) -> list[list[int]]:
     if not histories or any(not h for h in histories):
         raise ValueError("histories: expected one non-empty list of item ids per request")
@@ -73,6 +79,16 @@ class SetRecBundle:
     @property
     def num_items(self) -> int:
         return self.catalog.num_items
+
+    @property
+    def vectors_per_item(self) -> int:
+        """Input vectors per history item (``S``)."""
+        return int(self.catalog.item_embeddings.shape[0])
+
+    @property
+    def max_history(self) -> int:
+        """Most history items the model's positions hold (one per item, plus the ``S`` queries)."""
+        return max(0, _positions(self.model) - self.vectors_per_item)
 
     def inputs(self, histories) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The prompts for ``histories`` (lists of item ids): ``(inputs_embeds [B, T, d],
@@ -115,6 +131,13 @@ class RPGBundle:
     @property
     def num_items(self) -> int:
         return int(self.item_codes.shape[0])
+
+    vectors_per_item = 1  # input vectors per history item
+
+    @property
+    def max_history(self) -> int:
+        """Most history items the model's positions hold."""
+        return _positions(self.model)
 
     def inputs(self, histories) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs_embeds [B, T, d], attention_mask [B, T])``, left-padded: one vector per
@@ -243,6 +266,9 @@ def load_setid_bundle(path, *, device="cpu", dtype: torch.dtype = torch.float32)
         if tuple(queries.shape) != (table.shape[0], hidden):
             raise ValueError(f"{path}: queries must be [{table.shape[0]}, {hidden}], got {tuple(queries.shape)}")
         return SetRecBundle(name, model, queries.to(device=device, dtype=dtype), catalog)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{where}: an RPG bundle's model must be decoder-only (its last hidden state scores the "
+                         "digits)")
     codes, codebooks, heads = tensors["item_codes"], tensors["codebooks"], tensors["heads"]
     temperature = meta.get("temperature")
     _check_rpg(codes, codebooks, heads, temperature)
