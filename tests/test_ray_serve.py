@@ -129,6 +129,23 @@ def _config(served_model_dir, catalog, port: int) -> str:
     return str(path)
 
 
+def test_argv_is_decoding_serves_command_line_and_what_serve_sets_is_refused():
+    """No cluster: the builder's argument check. Options Serve's config sets are refused whenever
+    given (even at decoding-serve's default), and a refusal never repeats argv (an API key)."""
+    from decoding.integrations.ray_serve import app_builder, parse_argv
+
+    args = parse_argv("--model /m --catalog items=/c --draft-layers 1")
+    assert (args.model, args.catalog, args.draft_layers) == ("/m", [("items", "/c")], 1)
+    for flag in ("--host=127.0.0.1", "--port", "--shutdown-timeout-s"):
+        with pytest.raises(ValueError, match=flag.split("=")[0]):
+            parse_argv(["--model", "/m", "--catalog", "a=/c", flag, *([] if "=" in flag else ["8000"])])
+    with pytest.raises(ValueError) as refused:
+        parse_argv(["--model", "/m", "--catalog", "a=/c", "--api-key", "SECRET-KEY", "--no-such-flag"])
+    assert "SECRET-KEY" not in str(refused.value)
+    with pytest.raises(ValueError, match="argv"):
+        app_builder({"argv": ["--model", "/m"], "extra": 1})
+
+
 def test_the_page_shows_the_config_the_test_runs():
     """docs/ray-serve.md shows docs/ray-serve.yaml as it is."""
     page = (DOCS / "ray-serve.md").read_text()
