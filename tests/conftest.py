@@ -218,6 +218,24 @@ def served_model_dir(tmp_path_factory):
     return bm.save_for_serving(bm.tiny_llama(SID_VOCAB, hidden_size=64, layers=2, heads=2, seed=11), path)
 
 
+@pytest.fixture(scope="session")
+def served_hf_model(served_model_dir):
+    """The served model, loaded in-process as a server loads it (float32), to judge its answers."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(served_model_dir, dtype=torch.float32).eval()
+
+
+def saved_catalog(tmp_path_factory, name: str, num_items: int, seed: int) -> dict:
+    """A random semantic-ID catalog over SID_VOCAB saved for a server:
+    ``{"root", "trie", "seqs", "path"}``."""
+    root = tmp_path_factory.mktemp(name)
+    seqs = bm.random_semantic_ids(num_items, seed=seed)
+    trie = ItemTrie.from_sequences(seqs, vocab_size=SID_VOCAB)
+    trie.save(root / "items.trie")
+    return {"root": root, "trie": trie, "seqs": seqs, "path": str(root / "items.trie")}
+
+
 def prompts(vocab, batch=5, seed=0):
     """Left-padded prompts of unequal lengths."""
     return bm.left_padded_prompts(batch, vocab, 3, 11, seed=seed)

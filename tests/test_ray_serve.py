@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import SID_VOCAB, need
+from conftest import SID_VOCAB, need, saved_catalog
 
 ray = need("ray")
 httpx = need("httpx")
@@ -30,8 +30,6 @@ with warnings.catch_warnings():  # Ray Serve's own pydantic models use what pyda
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
     from ray import serve
 
-from decoding import ItemTrie  # noqa: E402
-from decoding import testing as bm  # noqa: E402
 from decoding.testing.exactness import ExactReference  # noqa: E402
 from decoding.testing.serving import free_port  # noqa: E402
 
@@ -95,18 +93,12 @@ def _wait(condition, what: str, timeout_s: float, logs=()):
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray_serve_catalogs")
-    seqs = bm.random_semantic_ids(3000, seed=13)
-    trie = ItemTrie.from_sequences(seqs, vocab_size=SID_VOCAB)
-    trie.save(root / "items.trie")
-    return {"root": root, "trie": trie, "seqs": seqs, "path": str(root / "items.trie")}
+    return saved_catalog(tmp_path_factory, "ray_serve_catalogs", 3000, seed=13)
 
 
 @pytest.fixture(scope="module")
-def hf_model(served_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(served_model_dir, dtype=torch.float32).eval()
+def hf_model(served_hf_model):
+    return served_hf_model
 
 
 def _config(served_model_dir, catalog, port: int) -> str:

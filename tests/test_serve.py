@@ -16,14 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import SID_VOCAB, need
+from conftest import SID_VOCAB, need, saved_catalog
 
 need("fastapi")
 need("uvicorn")
 need("prometheus_client")
 httpx = need("httpx")
 
-from decoding import ItemTrie, beam_search  # noqa: E402
+from decoding import beam_search  # noqa: E402
 from decoding import testing as bm  # noqa: E402
 from decoding.testing.exactness import ExactReference  # noqa: E402
 
@@ -34,18 +34,12 @@ HEAVY_BEAMS = 8192  # the cap of the second server: its requests hold the worker
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve_catalogs")
-    seqs = bm.random_semantic_ids(12_000, seed=12)
-    trie = ItemTrie.from_sequences(seqs, vocab_size=SID_VOCAB)
-    trie.save(root / "items.trie")
-    return {"root": root, "trie": trie, "seqs": seqs, "path": str(root / "items.trie")}
+    return saved_catalog(tmp_path_factory, "serve_catalogs", 12_000, seed=12)
 
 
 @pytest.fixture(scope="module")
-def hf_model(served_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(served_model_dir, dtype=torch.float32).eval()
+def hf_model(served_hf_model):
+    return served_hf_model
 
 
 def _server(model_dir, catalog, name, args):
