@@ -212,6 +212,17 @@ def plain_completion(model: str, prompt: list[int]) -> dict:
     return {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0.0, "ignore_eos": True}
 
 
+def timed_post(client, route: str, body: dict, who: str = "server") -> tuple[float, dict]:
+    """``body`` posted to ``route``: its latency and its JSON answer; RuntimeError (``who``
+    answered ...) for any status but 200."""
+    t0 = time.perf_counter()
+    response = client.post(route, json=body)
+    elapsed = time.perf_counter() - t0
+    if response.status_code != 200:
+        raise RuntimeError(f"{who} answered {response.status_code}: {response.text[:500]}")
+    return elapsed, response.json()
+
+
 class Bystander:
     """Small requests (``body`` to ``route``), one after another, while something else runs:
     their latencies."""
@@ -221,11 +232,7 @@ class Bystander:
         self.latencies, self._stop = [], threading.Event()
 
     def once(self) -> float:
-        t0 = time.perf_counter()
-        response = self.client.post(self.route, json=self.body)
-        if response.status_code != 200:
-            raise RuntimeError(f"bystander answered {response.status_code}: {response.text[:300]}")
-        return time.perf_counter() - t0
+        return timed_post(self.client, self.route, self.body, "bystander")[0]
 
     def alone(self) -> float:
         """The median of 5 requests with nothing else running, after a warm-up."""
@@ -275,12 +282,8 @@ def post_beam_request(client, body: dict) -> tuple[float, tuple[list, list]]:
     their log-probs. The identifiers are looked up in the catalog after the round
     (:func:`items_of`), so the client's own work stays out of the timed wall."""
     L = body["max_tokens"]
-    t0 = time.perf_counter()
-    response = client.post("/v1/completions", json=body)
-    elapsed = time.perf_counter() - t0
-    if response.status_code != 200:
-        raise RuntimeError(f"server answered {response.status_code}: {response.text[:500]}")
-    choices = response.json()["choices"]
+    elapsed, answer = timed_post(client, "/v1/completions", body)
+    choices = answer["choices"]
     tokens = [c["token_ids"][:L] + [-1] * (L - len(c["token_ids"][:L])) for c in choices]
     scores = [sum(c["logprobs"]["token_logprobs"][:L]) for c in choices]
     return elapsed, (tokens, scores)
@@ -289,12 +292,7 @@ def post_beam_request(client, body: dict) -> tuple[float, tuple[list, list]]:
 def post_recommendation(client, body: dict) -> tuple[float, tuple[list, list, list]]:
     """``body`` (a ``decoding-serve`` ``/v1/recommendations`` request) sent: its latency and its
     answer ``(items, scores, identifiers)``, best first, as the server returned them."""
-    t0 = time.perf_counter()
-    response = client.post("/v1/recommendations", json=body)
-    elapsed = time.perf_counter() - t0
-    if response.status_code != 200:
-        raise RuntimeError(f"server answered {response.status_code}: {response.text[:500]}")
-    answer = response.json()
+    elapsed, answer = timed_post(client, "/v1/recommendations", body)
     return elapsed, (answer["items"], answer["scores"], answer["identifiers"])
 
 

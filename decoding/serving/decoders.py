@@ -98,6 +98,11 @@ class HistoryPrompt:
         return tuple(self.prefix) + tuple(itertools.chain.from_iterable(ids))
 
 
+def _unknown_catalog(parameter: str) -> CatalogError:
+    """One answer whatever the name (a path included) and whatever exists on disk."""
+    return CatalogError(unknown_catalog(argument_label(parameter, CATALOG_KEY)), parameter)
+
+
 def _check_history(request: DecodeRequest, num_ids: int) -> None:
     if any(i >= num_ids for i in request.history):
         raise RequestError(f"history: item ids must be below {num_ids} (the catalog's item ids)", "history")
@@ -187,8 +192,8 @@ class BeamDecoder:
 
     def catalog(self, name: str, parameter: str) -> ItemTrie:
         trie = self.catalogs.get(name) if isinstance(name, str) else None
-        if trie is None:  # one answer whatever the name (a path included) and whatever exists on disk
-            raise CatalogError(unknown_catalog(argument_label(parameter, CATALOG_KEY)), parameter)
+        if trie is None:
+            raise _unknown_catalog(parameter)
         return trie
 
     def with_prompt(self, request: DecodeRequest, trie: ItemTrie) -> DecodeRequest:
@@ -240,7 +245,8 @@ class BeamDecoder:
         ids, mask = _left_padded(requests, self.device)
         out = beam_search(self.model, ids, mask, trie=self.catalogs[first.catalog], num_beams=first.k,
                           length_penalty=first.length_penalty, exclude_items=[list(r.exclude) for r in requests],
-                          backend=self.backend, kv_policy=self.policy(first))
+                          backend=self.backend,  # admit checked each request's policy against its prompt
+                          kv_policy=self.kv_policies.get(first.option("kv_policy", SHARED_KV)))
         return _results(out.items, out.scores, out.sequences, out.token_scores)
 
 
@@ -317,8 +323,7 @@ class SetIdDecoder:
     def admit(self, request: DecodeRequest, parameters: Mapping[str, str]) -> DecodeRequest:
         bundle = self.bundles.get(request.catalog) if isinstance(request.catalog, str) else None
         if bundle is None:
-            raise CatalogError(unknown_catalog(argument_label(parameters["catalog"], CATALOG_KEY)),
-                               parameters["catalog"])
+            raise _unknown_catalog(parameters["catalog"])
         if request.k > bundle.num_items:
             raise RequestError(f"{parameters['k']}: {request.k} items is more than the catalog's {bundle.num_items}",
                                parameters["k"])
